@@ -1,0 +1,85 @@
+//! One JSON line per request. Only what operators need and nothing secret: the normalised path
+//! without its query (queries carry API keys and tokens), never a header value.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::net::{IpAddr, SocketAddr};
+use std::time::SystemTime;
+
+use parking_lot::Mutex;
+use serde::Serialize;
+
+/// Where access-log lines go (`server.access_log`).
+pub enum AccessLog {
+    Off,
+    Stdout,
+    File(Mutex<File>),
+}
+
+impl AccessLog {
+    pub fn open(target: &str) -> std::io::Result<AccessLog> {
+        Ok(match target {
+            "off" | "" => AccessLog::Off,
+            "stdout" => AccessLog::Stdout,
+            path => AccessLog::File(Mutex::new(
+                OpenOptions::new().create(true).append(true).open(path)?,
+            )),
+        })
+    }
+
+    pub fn enabled(&self) -> bool {
+        !matches!(self, AccessLog::Off)
+    }
+
+    pub fn write(&self, record: &AccessRecord<'_>) {
+        let mut line = match serde_json::to_vec(record) {
+            Ok(l) => l,
+            Err(e) => {
+                log::warn!("access log record not encodable: {e}");
+                return;
+            }
+        };
+        line.push(b'\n');
+        let result = match self {
+            AccessLog::Off => Ok(()),
+            AccessLog::Stdout => std::io::stdout().lock().write_all(&line),
+            AccessLog::File(f) => f.lock().write_all(&line),
+        };
+        if let Err(e) = result {
+            log::warn!("access log write failed: {e}");
+        }
+    }
+}
+
+/// The fields of one access-log line.
+#[derive(Serialize)]
+pub struct AccessRecord<'a> {
+    /// RFC 3339 time the request completed, see [`now`].
+    pub ts: String,
+    pub request_id: &'a str,
+    pub client: Option<IpAddr>,
+    pub method: &'a str,
+    pub path: &'a str,
+    pub route: &'a str,
+    pub status: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<SocketAddr>,
+    pub attempts: usize,
+    pub duration_ms: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream_ms: Option<f64>,
+    pub body_bytes: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rejected_by: Option<(&'a str, &'a str)>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
+}
+
+/// The current time as written in `ts`.
+pub fn now() -> String {
+    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}

@@ -1,0 +1,845 @@
+//! The TOML file format: what users write. Read with `deny_unknown_fields` everywhere, then
+//! checked by [`validate`] which reports **every** problem with its path. The runtime model
+//! built from it lives in [`crate::snapshot`]; this file format is never used on the request
+//! path.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::Path;
+
+use serde::Deserialize;
+
+use sallyport_plugins::conf::{ByteSize, HumanDuration};
+use sallyport_plugins::PluginConfig;
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub upstreams: BTreeMap<String, UpstreamConfig>,
+    #[serde(default)]
+    pub plugins: BTreeMap<String, PluginConfig>,
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+}
+
+/// `[server]`: listeners and process-wide settings.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Plain HTTP listeners, `"ip:port"`.
+    pub listen: Vec<String>,
+    /// TLS listeners: `[[server.tls]] listen = "..", cert = "..", key = ".."`.
+    #[serde(default)]
+    pub tls: Vec<TlsListener>,
+    /// The admin listener (`/metrics`, `/healthz`, `/readyz`); `""` disables it.
+    #[serde(default = "default_admin_listen")]
+    pub admin_listen: String,
+    /// Worker threads of the proxy service.
+    #[serde(default = "default_threads")]
+    pub threads: usize,
+    /// Let idle worker threads steal tasks from busy ones.
+    #[serde(default = "default_true")]
+    pub work_stealing: bool,
+    /// How long in-flight requests may take to finish on SIGTERM or upgrade.
+    #[serde(default = "default_grace_period")]
+    pub grace_period: HumanDuration,
+    /// Largest request body accepted; larger ones get 413.
+    #[serde(default = "default_max_body")]
+    pub max_body: ByteSize,
+    /// Peers whose `X-Forwarded-For` is believed, as CIDRs or addresses.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
+    /// Plugins that run first on every route, in order.
+    #[serde(default)]
+    pub plugins: Vec<String>,
+    /// Where access-log lines go: `"stdout"`, `"off"`, or a file path (appended to).
+    #[serde(default = "default_access_log")]
+    pub access_log: String,
+    /// What to do with `%2F` in request paths: `"decode"` (treat as `/`, then normalise),
+    /// `"reject"` (400), or `"keep"` (leave encoded, part of the segment).
+    #[serde(default)]
+    pub escaped_slashes: EscapedSlashes,
+    /// Unix socket used to hand listeners to a new process on upgrade (`-u`).
+    #[serde(default = "default_upgrade_sock")]
+    pub upgrade_sock: String,
+    /// Pid file written when running as a daemon (`-d`).
+    #[serde(default = "default_pid_file")]
+    pub pid_file: String,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsListener {
+    pub listen: String,
+    pub cert: String,
+    pub key: String,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum EscapedSlashes {
+    #[default]
+    Decode,
+    Reject,
+    Keep,
+}
+
+/// `[upstreams.NAME]`: a pool of endpoints.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// `"host:port"`, optionally weighted: `"host:port@3"`.
+    pub endpoints: Vec<String>,
+    #[serde(default)]
+    pub balance: Balance,
+    /// For `consistent_hash`: `ip`, `header:NAME` or `claim:NAME`.
+    #[serde(default)]
+    pub hash_key: Option<String>,
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout: HumanDuration,
+    #[serde(default = "default_read_timeout")]
+    pub read_timeout: HumanDuration,
+    #[serde(default = "default_read_timeout")]
+    pub write_timeout: HumanDuration,
+    /// How long an idle pooled connection to an endpoint is kept.
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout: HumanDuration,
+    /// Further endpoints tried when connecting fails (idempotent methods only).
+    #[serde(default = "default_retries")]
+    pub retries: usize,
+    /// Speak TLS to the endpoints.
+    #[serde(default)]
+    pub tls: bool,
+    /// SNI (and certificate name) for TLS; defaults to the endpoint host.
+    #[serde(default)]
+    pub sni: Option<String>,
+    /// Active health checks; without this table endpoints count as healthy.
+    #[serde(default)]
+    pub health: Option<HealthConfig>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    #[default]
+    RoundRobin,
+    Random,
+    ConsistentHash,
+}
+
+/// `[upstreams.NAME.health]`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HealthConfig {
+    #[serde(rename = "type", default)]
+    pub kind: HealthKind,
+    /// Path requested by HTTP checks.
+    #[serde(default = "default_health_path")]
+    pub path: String,
+    /// `Host` header of HTTP checks.
+    #[serde(default = "default_health_host")]
+    pub host: String,
+    /// Statuses that count as healthy; empty means any 2xx.
+    #[serde(default)]
+    pub expected_status: Vec<u16>,
+    #[serde(default = "default_health_interval")]
+    pub interval: HumanDuration,
+    /// Connect and read deadline of one check.
+    #[serde(default = "default_health_timeout")]
+    pub timeout: HumanDuration,
+    /// Consecutive failures that eject an endpoint.
+    #[serde(default = "default_unhealthy_after")]
+    pub unhealthy_after: usize,
+    /// Consecutive successes that re-admit it.
+    #[serde(default = "default_healthy_after")]
+    pub healthy_after: usize,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum HealthKind {
+    #[default]
+    Http,
+    Tcp,
+}
+
+/// `[[routes]]`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    pub name: String,
+    /// One host pattern: exact (`api.example.com`) or wildcard (`*.example.com`).
+    #[serde(default)]
+    pub host: Option<String>,
+    /// Several host patterns.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    /// Matches this path and everything below it (on segment boundaries).
+    #[serde(default)]
+    pub path_prefix: Option<String>,
+    /// Matches exactly this path.
+    #[serde(default)]
+    pub path: Option<String>,
+    /// Accepted methods; empty accepts any.
+    #[serde(default)]
+    pub methods: Vec<String>,
+    #[serde(default)]
+    pub upstream: Option<String>,
+    /// Replaces the matched prefix (or exact path) before proxying.
+    #[serde(default)]
+    pub rewrite_prefix: Option<String>,
+    #[serde(default)]
+    pub plugins: Vec<String>,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_admin_listen() -> String {
+    "127.0.0.1:9090".into()
+}
+fn default_threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+fn default_grace_period() -> HumanDuration {
+    HumanDuration::from_secs(5)
+}
+fn default_max_body() -> ByteSize {
+    ByteSize(1 << 20)
+}
+fn default_access_log() -> String {
+    "stdout".into()
+}
+fn default_upgrade_sock() -> String {
+    "/tmp/sallyport_upgrade.sock".into()
+}
+fn default_pid_file() -> String {
+    "/tmp/sallyport.pid".into()
+}
+fn default_connect_timeout() -> HumanDuration {
+    HumanDuration::from_secs(1)
+}
+fn default_read_timeout() -> HumanDuration {
+    HumanDuration::from_secs(30)
+}
+fn default_idle_timeout() -> HumanDuration {
+    HumanDuration::from_secs(60)
+}
+fn default_retries() -> usize {
+    1
+}
+fn default_health_path() -> String {
+    "/".into()
+}
+fn default_health_host() -> String {
+    "localhost".into()
+}
+fn default_health_interval() -> HumanDuration {
+    HumanDuration::from_secs(5)
+}
+fn default_health_timeout() -> HumanDuration {
+    HumanDuration::from_secs(1)
+}
+fn default_unhealthy_after() -> usize {
+    3
+}
+fn default_healthy_after() -> usize {
+    2
+}
+
+/// One problem in a config file, with the path of the offending value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub path: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+/// Every problem found in a config file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl From<ConfigError> for ConfigErrors {
+    fn from(e: ConfigError) -> Self {
+        ConfigErrors(vec![e])
+    }
+}
+
+/// Reads and parses a config file (syntax and types only; see [`validate`]).
+pub fn read(path: &Path) -> Result<Config, ConfigErrors> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigError::new("", format!("cannot read {}: {e}", path.display()))
+    })?;
+    parse(&text)
+}
+
+/// Parses config text (syntax and types only; see [`validate`]).
+pub fn parse(text: &str) -> Result<Config, ConfigErrors> {
+    let de = toml::Deserializer::parse(text).map_err(|e| toml_error(text, &e))?;
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let message = toml_message(text, &inner);
+        ConfigErrors(vec![ConfigError::new(
+            if path == "." { String::new() } else { path },
+            message,
+        )])
+    })
+}
+
+fn toml_error(text: &str, e: &toml::de::Error) -> ConfigErrors {
+    ConfigErrors(vec![ConfigError::new("", toml_message(text, e))])
+}
+
+/// The error message with its line and column, when toml knows the span.
+fn toml_message(text: &str, e: &toml::de::Error) -> String {
+    let msg = e.message().trim().to_string();
+    match e.span() {
+        Some(span) => {
+            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            format!("{msg} (line {line})")
+        }
+        None => msg,
+    }
+}
+
+/// Reads, parses and validates a config file: `Ok` only when the gateway can run on it.
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    let config = read(path)?;
+    let errors = validate(&config);
+    if errors.is_empty() {
+        Ok(config)
+    } else {
+        Err(ConfigErrors(errors))
+    }
+}
+
+/// Checks everything types cannot: references between tables, addresses, ranges, paths,
+/// conflicts. Returns every problem found, each with its path.
+pub fn validate(config: &Config) -> Vec<ConfigError> {
+    let mut errors = Vec::new();
+    validate_server(config, &mut errors);
+    for (name, up) in &config.upstreams {
+        validate_upstream(&format!("upstreams.{name}"), up, &mut errors);
+    }
+    let mut responders = HashSet::new();
+    for (name, plugin) in &config.plugins {
+        if plugin.responds() {
+            responders.insert(name.as_str());
+        }
+        for e in plugin.validate() {
+            errors.push(ConfigError::new(format!("plugins.{name}.{}", e.path), e.message));
+        }
+    }
+    validate_routes(config, &responders, &mut errors);
+    errors
+}
+
+fn validate_server(config: &Config, errors: &mut Vec<ConfigError>) {
+    let s = &config.server;
+    if s.listen.is_empty() && s.tls.is_empty() {
+        errors.push(ConfigError::new(
+            "server.listen",
+            "at least one listener is required, e.g. [\"127.0.0.1:8080\"]",
+        ));
+    }
+    let mut seen = HashSet::new();
+    for (i, addr) in s.listen.iter().enumerate() {
+        check_listen_addr(&format!("server.listen[{i}]"), addr, &mut seen, errors);
+    }
+    for (i, tls) in s.tls.iter().enumerate() {
+        check_listen_addr(&format!("server.tls[{i}].listen"), &tls.listen, &mut seen, errors);
+        for (key, file) in [("cert", &tls.cert), ("key", &tls.key)] {
+            if !Path::new(file).is_file() {
+                errors.push(ConfigError::new(
+                    format!("server.tls[{i}].{key}"),
+                    format!("no such file: {file}"),
+                ));
+            }
+        }
+    }
+    if !s.admin_listen.is_empty() {
+        check_listen_addr("server.admin_listen", &s.admin_listen, &mut seen, errors);
+    }
+    if s.threads == 0 {
+        errors.push(ConfigError::new("server.threads", "must be at least 1"));
+    }
+    if s.max_body.get() == 0 {
+        errors.push(ConfigError::new("server.max_body", "must be greater than 0"));
+    }
+    for (i, p) in s.trusted_proxies.iter().enumerate() {
+        if parse_net(p).is_none() {
+            errors.push(ConfigError::new(
+                format!("server.trusted_proxies[{i}]"),
+                format!("{p:?} is not a CIDR (\"10.0.0.0/8\") or an IP address"),
+            ));
+        }
+    }
+    for (i, p) in s.plugins.iter().enumerate() {
+        if !config.plugins.contains_key(p) {
+            errors.push(unknown_plugin(&format!("server.plugins[{i}]"), p, config));
+        }
+    }
+    if s.upgrade_sock.is_empty() || !s.upgrade_sock.starts_with('/') {
+        errors.push(ConfigError::new(
+            "server.upgrade_sock",
+            "must be an absolute path",
+        ));
+    }
+}
+
+fn check_listen_addr(
+    path: &str,
+    addr: &str,
+    seen: &mut HashSet<SocketAddr>,
+    errors: &mut Vec<ConfigError>,
+) {
+    match addr.parse::<SocketAddr>() {
+        Ok(a) => {
+            if !seen.insert(a) {
+                errors.push(ConfigError::new(path, format!("{addr} is used twice")));
+            }
+        }
+        Err(_) => errors.push(ConfigError::new(
+            path,
+            format!("{addr:?} is not an ip:port address, e.g. \"127.0.0.1:8080\" or \"[::]:8080\""),
+        )),
+    }
+}
+
+/// Parses a CIDR or a bare address (as a /32 or /128).
+pub fn parse_net(s: &str) -> Option<ipnet::IpNet> {
+    s.parse::<ipnet::IpNet>()
+        .ok()
+        .or_else(|| s.parse::<std::net::IpAddr>().ok().map(ipnet::IpNet::from))
+}
+
+fn unknown_plugin(path: &str, name: &str, config: &Config) -> ConfigError {
+    let known: Vec<&str> = config.plugins.keys().map(String::as_str).collect();
+    ConfigError::new(
+        path,
+        format!(
+            "unknown plugin {name:?}; defined plugins: [{}]",
+            known.join(", ")
+        ),
+    )
+}
+
+/// An endpoint `"host:port"` or `"host:port@weight"`, resolved to an address.
+pub fn parse_endpoint(s: &str) -> Result<(SocketAddr, usize), String> {
+    let (addr, weight) = match s.rsplit_once('@') {
+        Some((a, w)) => {
+            let w: usize = w
+                .parse()
+                .map_err(|_| format!("weight {w:?} in {s:?} is not a whole number"))?;
+            if w == 0 || w > 1000 {
+                return Err(format!("weight in {s:?} must be between 1 and 1000"));
+            }
+            (a, w)
+        }
+        None => (s, 1),
+    };
+    if let Ok(a) = addr.parse::<SocketAddr>() {
+        return Ok((a, weight));
+    }
+    if !addr.contains(':') {
+        return Err(format!("{s:?} has no port; write \"host:port\""));
+    }
+    let resolved = addr
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve {addr:?}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{addr:?} resolves to no address"))?;
+    Ok((resolved, weight))
+}
+
+fn validate_upstream(path: &str, up: &UpstreamConfig, errors: &mut Vec<ConfigError>) {
+    if up.endpoints.is_empty() {
+        errors.push(ConfigError::new(
+            format!("{path}.endpoints"),
+            "at least one endpoint is required",
+        ));
+    }
+    let mut seen = HashSet::new();
+    for (i, e) in up.endpoints.iter().enumerate() {
+        match parse_endpoint(e) {
+            Ok((addr, _)) => {
+                if !seen.insert(addr) {
+                    errors.push(ConfigError::new(
+                        format!("{path}.endpoints[{i}]"),
+                        format!("{e} is listed twice"),
+                    ));
+                }
+            }
+            Err(m) => errors.push(ConfigError::new(format!("{path}.endpoints[{i}]"), m)),
+        }
+    }
+    match (&up.balance, &up.hash_key) {
+        (Balance::ConsistentHash, Some(k)) => {
+            if let Err(m) = crate::snapshot::RequestKey::parse(k) {
+                errors.push(ConfigError::new(format!("{path}.hash_key"), m));
+            }
+        }
+        (Balance::ConsistentHash, None) => {}
+        (_, Some(_)) => errors.push(ConfigError::new(
+            format!("{path}.hash_key"),
+            "only used with balance = \"consistent_hash\"",
+        )),
+        (_, None) => {}
+    }
+    for (key, d) in [
+        ("connect_timeout", up.connect_timeout),
+        ("read_timeout", up.read_timeout),
+        ("write_timeout", up.write_timeout),
+        ("idle_timeout", up.idle_timeout),
+    ] {
+        if d.get().is_zero() {
+            errors.push(ConfigError::new(format!("{path}.{key}"), "must be greater than 0"));
+        }
+    }
+    if up.sni.is_some() && !up.tls {
+        errors.push(ConfigError::new(
+            format!("{path}.sni"),
+            "only used with tls = true",
+        ));
+    }
+    if let Some(h) = &up.health {
+        let hp = format!("{path}.health");
+        if h.interval.get().is_zero() {
+            errors.push(ConfigError::new(format!("{hp}.interval"), "must be greater than 0"));
+        }
+        if h.timeout.get().is_zero() {
+            errors.push(ConfigError::new(format!("{hp}.timeout"), "must be greater than 0"));
+        }
+        if h.unhealthy_after == 0 {
+            errors.push(ConfigError::new(format!("{hp}.unhealthy_after"), "must be at least 1"));
+        }
+        if h.healthy_after == 0 {
+            errors.push(ConfigError::new(format!("{hp}.healthy_after"), "must be at least 1"));
+        }
+        if h.kind == HealthKind::Http && !h.path.starts_with('/') {
+            errors.push(ConfigError::new(format!("{hp}.path"), "must start with /"));
+        }
+        for (i, s) in h.expected_status.iter().enumerate() {
+            if !(100..=599).contains(s) {
+                errors.push(ConfigError::new(
+                    format!("{hp}.expected_status[{i}]"),
+                    format!("{s} is not an HTTP status"),
+                ));
+            }
+        }
+    }
+}
+
+/// The normalised identity of a route's match, for finding routes that can never match.
+#[derive(PartialEq, Eq, Hash)]
+struct MatchKey {
+    hosts: Vec<String>,
+    exact: bool,
+    path: String,
+}
+
+fn validate_routes(config: &Config, responders: &HashSet<&str>, errors: &mut Vec<ConfigError>) {
+    let mut names: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut seen_matches: Vec<(MatchKey, Vec<String>, usize)> = Vec::new();
+    for (i, r) in config.routes.iter().enumerate() {
+        let p = format!("routes[{i}]");
+        if r.name.trim().is_empty() {
+            errors.push(ConfigError::new(format!("{p}.name"), "must not be empty"));
+        } else if let Some(first) = names.insert(r.name.as_str(), i) {
+            errors.push(ConfigError::new(
+                format!("{p}.name"),
+                format!("duplicate route name {:?} (also routes[{first}])", r.name),
+            ));
+        }
+        if r.host.is_some() && !r.hosts.is_empty() {
+            errors.push(ConfigError::new(
+                format!("{p}.hosts"),
+                "set either host or hosts, not both",
+            ));
+        }
+        let mut hosts: Vec<String> = Vec::new();
+        for (j, h) in r.host.iter().chain(r.hosts.iter()).enumerate() {
+            let hp = if r.host.is_some() {
+                format!("{p}.host")
+            } else {
+                format!("{p}.hosts[{j}]")
+            };
+            match crate::router::HostPattern::parse(h) {
+                Ok(_) => hosts.push(h.to_ascii_lowercase()),
+                Err(m) => errors.push(ConfigError::new(hp, m)),
+            }
+        }
+        hosts.sort();
+        let (exact, raw_path, key) = match (&r.path, &r.path_prefix) {
+            (Some(_), Some(_)) => {
+                errors.push(ConfigError::new(
+                    format!("{p}.path"),
+                    "set either path or path_prefix, not both",
+                ));
+                (true, None, "path")
+            }
+            (Some(path), None) => (true, Some(path.as_str()), "path"),
+            (None, Some(prefix)) => (false, Some(prefix.as_str()), "path_prefix"),
+            (None, None) => (false, Some("/"), "path_prefix"),
+        };
+        let mut norm_path = None;
+        if let Some(raw) = raw_path {
+            match crate::router::config_path(raw) {
+                Ok(n) => norm_path = Some(n),
+                Err(m) => errors.push(ConfigError::new(format!("{p}.{key}"), m)),
+            }
+        }
+        let mut methods = Vec::new();
+        for (j, m) in r.methods.iter().enumerate() {
+            match http::Method::from_bytes(m.trim().to_ascii_uppercase().as_bytes()) {
+                Ok(method) => {
+                    if methods.contains(&method.to_string()) {
+                        errors.push(ConfigError::new(
+                            format!("{p}.methods[{j}]"),
+                            format!("{m} is listed twice"),
+                        ));
+                    }
+                    methods.push(method.to_string());
+                }
+                Err(_) => errors.push(ConfigError::new(
+                    format!("{p}.methods[{j}]"),
+                    format!("{m:?} is not an HTTP method"),
+                )),
+            }
+        }
+        if let Some(up) = &r.upstream {
+            if !config.upstreams.contains_key(up) {
+                let known: Vec<&str> = config.upstreams.keys().map(String::as_str).collect();
+                errors.push(ConfigError::new(
+                    format!("{p}.upstream"),
+                    format!(
+                        "unknown upstream {up:?}; defined upstreams: [{}]",
+                        known.join(", ")
+                    ),
+                ));
+            }
+        }
+        for (j, name) in r.plugins.iter().enumerate() {
+            if !config.plugins.contains_key(name) {
+                errors.push(unknown_plugin(&format!("{p}.plugins[{j}]"), name, config));
+            }
+        }
+        if r.upstream.is_none() {
+            let responds = config
+                .server
+                .plugins
+                .iter()
+                .chain(r.plugins.iter())
+                .any(|n| responders.contains(n.as_str()));
+            if !responds {
+                errors.push(ConfigError::new(
+                    format!("{p}.upstream"),
+                    "a route needs an upstream, or a plugin that answers requests itself \
+                     (such as an aggregate plugin)",
+                ));
+            }
+        }
+        if let Some(rw) = &r.rewrite_prefix {
+            if r.upstream.is_none() {
+                errors.push(ConfigError::new(
+                    format!("{p}.rewrite_prefix"),
+                    "only used with an upstream",
+                ));
+            }
+            if let Err(m) = crate::router::config_path(rw) {
+                errors.push(ConfigError::new(format!("{p}.rewrite_prefix"), m));
+            }
+        }
+        if let Some(path) = norm_path {
+            let key = MatchKey {
+                hosts,
+                exact,
+                path,
+            };
+            for (other, other_methods, j) in &seen_matches {
+                let overlap = other_methods.is_empty()
+                    || other_methods.iter().any(|m| methods.is_empty() || methods.contains(m));
+                if *other == key && overlap {
+                    errors.push(ConfigError::new(
+                        p.clone(),
+                        format!(
+                            "can never match: routes[{j}] has the same host, path and methods \
+                             and comes first"
+                        ),
+                    ));
+                }
+            }
+            seen_matches.push((key, methods, i));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [server]
+        listen = ["127.0.0.1:8080"]
+        [upstreams.a]
+        endpoints = ["127.0.0.1:3001"]
+        [[routes]]
+        name = "a"
+        upstream = "a"
+    "#;
+
+    fn errors_of(text: &str) -> Vec<String> {
+        match parse(text) {
+            Ok(c) => validate(&c).iter().map(|e| e.to_string()).collect(),
+            Err(e) => e.0.iter().map(|e| e.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn minimal_is_valid() {
+        assert_eq!(errors_of(MINIMAL), Vec::<String>::new());
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_path() {
+        let e = errors_of(&MINIMAL.replace("name = \"a\"", "name = \"a\"\nupstreem = \"a\""));
+        assert_eq!(e.len(), 1);
+        assert!(e[0].starts_with("routes[0]"), "{e:?}");
+        assert!(e[0].contains("upstreem"), "{e:?}");
+    }
+
+    #[test]
+    fn unknown_plugin_type_is_an_error() {
+        let e = errors_of(&format!("{MINIMAL}\n[plugins.x]\ntype = \"teleport\"\n"));
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(e[0].contains("plugins.x") || e[0].contains("teleport"), "{e:?}");
+    }
+
+    #[test]
+    fn unknown_key_in_every_plugin_type_is_rejected() {
+        for kind in ["trace", "strip_headers"] {
+            let e = errors_of(&format!(
+                "{MINIMAL}\n[plugins.x]\ntype = \"{kind}\"\nbogus_key = 1\n"
+            ));
+            assert_eq!(e.len(), 1, "{kind}: {e:?}");
+            assert!(e[0].contains("bogus_key"), "{kind}: {e:?}");
+        }
+    }
+
+    #[test]
+    fn collects_every_error_with_paths() {
+        let text = r#"
+            [server]
+            listen = ["nonsense", "127.0.0.1:8080"]
+            admin_listen = "127.0.0.1:8080"
+            plugins = ["nope"]
+            trusted_proxies = ["10.0.0.0/8", "bad"]
+            [upstreams.a]
+            endpoints = ["127.0.0.1:3001@0", "127.0.0.1"]
+            hash_key = "ip"
+            [upstreams.a.health]
+            interval = "0s"
+            unhealthy_after = 0
+            [plugins.s]
+            type = "strip_headers"
+            request = ["bad header"]
+            [[routes]]
+            name = "r"
+            upstream = "missing"
+            methods = ["GET", "G E T"]
+            [[routes]]
+            name = "r"
+            path = "/x"
+            path_prefix = "/x"
+            plugins = ["s", "other"]
+            [[routes]]
+            name = "noup"
+            path = "/a/../../b"
+        "#;
+        let e = errors_of(text);
+        let paths: Vec<&str> = e.iter().map(|s| s.split(':').next().unwrap_or("")).collect();
+        for expected in [
+            "server.listen[0]",
+            "server.admin_listen",
+            "server.trusted_proxies[1]",
+            "server.plugins[0]",
+            "upstreams.a.endpoints[0]",
+            "upstreams.a.endpoints[1]",
+            "upstreams.a.hash_key",
+            "upstreams.a.health.interval",
+            "upstreams.a.health.unhealthy_after",
+            "plugins.s.request[0]",
+            "routes[0].upstream",
+            "routes[0].methods[1]",
+            "routes[1].name",
+            "routes[1].path",
+            "routes[1].plugins[1]",
+            "routes[2].path",
+        ] {
+            assert!(paths.contains(&expected), "missing {expected} in {e:#?}");
+        }
+    }
+
+    #[test]
+    fn shadowed_route_is_reported() {
+        let text = format!(
+            "{MINIMAL}\n[[routes]]\nname = \"b\"\nupstream = \"a\"\npath_prefix = \"/\"\n"
+        );
+        let e = errors_of(&text);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(e[0].starts_with("routes[1]: can never match"), "{e:?}");
+    }
+
+    #[test]
+    fn bad_duration_reports_path() {
+        let e = errors_of(&MINIMAL.replace(
+            "endpoints = [\"127.0.0.1:3001\"]",
+            "endpoints = [\"127.0.0.1:3001\"]\nconnect_timeout = \"fast\"",
+        ));
+        assert_eq!(e.len(), 1);
+        assert!(e[0].starts_with("upstreams.a.connect_timeout"), "{e:?}");
+    }
+
+    #[test]
+    fn toml_syntax_error_has_line() {
+        let e = errors_of("[server\nlisten = 1");
+        assert!(e[0].contains("line 1"), "{e:?}");
+    }
+}

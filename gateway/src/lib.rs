@@ -1,0 +1,247 @@
+//! Sallyport: an API gateway on Pingora.
+//!
+//! [`config`] reads the TOML file, [`snapshot`] compiles it into routes, pools and plugin
+//! chains, [`proxy`] hosts the chain in Pingora's `ProxyHttp` phases, [`admin`] serves
+//! `/metrics`, `/healthz` and `/readyz`, and [`run`] wires the Pingora server together.
+
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
+pub mod access_log;
+pub mod admin;
+pub mod config;
+pub mod metrics;
+pub mod path;
+pub mod proxy;
+pub mod router;
+pub mod snapshot;
+pub mod upstream;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use parking_lot::Mutex;
+use pingora::server::configuration::{Opt, ServerConf};
+use pingora::server::{Server, ShutdownWatch};
+use pingora::services::background::{background_service, BackgroundService};
+use pingora::services::listening::Service;
+
+use crate::access_log::AccessLog;
+use crate::config::{Config, ConfigErrors};
+use crate::metrics::Metrics;
+use crate::snapshot::Snapshot;
+
+/// State shared by the proxy, the admin app and the background tasks of one gateway.
+pub struct Shared {
+    pub config_path: PathBuf,
+    pub snapshot: ArcSwap<Snapshot>,
+    pub metrics: Metrics,
+    pub access_log: AccessLog,
+    reload_lock: Mutex<()>,
+}
+
+impl Shared {
+    /// Loads, validates and compiles the config file.
+    pub fn load(config_path: &Path) -> anyhow::Result<Arc<Shared>> {
+        let config = config::load(config_path)?;
+        let access_log = AccessLog::open(&config.server.access_log).map_err(|e| {
+            anyhow::anyhow!("server.access_log: cannot open {}: {e}", config.server.access_log)
+        })?;
+        let snapshot = Snapshot::compile(config, None)?;
+        Ok(Arc::new(Shared {
+            config_path: config_path.to_path_buf(),
+            snapshot: ArcSwap::from_pointee(snapshot),
+            metrics: Metrics::new()?,
+            access_log,
+            reload_lock: Mutex::new(()),
+        }))
+    }
+
+    /// Re-reads the config file and swaps in the new snapshot. A bad file keeps the running
+    /// snapshot; the outcome is logged and counted in `sallyport_config_reloads_total`.
+    pub fn reload(&self) -> Result<(), ConfigErrors> {
+        let _one_at_a_time = self.reload_lock.lock();
+        let result = config::load(&self.config_path).and_then(|config| {
+            let current = self.snapshot.load();
+            warn_static_changes(&current.config, &config);
+            Snapshot::compile(config, Some(&current))
+        });
+        match result {
+            Ok(snapshot) => {
+                self.snapshot.store(Arc::new(snapshot));
+                self.metrics.config_reloads.with_label_values(&["ok"]).inc();
+                log::info!("config reloaded from {}", self.config_path.display());
+                Ok(())
+            }
+            Err(errors) => {
+                self.metrics.config_reloads.with_label_values(&["error"]).inc();
+                log::error!(
+                    "config reload from {} failed; keeping the running config:\n{errors}",
+                    self.config_path.display()
+                );
+                Err(errors)
+            }
+        }
+    }
+}
+
+/// Settings that only take effect on restart or upgrade: say so instead of silently ignoring.
+fn warn_static_changes(old: &Config, new: &Config) {
+    let (o, n) = (&old.server, &new.server);
+    let changed: Vec<&str> = [
+        ("listen", o.listen != n.listen),
+        ("tls", o.tls != n.tls),
+        ("admin_listen", o.admin_listen != n.admin_listen),
+        ("threads", o.threads != n.threads),
+        ("work_stealing", o.work_stealing != n.work_stealing),
+        ("grace_period", o.grace_period != n.grace_period),
+        ("access_log", o.access_log != n.access_log),
+        ("upgrade_sock", o.upgrade_sock != n.upgrade_sock),
+        ("pid_file", o.pid_file != n.pid_file),
+    ]
+    .into_iter()
+    .filter_map(|(k, c)| c.then_some(k))
+    .collect();
+    if !changed.is_empty() {
+        log::warn!(
+            "server.{{{}}} changed: these take effect after a restart or upgrade (-u)",
+            changed.join(", ")
+        );
+    }
+}
+
+/// Drives active health checks of the pools in the current snapshot.
+struct HealthChecker {
+    shared: Arc<Shared>,
+}
+
+#[async_trait]
+impl BackgroundService for HealthChecker {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut tick = tokio::time::interval(Duration::from_millis(50));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.changed() => return,
+            }
+            let snapshot = self.shared.snapshot.load_full();
+            let now = Instant::now();
+            for pool in snapshot.pools.values() {
+                if let Some(pass) = pool.due_health_check(now) {
+                    tokio::spawn(pass);
+                }
+            }
+        }
+    }
+}
+
+/// Reloads the config on SIGHUP.
+struct ReloadOnHangup {
+    shared: Arc<Shared>,
+}
+
+#[async_trait]
+impl BackgroundService for ReloadOnHangup {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hangups = match signal(SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(e) => {
+                log::error!("cannot listen for SIGHUP, reload disabled: {e}");
+                return;
+            }
+        };
+        loop {
+            tokio::select! {
+                got = hangups.recv() => {
+                    if got.is_none() {
+                        return;
+                    }
+                    let shared = Arc::clone(&self.shared);
+                    // Compiling a config is synchronous work: keep it off the async workers.
+                    let _ = tokio::task::spawn_blocking(move || shared.reload()).await;
+                }
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
+
+/// Command-line switches that reach Pingora.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RunOptions {
+    /// Take the listening sockets over from a running gateway (`-u`).
+    pub upgrade: bool,
+    /// Run in the background (`-d`).
+    pub daemon: bool,
+}
+
+/// Builds the Pingora server for a loaded gateway and runs it until shutdown.
+pub fn run(shared: Arc<Shared>, options: RunOptions) -> anyhow::Result<()> {
+    let server_conf = shared.snapshot.load().config.server.clone();
+
+    // Installed before anything else runs, so an early SIGHUP never kills the process (the
+    // default action); the reload service receives the signal through tokio as well.
+    let hangup_seen = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGHUP, hangup_seen)?;
+
+    let conf = ServerConf {
+        threads: server_conf.threads,
+        work_stealing: server_conf.work_stealing,
+        grace_period_seconds: Some(server_conf.grace_period.get().as_secs()),
+        graceful_shutdown_timeout_seconds: Some(server_conf.grace_period.get().as_secs().max(1)),
+        upgrade_sock: server_conf.upgrade_sock.clone(),
+        pid_file: server_conf.pid_file.clone(),
+        daemon: options.daemon,
+        ..ServerConf::default()
+    };
+    let opt = Opt {
+        upgrade: options.upgrade,
+        daemon: options.daemon,
+        ..Opt::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(Some(opt), conf);
+    server.bootstrap();
+
+    let mut proxy = pingora::proxy::http_proxy_service_with_name(
+        &server.configuration,
+        proxy::Gateway::new(Arc::clone(&shared)),
+        "sallyport proxy",
+    );
+    for addr in &server_conf.listen {
+        proxy.add_tcp(addr);
+    }
+    for tls in &server_conf.tls {
+        proxy
+            .add_tls(&tls.listen, &tls.cert, &tls.key)
+            .map_err(|e| anyhow::anyhow!("server.tls listener {}: {e}", tls.listen))?;
+    }
+    server.add_service(proxy);
+
+    if !server_conf.admin_listen.is_empty() {
+        let mut admin = Service::new(
+            "sallyport admin".to_string(),
+            admin::Admin::new(Arc::clone(&shared)),
+        );
+        admin.add_tcp(&server_conf.admin_listen);
+        admin.threads = Some(1);
+        server.add_service(admin);
+    }
+
+    let mut health = background_service(
+        "sallyport health checks",
+        HealthChecker {
+            shared: Arc::clone(&shared),
+        },
+    );
+    health.threads = Some(1);
+    server.add_service(health);
+    let mut reload = background_service("sallyport reload", ReloadOnHangup { shared });
+    reload.threads = Some(1);
+    server.add_service(reload);
+
+    server.run_forever();
+}

@@ -1,0 +1,69 @@
+//! `sallyport -c FILE` runs the gateway; `sallyport --check -c FILE` validates a config.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+/// Sallyport: an API gateway on Pingora.
+#[derive(Parser, Debug)]
+#[command(name = "sallyport", version)]
+struct Cli {
+    /// The TOML config file.
+    #[arg(short = 'c', long = "conf", default_value = "conf/sallyport.toml")]
+    conf: PathBuf,
+    /// Validate the config, print every error with its path, and exit (1 on errors).
+    #[arg(long)]
+    check: bool,
+    /// Take over the listening sockets of a running gateway (zero-downtime upgrade).
+    #[arg(short = 'u', long)]
+    upgrade: bool,
+    /// Run in the background.
+    #[arg(short = 'd', long)]
+    daemon: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .target(env_logger::Target::Stderr)
+        .init();
+
+    if cli.check {
+        return match sallyport::config::load(&cli.conf) {
+            Ok(_) => {
+                println!("{}: ok", cli.conf.display());
+                ExitCode::SUCCESS
+            }
+            Err(errors) => {
+                eprintln!("{}: {} error(s)", cli.conf.display(), errors.0.len());
+                for e in &errors.0 {
+                    eprintln!("  {e}");
+                }
+                ExitCode::FAILURE
+            }
+        };
+    }
+
+    let shared = match sallyport::Shared::load(&cli.conf) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("{}: refusing to start:", cli.conf.display());
+            for line in e.to_string().lines() {
+                eprintln!("  {line}");
+            }
+            return ExitCode::FAILURE;
+        }
+    };
+    let options = sallyport::RunOptions {
+        upgrade: cli.upgrade,
+        daemon: cli.daemon,
+    };
+    match sallyport::run(shared, options) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sallyport: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

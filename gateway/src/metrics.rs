@@ -1,0 +1,154 @@
+//! Prometheus metrics, owned in the gateway's own registry (two gateways in one process never
+//! collide, and no second `prometheus` default registry can hide them). Labels are bounded:
+//! route, upstream, plugin and call names come from the config; methods outside the standard
+//! set are reported as `OTHER`; endpoints are config addresses.
+
+use prometheus::{
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
+};
+
+use crate::snapshot::Snapshot;
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: IntCounterVec,
+    pub request_duration: HistogramVec,
+    pub upstream_requests: IntCounterVec,
+    pub endpoint_healthy: GaugeVec,
+    pub plugin_rejections: IntCounterVec,
+    pub aggregate_calls: IntCounterVec,
+    pub cache_lookups: IntCounterVec,
+    pub config_reloads: IntCounterVec,
+}
+
+/// Latency buckets from 0.5 ms to 10 s.
+const DURATION_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+impl Metrics {
+    pub fn new() -> Result<Metrics, prometheus::Error> {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec, prometheus::Error> {
+            let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        let requests = counter(
+            "sallyport_requests_total",
+            "Requests answered, by route, method and status.",
+            &["route", "method", "status"],
+        )?;
+        let upstream_requests = counter(
+            "sallyport_upstream_requests_total",
+            "Attempts to reach an upstream, by outcome (a 2xx-5xx class, connect_error, timeout, error).",
+            &["upstream", "outcome"],
+        )?;
+        let plugin_rejections = counter(
+            "sallyport_plugin_rejections_total",
+            "Requests a plugin answered with an error, by reason.",
+            &["route", "plugin", "reason"],
+        )?;
+        let aggregate_calls = counter(
+            "sallyport_aggregate_calls_total",
+            "Aggregate sub-calls, by outcome.",
+            &["route", "call", "outcome"],
+        )?;
+        let cache_lookups = counter(
+            "sallyport_cache_lookups_total",
+            "Cache lookups, by result.",
+            &["route", "result"],
+        )?;
+        let config_reloads = counter(
+            "sallyport_config_reloads_total",
+            "Config reloads, by result (ok or error).",
+            &["result"],
+        )?;
+        let request_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "sallyport_request_duration_seconds",
+                "Time from request received to response completed, by route.",
+            )
+            .buckets(DURATION_BUCKETS.to_vec()),
+            &["route"],
+        )?;
+        registry.register(Box::new(request_duration.clone()))?;
+        let endpoint_healthy = GaugeVec::new(
+            Opts::new(
+                "sallyport_upstream_endpoint_healthy",
+                "1 when the endpoint passes its health checks (or has none), else 0.",
+            ),
+            &["upstream", "endpoint"],
+        )?;
+        registry.register(Box::new(endpoint_healthy.clone()))?;
+        // Both results exist from the start, so a dashboard sees 0 rather than no series.
+        for result in ["ok", "error"] {
+            config_reloads.with_label_values(&[result]);
+        }
+        Ok(Metrics {
+            registry,
+            requests,
+            request_duration,
+            upstream_requests,
+            endpoint_healthy,
+            plugin_rejections,
+            aggregate_calls,
+            cache_lookups,
+            config_reloads,
+        })
+    }
+
+    /// The Prometheus text exposition, with endpoint health read from the current snapshot
+    /// (so endpoints removed by a reload disappear).
+    pub fn render(&self, snapshot: &Snapshot) -> Vec<u8> {
+        self.endpoint_healthy.reset();
+        for (name, pool) in &snapshot.pools {
+            for (endpoint, healthy) in pool.endpoint_health() {
+                self.endpoint_healthy
+                    .with_label_values(&[name.as_str(), endpoint])
+                    .set(if healthy { 1.0 } else { 0.0 });
+            }
+        }
+        let mut out = Vec::with_capacity(8192);
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            log::error!("encoding metrics failed: {e}");
+        }
+        out
+    }
+}
+
+/// The method as a bounded label.
+pub fn method_label(m: &http::Method) -> &'static str {
+    match *m {
+        http::Method::GET => "GET",
+        http::Method::POST => "POST",
+        http::Method::PUT => "PUT",
+        http::Method::DELETE => "DELETE",
+        http::Method::PATCH => "PATCH",
+        http::Method::HEAD => "HEAD",
+        http::Method::OPTIONS => "OPTIONS",
+        _ => "OTHER",
+    }
+}
+
+/// The status as a label, without allocating for common codes.
+pub fn status_label(code: u16) -> std::borrow::Cow<'static, str> {
+    match code {
+        200 => "200".into(),
+        201 => "201".into(),
+        204 => "204".into(),
+        304 => "304".into(),
+        400 => "400".into(),
+        401 => "401".into(),
+        403 => "403".into(),
+        404 => "404".into(),
+        405 => "405".into(),
+        413 => "413".into(),
+        429 => "429".into(),
+        500 => "500".into(),
+        502 => "502".into(),
+        503 => "503".into(),
+        504 => "504".into(),
+        other => other.to_string().into(),
+    }
+}

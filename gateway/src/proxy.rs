@@ -1,0 +1,604 @@
+//! The `ProxyHttp` implementation: normalise, route, run the plugin chain, pick an endpoint,
+//! proxy, and always log. Every phase documents what it adds to Pingora's defaults.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use http::header::{ALLOW, CONTENT_LENGTH};
+use http::{HeaderName, Method};
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::upstreams::peer::HttpPeer;
+use pingora::{Error, ErrorSource, ErrorType, Result};
+use sallyport_plugins::{request_id, ApiError, ErasedState, Flow, Reply, RequestCtx};
+
+use crate::access_log::AccessRecord;
+use crate::metrics::{method_label, status_label};
+use crate::path::normalize;
+use crate::router::{request_host, rewrite, Lookup};
+use crate::snapshot::{Route, Snapshot};
+use crate::Shared;
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The gateway's `ProxyHttp` app.
+pub struct Gateway {
+    shared: Arc<Shared>,
+}
+
+impl Gateway {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Gateway { shared }
+    }
+}
+
+/// Per-request state of the gateway.
+pub struct Ctx {
+    snapshot: Option<Arc<Snapshot>>,
+    route: Option<Arc<Route>>,
+    pub req: RequestCtx,
+    states: Vec<ErasedState>,
+    /// How many chain entries ran their `request_filter` (response hooks run for these).
+    ran: usize,
+    /// Endpoints tried so far (retries go elsewhere).
+    tried: Vec<SocketAddr>,
+    /// The error to answer with when a phase fails with an `HTTPStatus` error.
+    pending_error: Option<ApiError>,
+    /// Code of the error the client got, for the access log.
+    error_code: Option<&'static str>,
+    /// `(plugin name, reason)` when a plugin rejected the request.
+    rejected_by: Option<(Arc<str>, &'static str)>,
+    status: u16,
+    body_bytes: u64,
+    upstream_started: Option<Instant>,
+    upstream_response: Option<Instant>,
+}
+
+fn unmatched() -> Arc<str> {
+    Arc::from("unmatched")
+}
+
+impl Gateway {
+    /// Answers an error in the gateway's JSON shape.
+    async fn respond_error(&self, session: &mut Session, ctx: &mut Ctx, err: ApiError) -> Result<()> {
+        let mut header = err.header()?;
+        header.insert_header(X_REQUEST_ID, ctx.req.request_id.as_str())?;
+        let body = Bytes::from(err.body(&ctx.req.request_id));
+        ctx.error_code = Some(err.code);
+        self.respond(session, ctx, header, body).await
+    }
+
+    /// Sends a complete response produced by the gateway or a plugin, after the response hooks
+    /// of every plugin that ran.
+    async fn respond(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        mut header: ResponseHeader,
+        body: Bytes,
+    ) -> Result<()> {
+        header.insert_header(CONTENT_LENGTH, body.len())?;
+        self.response_hooks(session, &mut header, ctx).await?;
+        ctx.status = header.status.as_u16();
+        let head = session.req_header().method == Method::HEAD;
+        let end = body.is_empty() || head;
+        session.write_response_header(Box::new(header), end).await?;
+        if !end {
+            session.write_response_body(Some(body), true).await?;
+        }
+        Ok(())
+    }
+
+    async fn response_hooks(
+        &self,
+        session: &mut Session,
+        header: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        let Some(route) = ctx.route.clone() else {
+            return Ok(());
+        };
+        if !route.hooks.response_filter {
+            return Ok(());
+        }
+        for i in (0..ctx.ran.min(route.chain.len())).rev() {
+            let entry = &route.chain[i];
+            if entry.hooks.response_filter {
+                entry
+                    .plugin
+                    .response_filter(session, header, &mut ctx.req, &mut ctx.states[i])
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies a plugin's answer.
+    async fn reply(&self, session: &mut Session, ctx: &mut Ctx, reply: Reply) -> Result<()> {
+        match reply {
+            Reply::Error(err) => self.respond_error(session, ctx, err).await,
+            Reply::Full { header, body } => self.respond(session, ctx, *header, body).await,
+        }
+    }
+
+    fn client_ip(&self, session: &Session, snapshot: &Snapshot) -> Option<IpAddr> {
+        let peer = session.client_addr()?.as_inet()?.ip();
+        if snapshot.trusted_proxies.is_empty() || !snapshot.is_trusted_proxy(peer) {
+            return Some(peer);
+        }
+        // Walk X-Forwarded-For from the right: the first hop that is not a trusted proxy is
+        // the client. Unparseable entries end the walk (everything left of them is forgeable).
+        let mut client = peer;
+        for value in session.req_header().headers.get_all(&X_FORWARDED_FOR) {
+            let Ok(s) = value.to_str() else { break };
+            for hop in s.rsplit(',') {
+                match hop.trim().parse::<IpAddr>() {
+                    Ok(ip) => {
+                        client = ip;
+                        if !snapshot.is_trusted_proxy(ip) {
+                            return Some(ip);
+                        }
+                    }
+                    Err(_) => return Some(client),
+                }
+            }
+        }
+        Some(client)
+    }
+
+    /// The error a failed request answers with.
+    fn error_for(&self, e: &Error, ctx: &mut Ctx) -> Option<ApiError> {
+        if let Some(err) = ctx.pending_error.take() {
+            return Some(err);
+        }
+        let status = match e.etype() {
+            ErrorType::HTTPStatus(code) => *code,
+            ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout
+                if e.esource() == &ErrorSource::Upstream =>
+            {
+                504
+            }
+            _ => match e.esource() {
+                ErrorSource::Upstream => 502,
+                ErrorSource::Downstream => match e.etype() {
+                    ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => {
+                        return None
+                    }
+                    _ => 400,
+                },
+                ErrorSource::Internal | ErrorSource::Unset => 500,
+            },
+        };
+        Some(match status {
+            400 => ApiError::new(400, "bad_request", "the request could not be parsed"),
+            413 => ApiError::new(413, "payload_too_large", "the request body exceeds server.max_body"),
+            502 => ApiError::new(502, "upstream_error", "the upstream failed to answer"),
+            503 => ApiError::new(503, "unavailable", "no healthy upstream endpoint"),
+            504 => ApiError::new(504, "upstream_timeout", "the upstream did not answer in time"),
+            500 => ApiError::new(500, "internal_error", "the gateway failed to handle the request"),
+            other => ApiError::new(other, "error", "the request failed"),
+        })
+    }
+
+    fn upstream_outcome(&self, ctx: &Ctx, outcome: &str) {
+        if let Some(pool) = ctx.route.as_ref().and_then(|r| r.upstream.as_ref()) {
+            self.shared
+                .metrics
+                .upstream_requests
+                .with_label_values(&[&*pool.name, outcome])
+                .inc();
+        }
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for Gateway {
+    type CTX = Ctx;
+
+    fn new_ctx(&self) -> Ctx {
+        Ctx {
+            snapshot: None,
+            route: None,
+            req: RequestCtx::new(String::new(), unmatched()),
+            states: Vec::new(),
+            ran: 0,
+            tried: Vec::new(),
+            pending_error: None,
+            error_code: None,
+            rejected_by: None,
+            status: 0,
+            body_bytes: 0,
+            upstream_started: None,
+            upstream_response: None,
+        }
+    }
+
+    /// Normalises the path, routes, removes trusted identity headers, enforces `max_body` on
+    /// a declared length, then runs the chain's `request_filter`s. `Ok(true)`: answered.
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        let snapshot = self.shared.snapshot.load_full();
+        ctx.snapshot = Some(Arc::clone(&snapshot));
+        let req = session.req_header();
+        ctx.req.request_id = request_id::from_header(req.headers.get(&X_REQUEST_ID).map(|v| v.as_bytes()));
+        ctx.req.client_ip = self.client_ip(session, &snapshot);
+
+        let req = session.req_header();
+        let path = match normalize(req.uri.path(), snapshot.escaped_slashes) {
+            Ok(p) => p.into_owned(),
+            Err(e) => {
+                self.respond_error(session, ctx, ApiError::new(400, "bad_path", e.message()))
+                    .await?;
+                return Ok(true);
+            }
+        };
+        let host = req
+            .uri
+            .host()
+            .map(request_host)
+            .or_else(|| {
+                req.headers
+                    .get(http::header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(request_host)
+            })
+            .unwrap_or_default();
+        let method = req.method.clone();
+        let route = match snapshot.router.lookup(&host, &path, &method) {
+            Lookup::Found(i) => Arc::clone(&snapshot.routes[i]),
+            Lookup::NotFound => {
+                let err = ApiError::new(404, "not_found", "no route matches this request");
+                self.respond_error(session, ctx, err).await?;
+                return Ok(true);
+            }
+            Lookup::MethodNotAllowed(allow) => {
+                let err = ApiError::new(
+                    405,
+                    "method_not_allowed",
+                    format!("{method} is not allowed here; allowed: {allow}"),
+                )
+                .with_header(ALLOW, allow);
+                self.respond_error(session, ctx, err).await?;
+                return Ok(true);
+            }
+        };
+        ctx.req.route = Arc::clone(&route.name);
+        ctx.req.upstream = route.upstream.as_ref().map(|p| Arc::clone(&p.name));
+        ctx.req.path = path;
+        ctx.route = Some(Arc::clone(&route));
+
+        if !snapshot.trusted_headers.is_empty() {
+            let req = session.req_header_mut();
+            for name in snapshot.trusted_headers.present_in(&req.headers) {
+                req.remove_header(&name);
+            }
+        }
+
+        let declared = session
+            .req_header()
+            .headers
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|len| len > snapshot.max_body) {
+            let err = ApiError::new(413, "payload_too_large", "the request body exceeds server.max_body");
+            self.respond_error(session, ctx, err).await?;
+            return Ok(true);
+        }
+
+        ctx.states = route.chain.iter().map(|e| e.plugin.new_state()).collect();
+        for (i, entry) in route.chain.iter().enumerate() {
+            ctx.ran = i + 1;
+            if !entry.hooks.request_filter {
+                continue;
+            }
+            let flow = entry
+                .plugin
+                .request_filter(session, &mut ctx.req, &mut ctx.states[i])
+                .await?;
+            if let Flow::Respond(reply) = flow {
+                if let Reply::Error(err) = &reply {
+                    ctx.rejected_by = Some((Arc::clone(&entry.name), err.reason));
+                    self.shared
+                        .metrics
+                        .plugin_rejections
+                        .with_label_values(&[&*route.name, &*entry.name, err.reason])
+                        .inc();
+                }
+                self.reply(session, ctx, reply).await?;
+                return Ok(true);
+            }
+        }
+        if route.upstream.is_none() {
+            let err = ApiError::new(502, "no_upstream", "this route has no upstream");
+            self.respond_error(session, ctx, err).await?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// Counts body bytes and stops a body that grows past `max_body` (413).
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        if let Some(b) = body {
+            ctx.body_bytes += b.len() as u64;
+            let max = ctx.snapshot.as_ref().map_or(u64::MAX, |s| s.max_body);
+            if ctx.body_bytes > max {
+                ctx.pending_error = Some(ApiError::new(
+                    413,
+                    "payload_too_large",
+                    "the request body exceeds server.max_body",
+                ));
+                return Error::e_explain(ErrorType::HTTPStatus(413), "request body too large");
+            }
+        }
+        Ok(())
+    }
+
+    /// Picks a healthy endpoint the request has not tried yet; 503 when none is healthy.
+    async fn upstream_peer(&self, session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        let route = ctx
+            .route
+            .clone()
+            .ok_or_else(|| Error::explain(ErrorType::InternalError, "no route selected"))?;
+        let pool = route
+            .upstream
+            .clone()
+            .ok_or_else(|| Error::explain(ErrorType::InternalError, "route has no upstream"))?;
+        let key = match pool.config.balance {
+            crate::config::Balance::ConsistentHash => pool.hash_key.value(session.req_header(), &ctx.req),
+            _ => Vec::new(),
+        };
+        let Some(backend) = pool.select(&key, &ctx.tried) else {
+            let err = if ctx.tried.is_empty() {
+                self.upstream_outcome(ctx, "unavailable");
+                ApiError::new(503, "unavailable", format!("no healthy endpoint in upstream {}", pool.name))
+            } else {
+                ApiError::new(502, "upstream_error", format!("every endpoint of upstream {} failed", pool.name))
+            };
+            let status = err.status;
+            ctx.pending_error = Some(err);
+            return Error::e_explain(ErrorType::HTTPStatus(status), "no endpoint to try");
+        };
+        if let Some(addr) = backend.as_inet() {
+            ctx.tried.push(*addr);
+        }
+        let mut peer = pool.peer(&backend);
+        if route.hooks.upstream_peer {
+            for (i, entry) in route.chain.iter().enumerate() {
+                if entry.hooks.upstream_peer {
+                    entry
+                        .plugin
+                        .upstream_peer(session, &mut peer, &mut ctx.req, &mut ctx.states[i])
+                        .await?;
+                }
+            }
+        }
+        ctx.upstream_started.get_or_insert_with(Instant::now);
+        Ok(Box::new(peer))
+    }
+
+    /// Retries a failed connect on another endpoint, for idempotent methods, up to `retries`.
+    fn fail_to_connect(
+        &self,
+        session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut Ctx,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        let outcome = if matches!(e.etype(), ErrorType::ConnectTimedout) {
+            "timeout"
+        } else {
+            "connect_error"
+        };
+        self.upstream_outcome(ctx, outcome);
+        let retries = ctx
+            .route
+            .as_ref()
+            .and_then(|r| r.upstream.as_ref())
+            .map_or(0, |p| p.config.retries);
+        if session.req_header().method.is_idempotent() && ctx.tried.len() <= retries {
+            e.set_retry(true);
+        }
+        e
+    }
+
+    /// Forwards the normalised (and rewritten) path, sets `X-Forwarded-*`, then runs the
+    /// chain's `upstream_request_filter`s.
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        let Some(route) = ctx.route.clone() else {
+            return Ok(());
+        };
+        let new_path = match &route.rewrite {
+            Some((prefix, to)) => Some(rewrite(&ctx.req.path, prefix, to)),
+            None if ctx.req.path != upstream_request.uri.path() => Some(ctx.req.path.clone()),
+            None => None,
+        };
+        if let Some(path) = new_path {
+            let uri = match upstream_request.uri.query() {
+                Some(q) => format!("{path}?{q}"),
+                None => path,
+            };
+            let uri = uri.parse::<http::Uri>().map_err(|e| {
+                Error::because(ErrorType::HTTPStatus(400), "rewritten path is not a valid URI", e)
+            })?;
+            upstream_request.set_uri(uri);
+        }
+
+        if let Some(peer) = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip()) {
+            let trusted = ctx.snapshot.as_ref().is_some_and(|s| s.is_trusted_proxy(peer));
+            let xff = match upstream_request.headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+                Some(prev) if trusted => format!("{prev}, {peer}"),
+                _ => peer.to_string(),
+            };
+            upstream_request.insert_header(X_FORWARDED_FOR, xff)?;
+            if !trusted || !upstream_request.headers.contains_key(&X_FORWARDED_PROTO) {
+                let proto = if session.digest().and_then(|d| d.ssl_digest.as_ref()).is_some() {
+                    "https"
+                } else {
+                    "http"
+                };
+                upstream_request.insert_header(X_FORWARDED_PROTO, proto)?;
+            }
+            if !trusted || !upstream_request.headers.contains_key(&X_FORWARDED_HOST) {
+                match session.req_header().headers.get(http::header::HOST).cloned() {
+                    Some(host) => upstream_request.insert_header(X_FORWARDED_HOST, host)?,
+                    None => {
+                        upstream_request.remove_header(&X_FORWARDED_HOST);
+                    }
+                }
+            }
+        }
+
+        if route.hooks.upstream_request_filter {
+            for (i, entry) in route.chain.iter().enumerate() {
+                if entry.hooks.upstream_request_filter {
+                    entry
+                        .plugin
+                        .upstream_request_filter(session, upstream_request, &mut ctx.req, &mut ctx.states[i])
+                        .await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        ctx.upstream_response = Some(Instant::now());
+        let class = match upstream_response.status.as_u16() {
+            100..=199 => return Ok(()),
+            200..=299 => "2xx",
+            300..=399 => "3xx",
+            400..=499 => "4xx",
+            _ => "5xx",
+        };
+        self.upstream_outcome(ctx, class);
+        Ok(())
+    }
+
+    /// Runs the response hooks (reverse chain order) on proxied and cached responses.
+    async fn response_filter(
+        &self,
+        session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        self.response_hooks(session, upstream_response, ctx).await?;
+        ctx.status = upstream_response.status.as_u16();
+        Ok(())
+    }
+
+    /// Answers a failed request with a JSON error (after the response hooks), unless the
+    /// response already started or the client is gone.
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+        if ctx.req.request_id.is_empty() {
+            ctx.req.request_id = request_id::generate();
+        }
+        if e.esource() == &ErrorSource::Upstream {
+            if let ErrorType::ReadTimedout | ErrorType::WriteTimedout = e.etype() {
+                self.upstream_outcome(ctx, "timeout");
+            } else if ctx.upstream_started.is_some() && ctx.upstream_response.is_none() {
+                if !matches!(e.etype(), ErrorType::ConnectTimedout | ErrorType::ConnectRefused | ErrorType::ConnectError | ErrorType::ConnectNoRoute) {
+                    self.upstream_outcome(ctx, "error");
+                }
+            }
+        }
+        let Some(err) = self.error_for(e, ctx) else {
+            return FailToProxy {
+                error_code: 0,
+                can_reuse_downstream: false,
+            };
+        };
+        let code = err.status;
+        if session.response_written().is_none() {
+            if let Err(write_err) = self.respond_error(session, ctx, err).await {
+                log::debug!("could not send error response: {write_err}");
+            }
+        } else {
+            ctx.error_code = Some(err.code);
+        }
+        ctx.status = code;
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    /// Runs every plugin's `logging`, then records metrics and one access-log line.
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
+        if let Some(route) = ctx.route.clone() {
+            if route.hooks.logging {
+                for (i, entry) in route.chain.iter().enumerate() {
+                    if entry.hooks.logging && i < ctx.states.len() {
+                        entry
+                            .plugin
+                            .logging(session, e, &mut ctx.req, &mut ctx.states[i])
+                            .await;
+                    }
+                }
+            }
+        }
+        let status = session
+            .response_written()
+            .map(|r| r.status.as_u16())
+            .unwrap_or(ctx.status);
+        let elapsed = ctx.req.received_at.elapsed();
+        let method = method_label(&session.req_header().method);
+        let route_label: &str = &ctx.req.route;
+        let metrics = &self.shared.metrics;
+        metrics
+            .requests
+            .with_label_values(&[route_label, method, &status_label(status)])
+            .inc();
+        metrics
+            .request_duration
+            .with_label_values(&[route_label])
+            .observe(elapsed.as_secs_f64());
+
+        if self.shared.access_log.enabled() {
+            let upstream_ms = match (ctx.upstream_started, ctx.upstream_response) {
+                (Some(a), Some(b)) => Some(b.saturating_duration_since(a).as_secs_f64() * 1000.0),
+                _ => None,
+            };
+            let record = AccessRecord {
+                ts: crate::access_log::now(),
+                request_id: &ctx.req.request_id,
+                client: ctx.req.client_ip,
+                method: session.req_header().method.as_str(),
+                path: if ctx.req.path.is_empty() { session.req_header().uri.path() } else { &ctx.req.path },
+                route: route_label,
+                status,
+                upstream: ctx.req.upstream.as_deref(),
+                endpoint: ctx.tried.last().copied(),
+                attempts: ctx.tried.len(),
+                duration_ms: elapsed.as_secs_f64() * 1000.0,
+                upstream_ms,
+                body_bytes: session.body_bytes_sent(),
+                error: ctx.error_code.or_else(|| e.map(|_| "error")),
+                rejected_by: ctx.rejected_by.as_ref().map(|(p, r)| (&**p, *r)),
+                trace_id: ctx.req.trace.as_ref().map(|t| t.trace_id_hex()),
+            };
+            self.shared.access_log.write(&record);
+        }
+    }
+}

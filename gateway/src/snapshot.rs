@@ -1,0 +1,245 @@
+//! The compiled configuration: one immutable snapshot of routes, pools and plugins that the
+//! gateway swaps atomically on reload. A request keeps the snapshot it started with.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use http::{HeaderName, Method};
+use ipnet::IpNet;
+use sallyport_plugins::strip_headers::HeaderSet;
+use sallyport_plugins::{DynPlugin, Hooks, RequestCtx};
+
+use crate::config::{parse_net, Config, ConfigError, ConfigErrors, EscapedSlashes};
+use crate::router::{config_path, HostPattern, RouteMatch, Router};
+use crate::upstream::Pool;
+
+/// One plugin in a route's chain.
+pub struct ChainEntry {
+    /// The `[plugins.NAME]` name (a metric label).
+    pub name: Arc<str>,
+    /// The plugin type (e.g. `"trace"`).
+    pub kind: &'static str,
+    pub plugin: Arc<dyn DynPlugin>,
+    pub hooks: Hooks,
+}
+
+/// A compiled route.
+pub struct Route {
+    pub name: Arc<str>,
+    pub upstream: Option<Arc<Pool>>,
+    /// `(matched prefix or path, replacement)`.
+    pub rewrite: Option<(String, String)>,
+    /// `server.plugins` then the route's own, in order.
+    pub chain: Vec<ChainEntry>,
+    /// Union of the chain's hooks, to skip whole phases cheaply.
+    pub hooks: Hooks,
+}
+
+/// A request attribute used as a key (consistent hashing, quotas).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RequestKey {
+    Ip,
+    Header(HeaderName),
+    Claim(String),
+}
+
+impl RequestKey {
+    pub fn parse(s: &str) -> Result<RequestKey, String> {
+        let s = s.trim();
+        if s == "ip" {
+            return Ok(RequestKey::Ip);
+        }
+        if let Some(h) = s.strip_prefix("header:") {
+            return HeaderName::from_bytes(h.trim().to_ascii_lowercase().as_bytes())
+                .map(RequestKey::Header)
+                .map_err(|_| format!("{h:?} is not a header name"));
+        }
+        if let Some(c) = s.strip_prefix("claim:") {
+            if !c.trim().is_empty() {
+                return Ok(RequestKey::Claim(c.trim().to_string()));
+            }
+        }
+        Err(format!(
+            "{s:?} is not a request key; use \"ip\", \"header:NAME\" or \"claim:NAME\""
+        ))
+    }
+
+    /// The key's bytes for a request; empty when the attribute is absent.
+    pub fn value(&self, req: &pingora::http::RequestHeader, ctx: &RequestCtx) -> Vec<u8> {
+        match self {
+            RequestKey::Ip => ctx
+                .client_ip
+                .map(|ip| ip.to_string().into_bytes())
+                .unwrap_or_default(),
+            RequestKey::Header(h) => req
+                .headers
+                .get(h)
+                .map(|v| v.as_bytes().to_vec())
+                .unwrap_or_default(),
+            RequestKey::Claim(c) => ctx
+                .principal
+                .as_ref()
+                .and_then(|p| p.claim_str(c))
+                .map(String::into_bytes)
+                .unwrap_or_default(),
+        }
+    }
+}
+
+/// Everything a request needs, compiled from one config file.
+pub struct Snapshot {
+    pub config: Config,
+    pub router: Router,
+    pub routes: Vec<Arc<Route>>,
+    pub pools: BTreeMap<String, Arc<Pool>>,
+    /// Headers that plugins set from verified credentials: removed from every request.
+    pub trusted_headers: HeaderSet,
+    pub trusted_proxies: Vec<IpNet>,
+    pub max_body: u64,
+    pub escaped_slashes: EscapedSlashes,
+}
+
+impl Snapshot {
+    /// Compiles a validated config. Pools whose config did not change are taken over from
+    /// `previous`, with their health state.
+    pub fn compile(config: Config, previous: Option<&Snapshot>) -> Result<Snapshot, ConfigErrors> {
+        let mut errors = Vec::new();
+
+        let mut pools = BTreeMap::new();
+        for (name, up) in &config.upstreams {
+            let reused = previous
+                .and_then(|p| p.pools.get(name))
+                .filter(|p| p.same_config(up))
+                .cloned();
+            match reused.map(Ok).unwrap_or_else(|| Pool::build(name, up).map(Arc::new)) {
+                Ok(pool) => {
+                    pools.insert(name.clone(), pool);
+                }
+                Err(m) => errors.push(ConfigError::new(format!("upstreams.{name}"), m)),
+            }
+        }
+
+        let mut plugins = BTreeMap::new();
+        let mut trusted: Vec<HeaderName> = Vec::new();
+        for (name, pc) in &config.plugins {
+            match pc.build() {
+                Ok(built) => {
+                    for h in &built.trusted_headers {
+                        if !trusted.contains(h) {
+                            trusted.push(h.clone());
+                        }
+                    }
+                    plugins.insert(name.clone(), built);
+                }
+                Err(errs) => errors.extend(
+                    errs.into_iter()
+                        .map(|e| ConfigError::new(format!("plugins.{name}.{}", e.path), e.message)),
+                ),
+            }
+        }
+
+        let mut routes = Vec::new();
+        let mut matches = Vec::new();
+        for (i, r) in config.routes.iter().enumerate() {
+            let chain: Vec<ChainEntry> = config
+                .server
+                .plugins
+                .iter()
+                .chain(r.plugins.iter())
+                .filter_map(|n| {
+                    plugins.get(n).map(|b| ChainEntry {
+                        name: Arc::from(n.as_str()),
+                        kind: b.kind,
+                        plugin: Arc::clone(&b.plugin),
+                        hooks: b.plugin.hooks(),
+                    })
+                })
+                .collect();
+            let hooks = chain.iter().fold(Hooks::default(), |acc, e| Hooks {
+                request_filter: acc.request_filter || e.hooks.request_filter,
+                upstream_peer: acc.upstream_peer || e.hooks.upstream_peer,
+                upstream_request_filter: acc.upstream_request_filter
+                    || e.hooks.upstream_request_filter,
+                response_filter: acc.response_filter || e.hooks.response_filter,
+                logging: acc.logging || e.hooks.logging,
+            });
+            let (exact, raw) = match (&r.path, &r.path_prefix) {
+                (Some(p), _) => (true, p.as_str()),
+                (None, Some(p)) => (false, p.as_str()),
+                (None, None) => (false, "/"),
+            };
+            let path = match config_path(raw) {
+                Ok(p) => p,
+                Err(m) => {
+                    errors.push(ConfigError::new(format!("routes[{i}]"), m));
+                    continue;
+                }
+            };
+            let matched = if exact || path == "/" {
+                path.clone()
+            } else {
+                path.trim_end_matches('/').to_string()
+            };
+            let rewrite = r
+                .rewrite_prefix
+                .as_ref()
+                .and_then(|to| config_path(to).ok())
+                .map(|to| (matched, to));
+            let hosts: Vec<HostPattern> = r
+                .host
+                .iter()
+                .chain(r.hosts.iter())
+                .filter_map(|h| HostPattern::parse(h).ok())
+                .collect();
+            let methods: Vec<Method> = r
+                .methods
+                .iter()
+                .filter_map(|m| Method::from_bytes(m.trim().to_ascii_uppercase().as_bytes()).ok())
+                .collect();
+            matches.push(RouteMatch {
+                hosts,
+                exact,
+                path,
+                methods,
+            });
+            routes.push(Arc::new(Route {
+                name: Arc::from(r.name.as_str()),
+                upstream: r.upstream.as_ref().and_then(|u| pools.get(u).cloned()),
+                rewrite,
+                chain,
+                hooks,
+            }));
+        }
+
+        if !errors.is_empty() {
+            return Err(ConfigErrors(errors));
+        }
+        let trusted_proxies = config
+            .server
+            .trusted_proxies
+            .iter()
+            .filter_map(|p| parse_net(p))
+            .collect();
+        Ok(Snapshot {
+            router: Router::new(&matches),
+            routes,
+            pools,
+            trusted_headers: HeaderSet::from_names(trusted),
+            trusted_proxies,
+            max_body: config.server.max_body.get(),
+            escaped_slashes: config.server.escaped_slashes,
+            config,
+        })
+    }
+
+    /// Whether `ip` is one of `server.trusted_proxies`.
+    pub fn is_trusted_proxy(&self, ip: IpAddr) -> bool {
+        self.trusted_proxies.iter().any(|n| n.contains(&ip))
+    }
+
+    /// All pools ready (first health-check pass done).
+    pub fn is_ready(&self) -> bool {
+        self.pools.values().all(|p| p.is_ready())
+    }
+}

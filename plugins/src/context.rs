@@ -1,0 +1,122 @@
+//! The per-request context shared by the gateway and every plugin of a chain.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// What every plugin of a request can read and enrich. The gateway creates it when a request
+/// arrives and fills in what it knows (request id, client address, route) before the chain runs.
+#[derive(Debug)]
+pub struct RequestCtx {
+    /// The request id: the client's `x-request-id` when sane, otherwise generated. Appears in
+    /// error bodies and the access log; the `trace` plugin forwards and echoes it.
+    pub request_id: String,
+    /// Name of the matched route (`routes[].name`).
+    pub route: Arc<str>,
+    /// Name of the route's upstream pool, if it has one.
+    pub upstream: Option<Arc<str>>,
+    /// The client address: the peer address, or the first untrusted hop of
+    /// `X-Forwarded-For` when the peer is one of `server.trusted_proxies`.
+    pub client_ip: Option<IpAddr>,
+    /// The normalised request path the route matched (before any prefix rewrite).
+    pub path: String,
+    /// Identity verified by an authentication plugin, if any.
+    pub principal: Option<Principal>,
+    /// W3C trace context of this request, set by the `trace` plugin.
+    pub trace: Option<TraceContext>,
+    /// When the gateway received the request.
+    pub received_at: Instant,
+}
+
+impl RequestCtx {
+    pub fn new(request_id: String, route: Arc<str>) -> Self {
+        RequestCtx {
+            request_id,
+            route,
+            upstream: None,
+            client_ip: None,
+            path: String::new(),
+            principal: None,
+            trace: None,
+            received_at: Instant::now(),
+        }
+    }
+}
+
+/// A verified identity: who the caller is and the claims that proved it.
+#[derive(Debug, Clone, Default)]
+pub struct Principal {
+    /// The subject (`sub` claim, or the API key's consumer name).
+    pub subject: Option<String>,
+    /// Verified claims, as JSON.
+    pub claims: serde_json::Map<String, serde_json::Value>,
+    /// Which plugin type verified it, e.g. `"jwt"`.
+    pub verified_by: &'static str,
+}
+
+impl Principal {
+    /// A claim rendered as a header-friendly string: strings as they are, arrays of strings
+    /// space-separated, numbers and booleans in JSON form; objects and null give `None`.
+    pub fn claim_str(&self, name: &str) -> Option<String> {
+        use serde_json::Value;
+        match self.claims.get(name)? {
+            Value::String(s) => Some(s.clone()),
+            Value::Number(n) => Some(n.to_string()),
+            Value::Bool(b) => Some(b.to_string()),
+            Value::Array(items) => {
+                let parts: Option<Vec<&str>> = items.iter().map(Value::as_str).collect();
+                parts.map(|p| p.join(" "))
+            }
+            Value::Object(_) | Value::Null => None,
+        }
+    }
+}
+
+/// The W3C trace context of a request (`traceparent` / `tracestate`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TraceContext {
+    /// 16-byte trace id, never all zero.
+    pub trace_id: [u8; 16],
+    /// The span id the gateway sends upstream as the parent-id of the next hop.
+    pub span_id: [u8; 8],
+    /// The parent-id the client sent, when its `traceparent` was valid.
+    pub client_parent_id: Option<[u8; 8]>,
+    /// Trace flags (bit 0 = sampled).
+    pub flags: u8,
+    /// The incoming `tracestate`, passed on unchanged when the trace was continued.
+    pub tracestate: Option<String>,
+}
+
+impl TraceContext {
+    /// The version-00 `traceparent` value for the upstream hop.
+    pub fn traceparent(&self) -> String {
+        self.traceparent_with_span(&self.span_id)
+    }
+
+    /// The `traceparent` value for a hop with its own span id (e.g. one aggregate call).
+    pub fn traceparent_with_span(&self, span_id: &[u8; 8]) -> String {
+        let mut out = String::with_capacity(55);
+        out.push_str("00-");
+        push_hex(&mut out, &self.trace_id);
+        out.push('-');
+        push_hex(&mut out, span_id);
+        out.push('-');
+        push_hex(&mut out, &[self.flags]);
+        out
+    }
+
+    /// The trace id as 32 lowercase hex digits.
+    pub fn trace_id_hex(&self) -> String {
+        let mut out = String::with_capacity(32);
+        push_hex(&mut out, &self.trace_id);
+        out
+    }
+}
+
+pub(crate) fn push_hex(out: &mut String, bytes: &[u8]) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for b in bytes {
+        out.push(HEX[(b >> 4) as usize] as char);
+        out.push(HEX[(b & 0x0f) as usize] as char);
+    }
+}

@@ -1,0 +1,366 @@
+//! Sallyport's plugin API and its built-in plugins.
+//!
+//! A plugin lives three lifetimes:
+//! 1. its **config**: a serde struct read from `[plugins.NAME]` (`deny_unknown_fields`), chosen
+//!    by `type` from the closed enum [`PluginConfig`];
+//! 2. the **built plugin**: produced once per config load by [`PluginConfig::build`], validated,
+//!    immutable and shared by every request (and every route that names it);
+//! 3. its **per-request state**: the typed [`Plugin::State`], created fresh for every request
+//!    and handed back to each hook.
+//!
+//! The gateway hosts an ordered chain of plugins in Pingora's `ProxyHttp` phases:
+//! `request_filter` in chain order (the first [`Flow::Respond`] ends the chain and is sent),
+//! `upstream_peer` and `upstream_request_filter` in chain order before the request goes
+//! upstream, `response_filter` in reverse order for every plugin whose `request_filter` ran
+//! (also for responses that a plugin or the gateway produced itself), and `logging` for every
+//! plugin of the chain, always, also after an early response or an error.
+//!
+//! Writing a plugin = a module with its config and [`Plugin`] impl, a variant in
+//! [`PluginConfig`], docs in `conf/sallyport.toml` and tests. See README.md.
+
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
+pub mod conf;
+mod context;
+mod reply;
+pub mod request_id;
+
+pub mod strip_headers;
+pub mod trace;
+
+use std::any::Any;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::proxy::Session;
+use pingora::upstreams::peer::HttpPeer;
+use serde::Deserialize;
+
+pub use context::{Principal, RequestCtx, TraceContext};
+pub use http::HeaderName;
+pub use reply::{ApiError, Flow, Reply};
+
+/// The result type of every hook: an `Err` ends the request with the error's HTTP status
+/// (`pingora::ErrorType::HTTPStatus(code)`), or 500 for anything else; prefer
+/// [`Flow::Respond`] with an [`ApiError`] for answers a client should see.
+pub type Result<T> = pingora::Result<T>;
+
+/// A compiled-in plugin. Every hook has a no-op default; a plugin overrides what it needs.
+///
+/// The built plugin is shared by all requests at once (`&self`), so anything that changes per
+/// request goes into [`Plugin::State`] or the shared [`RequestCtx`].
+#[async_trait]
+pub trait Plugin: Send + Sync + 'static {
+    /// Typed per-request state, created with `Default` when a request enters the chain.
+    type State: Default + Send + Sync + 'static;
+
+    /// Runs in `request_filter`, in chain order, after routing and after the gateway removed
+    /// every trusted identity header from the request. `Ok(Flow::Continue)` passes the request
+    /// on to the next plugin; `Ok(Flow::Respond(..))` answers the client and ends the chain.
+    async fn request_filter(
+        &self,
+        _session: &mut Session,
+        _ctx: &mut RequestCtx,
+        _state: &mut Self::State,
+    ) -> Result<Flow> {
+        Ok(Flow::Continue)
+    }
+
+    /// Runs in `upstream_peer` after the gateway chose an endpoint of the route's pool (and
+    /// again on a retry). `Ok(())` keeps the (possibly adjusted) peer.
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        _peer: &mut HttpPeer,
+        _ctx: &mut RequestCtx,
+        _state: &mut Self::State,
+    ) -> Result<()> {
+        Ok(())
+    }
+
+    /// Runs in `upstream_request_filter` in chain order, after the gateway applied the prefix
+    /// rewrite and forwarding headers: the place to set headers the upstream trusts.
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        _upstream_request: &mut RequestHeader,
+        _ctx: &mut RequestCtx,
+        _state: &mut Self::State,
+    ) -> Result<()> {
+        Ok(())
+    }
+
+    /// Runs in reverse chain order on every response to the client, proxied or produced by a
+    /// plugin or the gateway (errors included), for every plugin whose `request_filter` ran.
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        _response: &mut ResponseHeader,
+        _ctx: &mut RequestCtx,
+        _state: &mut Self::State,
+    ) -> Result<()> {
+        Ok(())
+    }
+
+    /// Runs once per request for every plugin of the chain, when the response is complete or
+    /// the request failed (`error` is then set). Cannot change the response any more.
+    async fn logging(
+        &self,
+        _session: &mut Session,
+        _error: Option<&pingora::Error>,
+        _ctx: &mut RequestCtx,
+        _state: &mut Self::State,
+    ) {
+    }
+}
+
+/// Which hooks a plugin overrides, so the gateway skips the rest without a call.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Hooks {
+    pub request_filter: bool,
+    pub upstream_peer: bool,
+    pub upstream_request_filter: bool,
+    pub response_filter: bool,
+    pub logging: bool,
+}
+
+impl Hooks {
+    pub const ALL: Hooks = Hooks {
+        request_filter: true,
+        upstream_peer: true,
+        upstream_request_filter: true,
+        response_filter: true,
+        logging: true,
+    };
+}
+
+/// Per-request state of one plugin, type-erased so a chain can hold plugins of any type.
+pub type ErasedState = Box<dyn Any + Send + Sync>;
+
+/// The object-safe face of a [`Plugin`] that the gateway's chain holds. Implemented for every
+/// `Plugin` through [`Erased`]; plugin authors never implement it by hand.
+#[async_trait]
+pub trait DynPlugin: Send + Sync + 'static {
+    fn new_state(&self) -> ErasedState;
+    fn hooks(&self) -> Hooks;
+    async fn request_filter(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        state: &mut ErasedState,
+    ) -> Result<Flow>;
+    async fn upstream_peer(
+        &self,
+        session: &mut Session,
+        peer: &mut HttpPeer,
+        ctx: &mut RequestCtx,
+        state: &mut ErasedState,
+    ) -> Result<()>;
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+        state: &mut ErasedState,
+    ) -> Result<()>;
+    async fn response_filter(
+        &self,
+        session: &mut Session,
+        response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+        state: &mut ErasedState,
+    ) -> Result<()>;
+    async fn logging(
+        &self,
+        session: &mut Session,
+        error: Option<&pingora::Error>,
+        ctx: &mut RequestCtx,
+        state: &mut ErasedState,
+    );
+}
+
+/// Adapts a typed [`Plugin`] to [`DynPlugin`], with the hooks it declares.
+pub struct Erased<P> {
+    plugin: P,
+    hooks: Hooks,
+}
+
+impl<P: Plugin> Erased<P> {
+    pub fn new(plugin: P, hooks: Hooks) -> Self {
+        Erased { plugin, hooks }
+    }
+
+    pub fn into_dyn(plugin: P, hooks: Hooks) -> Arc<dyn DynPlugin> {
+        Arc::new(Self::new(plugin, hooks))
+    }
+}
+
+fn typed<S: 'static>(state: &mut ErasedState) -> Result<&mut S> {
+    // A mismatch would be a gateway bug (states are created by the same plugin); answer it as
+    // an internal error rather than panicking on the request path.
+    state.downcast_mut::<S>().ok_or_else(|| {
+        pingora::Error::explain(
+            pingora::ErrorType::InternalError,
+            "plugin state of an unexpected type",
+        )
+    })
+}
+
+#[async_trait]
+impl<P: Plugin> DynPlugin for Erased<P> {
+    fn new_state(&self) -> ErasedState {
+        Box::new(P::State::default())
+    }
+
+    fn hooks(&self) -> Hooks {
+        self.hooks
+    }
+
+    async fn request_filter(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        state: &mut ErasedState,
+    ) -> Result<Flow> {
+        self.plugin
+            .request_filter(session, ctx, typed(state)?)
+            .await
+    }
+
+    async fn upstream_peer(
+        &self,
+        session: &mut Session,
+        peer: &mut HttpPeer,
+        ctx: &mut RequestCtx,
+        state: &mut ErasedState,
+    ) -> Result<()> {
+        self.plugin
+            .upstream_peer(session, peer, ctx, typed(state)?)
+            .await
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+        state: &mut ErasedState,
+    ) -> Result<()> {
+        self.plugin
+            .upstream_request_filter(session, upstream_request, ctx, typed(state)?)
+            .await
+    }
+
+    async fn response_filter(
+        &self,
+        session: &mut Session,
+        response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+        state: &mut ErasedState,
+    ) -> Result<()> {
+        self.plugin
+            .response_filter(session, response, ctx, typed(state)?)
+            .await
+    }
+
+    async fn logging(
+        &self,
+        session: &mut Session,
+        error: Option<&pingora::Error>,
+        ctx: &mut RequestCtx,
+        state: &mut ErasedState,
+    ) {
+        if let Ok(state) = typed(state) {
+            self.plugin.logging(session, error, ctx, state).await;
+        }
+    }
+}
+
+/// What a built plugin is, for the gateway: the erased plugin and what it promises.
+#[derive(Clone)]
+pub struct BuiltPlugin {
+    /// The `type` it was built from, e.g. `"strip_headers"` (a bounded metric label).
+    pub kind: &'static str,
+    pub plugin: Arc<dyn DynPlugin>,
+    /// True when the plugin answers every request itself (e.g. `aggregate`): a route with no
+    /// upstream is valid only when one of its plugins responds.
+    pub responds: bool,
+    /// Request headers this plugin sets from verified credentials. The gateway removes all of
+    /// them from every incoming request before any plugin runs, so clients cannot forge them.
+    pub trusted_headers: Vec<HeaderName>,
+}
+
+/// An error found while building a plugin from its config; `path` is relative to the
+/// plugin's table (e.g. `request[2]`), the gateway prefixes it with `plugins.NAME`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{path}: {message}")]
+pub struct BuildError {
+    pub path: String,
+    pub message: String,
+}
+
+impl BuildError {
+    pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+        BuildError {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// The closed set of plugin types a `[plugins.NAME]` table can name with `type = "..."`.
+/// Unknown types and unknown keys are errors, never silently skipped.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum PluginConfig {
+    Trace(trace::TraceConfig),
+    StripHeaders(strip_headers::StripHeadersConfig),
+}
+
+impl PluginConfig {
+    /// The `type` string of this config.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            PluginConfig::Trace(_) => "trace",
+            PluginConfig::StripHeaders(_) => "strip_headers",
+        }
+    }
+
+    /// True for plugin types that answer every request themselves (no upstream needed).
+    pub fn responds(&self) -> bool {
+        match self {
+            PluginConfig::Trace(_) | PluginConfig::StripHeaders(_) => false,
+        }
+    }
+
+    /// Checks the config without side effects (no network, no background tasks): what
+    /// `sallyport --check` reports. `build` checks the same and more.
+    pub fn validate(&self) -> Vec<BuildError> {
+        match self {
+            PluginConfig::Trace(_) => Vec::new(),
+            PluginConfig::StripHeaders(c) => strip_headers::StripHeaders::build(c)
+                .err()
+                .unwrap_or_default(),
+        }
+    }
+
+    /// Validates the config and builds the shared plugin; every problem is reported.
+    pub fn build(&self) -> std::result::Result<BuiltPlugin, Vec<BuildError>> {
+        let kind = self.kind();
+        match self {
+            PluginConfig::Trace(c) => Ok(BuiltPlugin {
+                kind,
+                plugin: trace::Trace::build(c)?,
+                responds: self.responds(),
+                trusted_headers: Vec::new(),
+            }),
+            PluginConfig::StripHeaders(c) => Ok(BuiltPlugin {
+                kind,
+                plugin: strip_headers::StripHeaders::build(c)?,
+                responds: self.responds(),
+                trusted_headers: Vec::new(),
+            }),
+        }
+    }
+}
