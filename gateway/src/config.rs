@@ -622,7 +622,17 @@ fn validate_routes(config: &Config, responders: &HashSet<&str>, errors: &mut Vec
         let mut norm_path = None;
         if let Some(raw) = raw_path {
             match crate::router::config_path(raw) {
-                Ok(n) => norm_path = Some(n),
+                Ok(n) => {
+                    if crate::router::is_template(&n) && !exact {
+                        errors.push(ConfigError::new(
+                            format!("{p}.{key}"),
+                            "{name} parameters are only allowed in an exact path",
+                        ));
+                    } else if let Err(m) = crate::router::check_template(&n) {
+                        errors.push(ConfigError::new(format!("{p}.{key}"), m));
+                    }
+                    norm_path = Some(n);
+                }
                 Err(m) => errors.push(ConfigError::new(format!("{p}.{key}"), m)),
             }
         }

@@ -8,6 +8,7 @@
 
 pub mod access_log;
 pub mod admin;
+pub mod calls;
 pub mod config;
 pub mod metrics;
 pub mod path;
@@ -31,7 +32,7 @@ use pingora::services::listening::Service;
 use crate::access_log::AccessLog;
 use crate::config::{Config, ConfigErrors};
 use crate::metrics::Metrics;
-use crate::snapshot::Snapshot;
+use crate::snapshot::{Services, Snapshot};
 
 /// State shared by the proxy, the admin app and the background tasks of one gateway.
 pub struct Shared {
@@ -39,6 +40,7 @@ pub struct Shared {
     pub snapshot: ArcSwap<Snapshot>,
     pub metrics: Metrics,
     pub access_log: AccessLog,
+    pub services: Services,
     reload_lock: Mutex<()>,
 }
 
@@ -49,12 +51,18 @@ impl Shared {
         let access_log = AccessLog::open(&config.server.access_log).map_err(|e| {
             anyhow::anyhow!("server.access_log: cannot open {}: {e}", config.server.access_log)
         })?;
-        let snapshot = Snapshot::compile(config, None)?;
+        let metrics = Metrics::new()?;
+        let services = Services {
+            connector: Arc::new(pingora::connectors::http::Connector::new(None)),
+            plugin_metrics: Arc::clone(&metrics.plugins),
+        };
+        let snapshot = Snapshot::compile(config, None, &services)?;
         Ok(Arc::new(Shared {
             config_path: config_path.to_path_buf(),
             snapshot: ArcSwap::from_pointee(snapshot),
-            metrics: Metrics::new()?,
+            metrics,
             access_log,
+            services,
             reload_lock: Mutex::new(()),
         }))
     }
@@ -66,7 +74,7 @@ impl Shared {
         let result = config::load(&self.config_path).and_then(|config| {
             let current = self.snapshot.load();
             warn_static_changes(&current.config, &config);
-            Snapshot::compile(config, Some(&current))
+            Snapshot::compile(config, Some(&current), &self.services)
         });
         match result {
             Ok(snapshot) => {

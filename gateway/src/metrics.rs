@@ -16,7 +16,7 @@ pub struct Metrics {
     pub upstream_requests: IntCounterVec,
     pub endpoint_healthy: GaugeVec,
     pub plugin_rejections: IntCounterVec,
-    pub aggregate_calls: IntCounterVec,
+    pub plugins: std::sync::Arc<sallyport_plugins::PluginMetrics>,
     pub cache_lookups: IntCounterVec,
     pub config_reloads: IntCounterVec,
 }
@@ -49,11 +49,6 @@ impl Metrics {
             "Requests a plugin answered with an error, by reason.",
             &["route", "plugin", "reason"],
         )?;
-        let aggregate_calls = counter(
-            "sallyport_aggregate_calls_total",
-            "Aggregate sub-calls, by outcome.",
-            &["route", "call", "outcome"],
-        )?;
         let cache_lookups = counter(
             "sallyport_cache_lookups_total",
             "Cache lookups, by result.",
@@ -85,6 +80,7 @@ impl Metrics {
         for result in ["ok", "error"] {
             config_reloads.with_label_values(&[result]);
         }
+        let plugins = std::sync::Arc::new(sallyport_plugins::PluginMetrics::register(&registry)?);
         Ok(Metrics {
             registry,
             requests,
@@ -92,7 +88,7 @@ impl Metrics {
             upstream_requests,
             endpoint_healthy,
             plugin_rejections,
-            aggregate_calls,
+            plugins,
             cache_lookups,
             config_reloads,
         })

@@ -18,7 +18,7 @@ use sallyport_plugins::{request_id, ApiError, ErasedState, Flow, Reply, RequestC
 use crate::access_log::AccessRecord;
 use crate::metrics::{method_label, status_label};
 use crate::path::normalize;
-use crate::router::{request_host, rewrite, Lookup};
+use crate::router::{request_host, Lookup};
 use crate::snapshot::{Route, Snapshot};
 use crate::Shared;
 
@@ -250,7 +250,10 @@ impl ProxyHttp for Gateway {
             .unwrap_or_default();
         let method = req.method.clone();
         let route = match snapshot.router.lookup(&host, &path, &method) {
-            Lookup::Found(i) => Arc::clone(&snapshot.routes[i]),
+            Lookup::Found(i, params) => {
+                ctx.req.path_params = params;
+                Arc::clone(&snapshot.routes[i])
+            }
             Lookup::NotFound => {
                 let err = ApiError::new(404, "not_found", "no route matches this request");
                 self.respond_error(session, ctx, err).await?;
@@ -425,7 +428,7 @@ impl ProxyHttp for Gateway {
             return Ok(());
         };
         let new_path = match &route.rewrite {
-            Some((prefix, to)) => Some(rewrite(&ctx.req.path, prefix, to)),
+            Some(rw) => Some(rw.apply(&ctx.req.path)),
             None if ctx.req.path != upstream_request.uri.path() => Some(ctx.req.path.clone()),
             None => None,
         };
@@ -577,7 +580,7 @@ impl ProxyHttp for Gateway {
 
         if self.shared.access_log.enabled() {
             let upstream_ms = match (ctx.upstream_started, ctx.upstream_response) {
-                (Some(a), Some(b)) => Some(b.saturating_duration_since(a).as_secs_f64() * 1000.0),
+                (Some(a), Some(b)) => Some(millis(b.saturating_duration_since(a))),
                 _ => None,
             };
             let record = AccessRecord {
@@ -591,7 +594,7 @@ impl ProxyHttp for Gateway {
                 upstream: ctx.req.upstream.as_deref(),
                 endpoint: ctx.tried.last().copied(),
                 attempts: ctx.tried.len(),
-                duration_ms: elapsed.as_secs_f64() * 1000.0,
+                duration_ms: millis(elapsed),
                 upstream_ms,
                 body_bytes: session.body_bytes_sent(),
                 error: ctx.error_code.or_else(|| e.map(|_| "error")),
@@ -601,4 +604,9 @@ impl ProxyHttp for Gateway {
             self.shared.access_log.write(&record);
         }
     }
+}
+
+/// Milliseconds with microsecond precision, for the access log.
+fn millis(d: std::time::Duration) -> f64 {
+    (d.as_secs_f64() * 1_000_000.0).round() / 1000.0
 }

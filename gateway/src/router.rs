@@ -5,6 +5,7 @@
 //! probe per path segment, whatever the number of routes.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use http::Method;
 
@@ -62,27 +63,121 @@ pub struct RouteMatch {
     pub methods: Vec<Method>,
 }
 
+/// Captured `{name}` segments: `(name, percent-decoded value)`.
+pub type Params = Vec<(Arc<str>, String)>;
+
 /// The result of a lookup.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Lookup {
-    /// Index of the matched route.
-    Found(usize),
+    /// Index of the matched route, and its captured path parameters.
+    Found(usize, Params),
     /// A route matches host and path but not the method; the `Allow` header value.
     MethodNotAllowed(String),
     NotFound,
 }
 
+/// One segment of a path template.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Segment {
+    Literal(String),
+    Param(Arc<str>),
+}
+
+/// An exact path with `{name}` segments, e.g. `/api/web/users/{id}/summary`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Template {
+    segments: Vec<Segment>,
+    trailing_slash: bool,
+}
+
+impl Template {
+    fn parse(path: &str) -> Template {
+        let trailing_slash = path.len() > 1 && path.ends_with('/');
+        let segments = path
+            .trim_matches('/')
+            .split('/')
+            .filter(|s| !s.is_empty())
+            .map(|s| match s.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
+                Some(name) => Segment::Param(Arc::from(name)),
+                None => Segment::Literal(s.to_string()),
+            })
+            .collect();
+        Template {
+            segments,
+            trailing_slash,
+        }
+    }
+
+    fn capture(&self, path: &str) -> Option<Params> {
+        if self.trailing_slash != (path.len() > 1 && path.ends_with('/')) {
+            return None;
+        }
+        let mut parts = path.trim_matches('/').split('/').filter(|s| !s.is_empty());
+        let mut params = Vec::new();
+        for seg in &self.segments {
+            let part = parts.next()?;
+            match seg {
+                Segment::Literal(l) => {
+                    if l != part {
+                        return None;
+                    }
+                }
+                Segment::Param(name) => params.push((
+                    Arc::clone(name),
+                    percent_encoding::percent_decode_str(part)
+                        .decode_utf8_lossy()
+                        .into_owned(),
+                )),
+            }
+        }
+        parts.next().is_none().then_some(params)
+    }
+}
+
+/// Checks the `{name}` segments of a config path: whole segments, identifier names, unique.
+pub fn check_template(path: &str) -> Result<(), String> {
+    let mut names: Vec<&str> = Vec::new();
+    for seg in path.split('/') {
+        if !seg.contains(['{', '}']) {
+            continue;
+        }
+        let Some(name) = seg.strip_prefix('{').and_then(|s| s.strip_suffix('}')) else {
+            return Err(format!("{seg:?}: a {{name}} parameter must be a whole path segment"));
+        };
+        if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            return Err(format!("{seg:?}: parameter names are letters, digits and _"));
+        }
+        if names.contains(&name) {
+            return Err(format!("parameter {{{name}}} appears twice"));
+        }
+        names.push(name);
+    }
+    Ok(())
+}
+
+/// Whether a config path has `{name}` segments.
+pub fn is_template(path: &str) -> bool {
+    path.contains('{')
+}
+
 #[derive(Default)]
 struct PathTable {
     exact: HashMap<String, Vec<usize>>,
+    templates: Vec<(Template, Vec<usize>)>,
     prefix: HashMap<String, Vec<usize>>,
 }
 
 impl PathTable {
-    /// Routes sharing the most specific path that matches, in config order.
-    fn find(&self, path: &str) -> Option<&[usize]> {
+    /// Routes sharing the most specific path that matches, in config order, with captured
+    /// parameters: exact paths, then templates, then the longest prefix.
+    fn find(&self, path: &str) -> Option<(&[usize], Params)> {
         if let Some(r) = self.exact.get(path) {
-            return Some(r);
+            return Some((r, Vec::new()));
+        }
+        for (t, r) in &self.templates {
+            if let Some(params) = t.capture(path) {
+                return Some((r, params));
+            }
         }
         if self.prefix.is_empty() {
             return None;
@@ -90,7 +185,7 @@ impl PathTable {
         let mut candidate = path.strip_suffix('/').filter(|p| !p.is_empty()).unwrap_or(path);
         loop {
             if let Some(r) = self.prefix.get(candidate) {
-                return Some(r);
+                return Some((r, Vec::new()));
             }
             if candidate == "/" {
                 return None;
@@ -159,21 +254,21 @@ impl Router {
             .filter(|(s, _)| host.len() > s.len() && host.ends_with(s.as_str()))
             .map(|(_, t)| t);
         for table in exact.into_iter().chain(suffixes).chain([&self.any_host]) {
-            if let Some(candidates) = table.find(path) {
-                return self.pick_method(candidates, method);
+            if let Some((candidates, params)) = table.find(path) {
+                return self.pick_method(candidates, params, method);
             }
         }
         Lookup::NotFound
     }
 
-    fn pick_method(&self, candidates: &[usize], method: &Method) -> Lookup {
+    fn pick_method(&self, candidates: &[usize], params: Params, method: &Method) -> Lookup {
         for &i in candidates {
             let allowed = &self.methods[i];
             if allowed.is_empty()
                 || allowed.contains(method)
                 || (method == Method::HEAD && allowed.contains(&Method::GET))
             {
-                return Lookup::Found(i);
+                return Lookup::Found(i, params);
             }
         }
         let mut allow: Vec<&str> = Vec::new();
@@ -192,6 +287,14 @@ impl Router {
 }
 
 fn insert(table: &mut PathTable, exact: bool, path: &str, route: usize) {
+    if exact && is_template(path) {
+        let t = Template::parse(path);
+        match table.templates.iter_mut().find(|(x, _)| *x == t) {
+            Some((_, routes)) => routes.push(route),
+            None => table.templates.push((t, vec![route])),
+        }
+        return;
+    }
     let map = if exact {
         &mut table.exact
     } else {
@@ -254,21 +357,21 @@ mod tests {
             route(&[], false, "/static/", &[]),
         ]);
         let get = Method::GET;
-        assert_eq!(r.lookup("h", "/api/orders", &get), Lookup::Found(1));
-        assert_eq!(r.lookup("h", "/api/orders/", &get), Lookup::Found(1));
-        assert_eq!(r.lookup("h", "/api/orders/7", &get), Lookup::Found(1));
-        assert_eq!(r.lookup("h", "/api/ordersx", &get), Lookup::Found(0));
-        assert_eq!(r.lookup("h", "/api/orders/special", &get), Lookup::Found(2));
-        assert_eq!(r.lookup("h", "/api/orders/special/x", &get), Lookup::Found(1));
+        assert_eq!(r.lookup("h", "/api/orders", &get), Lookup::Found(1, vec![]));
+        assert_eq!(r.lookup("h", "/api/orders/", &get), Lookup::Found(1, vec![]));
+        assert_eq!(r.lookup("h", "/api/orders/7", &get), Lookup::Found(1, vec![]));
+        assert_eq!(r.lookup("h", "/api/ordersx", &get), Lookup::Found(0, vec![]));
+        assert_eq!(r.lookup("h", "/api/orders/special", &get), Lookup::Found(2, vec![]));
+        assert_eq!(r.lookup("h", "/api/orders/special/x", &get), Lookup::Found(1, vec![]));
         assert_eq!(r.lookup("h", "/apix", &get), Lookup::NotFound);
-        assert_eq!(r.lookup("h", "/static/a.css", &get), Lookup::Found(3));
-        assert_eq!(r.lookup("h", "/static", &get), Lookup::Found(3));
+        assert_eq!(r.lookup("h", "/static/a.css", &get), Lookup::Found(3, vec![]));
+        assert_eq!(r.lookup("h", "/static", &get), Lookup::Found(3, vec![]));
         assert_eq!(r.lookup("h", "/", &get), Lookup::NotFound);
         assert_eq!(
             r.lookup("h", "/api/orders/7", &Method::DELETE),
             Lookup::MethodNotAllowed("GET, HEAD, POST".into())
         );
-        assert_eq!(r.lookup("h", "/api/orders/7", &Method::HEAD), Lookup::Found(1));
+        assert_eq!(r.lookup("h", "/api/orders/7", &Method::HEAD), Lookup::Found(1, vec![]));
     }
 
     #[test]
@@ -277,7 +380,7 @@ mod tests {
             route(&[], false, "/x", &["GET"]),
             route(&[], false, "/x", &["POST"]),
         ]);
-        assert_eq!(r.lookup("h", "/x", &Method::POST), Lookup::Found(1));
+        assert_eq!(r.lookup("h", "/x", &Method::POST), Lookup::Found(1, vec![]));
         assert_eq!(
             r.lookup("h", "/x", &Method::PUT),
             Lookup::MethodNotAllowed("GET, HEAD, POST".into())
@@ -293,12 +396,33 @@ mod tests {
             route(&["api.example.com"], false, "/v1", &[]),
         ]);
         let g = Method::GET;
-        assert_eq!(r.lookup("api.example.com", "/v1/x", &g), Lookup::Found(3));
+        assert_eq!(r.lookup("api.example.com", "/v1/x", &g), Lookup::Found(3, vec![]));
         // exact host has no matching path: falls back to the wildcard
-        assert_eq!(r.lookup("api.example.com", "/v2", &g), Lookup::Found(1));
-        assert_eq!(r.lookup("a.eu.example.com", "/", &g), Lookup::Found(2));
-        assert_eq!(r.lookup("example.com", "/", &g), Lookup::Found(0));
-        assert_eq!(r.lookup("other.test", "/", &g), Lookup::Found(0));
+        assert_eq!(r.lookup("api.example.com", "/v2", &g), Lookup::Found(1, vec![]));
+        assert_eq!(r.lookup("a.eu.example.com", "/", &g), Lookup::Found(2, vec![]));
+        assert_eq!(r.lookup("example.com", "/", &g), Lookup::Found(0, vec![]));
+        assert_eq!(r.lookup("other.test", "/", &g), Lookup::Found(0, vec![]));
+    }
+
+    #[test]
+    fn templates_capture_segments() {
+        let r = Router::new(&[
+            route(&[], true, "/api/web/users/{id}/summary", &[]),
+            route(&[], true, "/api/web/users/me/summary", &[]),
+            route(&[], false, "/api", &[]),
+        ]);
+        let g = Method::GET;
+        assert_eq!(
+            r.lookup("h", "/api/web/users/a%20b/summary", &g),
+            Lookup::Found(0, vec![(Arc::from("id"), "a b".to_string())])
+        );
+        assert_eq!(r.lookup("h", "/api/web/users/me/summary", &g), Lookup::Found(1, vec![]));
+        assert_eq!(r.lookup("h", "/api/web/users/7/summary/x", &g), Lookup::Found(2, vec![]));
+        assert_eq!(r.lookup("h", "/api/web/users/7/summary/", &g), Lookup::Found(2, vec![]));
+        assert!(check_template("/a/{id}/{id}").is_err());
+        assert!(check_template("/a/x{id}").is_err());
+        assert!(check_template("/a/{}").is_err());
+        assert!(check_template("/a/{id}/b/{x_2}").is_ok());
     }
 
     #[test]

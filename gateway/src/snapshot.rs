@@ -8,7 +8,9 @@ use std::sync::Arc;
 use http::{HeaderName, Method};
 use ipnet::IpNet;
 use sallyport_plugins::strip_headers::HeaderSet;
-use sallyport_plugins::{DynPlugin, Hooks, RequestCtx};
+use sallyport_plugins::{BuildEnv, DynPlugin, Hooks, PluginMetrics, RequestCtx, Upstreams};
+
+use crate::calls::PoolCalls;
 
 use crate::config::{parse_net, Config, ConfigError, ConfigErrors, EscapedSlashes};
 use crate::router::{config_path, HostPattern, RouteMatch, Router};
@@ -28,12 +30,27 @@ pub struct ChainEntry {
 pub struct Route {
     pub name: Arc<str>,
     pub upstream: Option<Arc<Pool>>,
-    /// `(matched prefix or path, replacement)`.
-    pub rewrite: Option<(String, String)>,
+    pub rewrite: Option<Rewrite>,
     /// `server.plugins` then the route's own, in order.
     pub chain: Vec<ChainEntry>,
     /// Union of the chain's hooks, to skip whole phases cheaply.
     pub hooks: Hooks,
+}
+
+/// `rewrite_prefix`: replaces the matched prefix, or the whole path of an exact route.
+pub struct Rewrite {
+    /// The matched prefix; `None` for exact (and template) routes.
+    pub prefix: Option<String>,
+    pub to: String,
+}
+
+impl Rewrite {
+    pub fn apply(&self, path: &str) -> String {
+        match &self.prefix {
+            Some(prefix) => crate::router::rewrite(path, prefix, &self.to),
+            None => self.to.clone(),
+        }
+    }
 }
 
 /// A request attribute used as a key (consistent hashing, quotas).
@@ -87,6 +104,13 @@ impl RequestKey {
     }
 }
 
+/// Process-lifetime services every snapshot shares: the pooled connector for plugin calls and
+/// the plugin metrics.
+pub struct Services {
+    pub connector: Arc<pingora::connectors::http::Connector>,
+    pub plugin_metrics: Arc<PluginMetrics>,
+}
+
 /// Everything a request needs, compiled from one config file.
 pub struct Snapshot {
     pub config: Config,
@@ -103,7 +127,11 @@ pub struct Snapshot {
 impl Snapshot {
     /// Compiles a validated config. Pools whose config did not change are taken over from
     /// `previous`, with their health state.
-    pub fn compile(config: Config, previous: Option<&Snapshot>) -> Result<Snapshot, ConfigErrors> {
+    pub fn compile(
+        config: Config,
+        previous: Option<&Snapshot>,
+        services: &Services,
+    ) -> Result<Snapshot, ConfigErrors> {
         let mut errors = Vec::new();
 
         let mut pools = BTreeMap::new();
@@ -120,10 +148,17 @@ impl Snapshot {
             }
         }
 
+        let upstreams: Arc<dyn Upstreams> =
+            Arc::new(PoolCalls::new(pools.clone(), Arc::clone(&services.connector)));
         let mut plugins = BTreeMap::new();
         let mut trusted: Vec<HeaderName> = Vec::new();
         for (name, pc) in &config.plugins {
-            match pc.build() {
+            let env = BuildEnv {
+                name: Arc::from(name.as_str()),
+                upstreams: Arc::clone(&upstreams),
+                metrics: Arc::clone(&services.plugin_metrics),
+            };
+            match pc.build(&env) {
                 Ok(built) => {
                     for h in &built.trusted_headers {
                         if !trusted.contains(h) {
@@ -185,7 +220,10 @@ impl Snapshot {
                 .rewrite_prefix
                 .as_ref()
                 .and_then(|to| config_path(to).ok())
-                .map(|to| (matched, to));
+                .map(|to| Rewrite {
+                    prefix: (!exact).then_some(matched),
+                    to,
+                });
             let hosts: Vec<HostPattern> = r
                 .host
                 .iter()

@@ -20,6 +20,8 @@ pub struct RequestCtx {
     pub client_ip: Option<IpAddr>,
     /// The normalised request path the route matched (before any prefix rewrite).
     pub path: String,
+    /// Values of the `{name}` segments of the route's `path` template, in order.
+    pub path_params: Vec<(Arc<str>, String)>,
     /// Identity verified by an authentication plugin, if any.
     pub principal: Option<Principal>,
     /// W3C trace context of this request, set by the `trace` plugin.
@@ -29,6 +31,14 @@ pub struct RequestCtx {
 }
 
 impl RequestCtx {
+    /// The value of a `{name}` path segment of the matched route.
+    pub fn path_param(&self, name: &str) -> Option<&str> {
+        self.path_params
+            .iter()
+            .find(|(n, _)| &**n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
     pub fn new(request_id: String, route: Arc<str>) -> Self {
         RequestCtx {
             request_id,
@@ -36,6 +46,7 @@ impl RequestCtx {
             upstream: None,
             client_ip: None,
             path: String::new(),
+            path_params: Vec::new(),
             principal: None,
             trace: None,
             received_at: Instant::now(),

@@ -22,8 +22,10 @@
 
 pub mod conf;
 mod context;
+pub mod metrics;
 mod reply;
 pub mod request_id;
+pub mod upstream;
 
 pub mod strip_headers;
 pub mod trace;
@@ -39,7 +41,9 @@ use serde::Deserialize;
 
 pub use context::{Principal, RequestCtx, TraceContext};
 pub use http::HeaderName;
+pub use metrics::PluginMetrics;
 pub use reply::{ApiError, Flow, Reply};
+pub use upstream::{CallError, Upstreams, UpstreamRequest, UpstreamResponse};
 
 /// The result type of every hook: an `Err` ends the request with the error's HTTP status
 /// (`pingora::ErrorType::HTTPStatus(code)`), or 500 for anything else; prefer
@@ -291,6 +295,22 @@ pub struct BuiltPlugin {
     pub trusted_headers: Vec<HeaderName>,
 }
 
+/// What the gateway hands to a plugin's `build`.
+///
+/// `build` is synchronous and may run outside any async runtime (at start-up) or on a blocking
+/// thread (on reload). A plugin that needs background work (e.g. refreshing keys) starts it
+/// lazily from a request hook with `tokio::spawn`, or on a thread of its own, and stops it when
+/// the built plugin is dropped (a reload drops the old snapshot's plugins).
+#[derive(Clone)]
+pub struct BuildEnv {
+    /// The plugin's config name (`[plugins.NAME]`), e.g. for metric labels.
+    pub name: Arc<str>,
+    /// The upstream pools of the snapshot being built.
+    pub upstreams: Arc<dyn Upstreams>,
+    /// The gateway's plugin metrics (one instance for the process lifetime).
+    pub metrics: Arc<PluginMetrics>,
+}
+
 /// An error found while building a plugin from its config; `path` is relative to the
 /// plugin's table (e.g. `request[2]`), the gateway prefixes it with `plugins.NAME`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -346,7 +366,8 @@ impl PluginConfig {
     }
 
     /// Validates the config and builds the shared plugin; every problem is reported.
-    pub fn build(&self) -> std::result::Result<BuiltPlugin, Vec<BuildError>> {
+    pub fn build(&self, env: &BuildEnv) -> std::result::Result<BuiltPlugin, Vec<BuildError>> {
+        let _ = env;
         let kind = self.kind();
         match self {
             PluginConfig::Trace(c) => Ok(BuiltPlugin {

@@ -77,16 +77,27 @@ impl ApiError {
 
     /// The JSON body of this error.
     pub fn body(&self, request_id: &str) -> Vec<u8> {
-        let value = serde_json::json!({
-            "error": {
-                "status": self.status,
-                "code": self.code,
-                "message": self.message,
-                "request_id": request_id,
-            }
-        });
-        // Serialising a json! value of strings and numbers cannot fail.
-        serde_json::to_vec(&value).unwrap_or_default()
+        #[derive(serde::Serialize)]
+        struct Body<'a> {
+            error: Inner<'a>,
+        }
+        #[derive(serde::Serialize)]
+        struct Inner<'a> {
+            status: u16,
+            code: &'a str,
+            message: &'a str,
+            request_id: &'a str,
+        }
+        let body = Body {
+            error: Inner {
+                status: self.status,
+                code: self.code,
+                message: &self.message,
+                request_id,
+            },
+        };
+        // Serialising plain strings and numbers cannot fail.
+        serde_json::to_vec(&body).unwrap_or_default()
     }
 
     /// The response header of this error (status, JSON type, extra headers); the caller sets

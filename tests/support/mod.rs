@@ -1,0 +1,364 @@
+//! Test harness: the real `sallyport` binary on ephemeral loopback ports, real upstreams
+//! (`sallyport_mock`), a real HTTP client, and a raw client for byte-exact requests.
+#![allow(dead_code, unused_imports, clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+pub use sallyport_mock::{MockConfig, MockServer, Recorded};
+
+/// The path of the gateway binary under test.
+pub fn gateway_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_sallyport")
+}
+
+/// A free loopback port (bound, then released for the process under test).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free port")
+}
+
+/// A `[server]` table with the harness's listen placeholders and the given extra lines.
+pub fn server(extra: &str) -> String {
+    format!(
+        "[server]\nlisten = [\"{{{{listen}}}}\"]\nadmin_listen = \"{{{{admin}}}}\"\nthreads = 2\ngrace_period = \"1s\"\nupgrade_sock = \"{{{{dir}}}}/upgrade.sock\"\npid_file = \"{{{{dir}}}}/sallyport.pid\"\naccess_log = \"stdout\"\n{extra}\n"
+    )
+}
+
+/// A running gateway process, killed on drop.
+pub struct Gateway {
+    child: Option<Child>,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+    listen_port: u16,
+    admin_port: u16,
+}
+
+impl Gateway {
+    /// Writes the config (placeholders `{{listen}}`, `{{admin}}`, `{{dir}}` filled in), starts
+    /// the gateway and waits until `/readyz` answers 200.
+    pub async fn start(config: &str) -> Gateway {
+        let mut gw = Gateway::spawn(config).await;
+        gw.wait_ready().await;
+        gw
+    }
+
+    /// Like `start` without waiting for readiness.
+    pub async fn spawn(config: &str) -> Gateway {
+        let dir = tempfile::tempdir().unwrap();
+        let listen_port = free_port();
+        let admin_port = free_port();
+        let mut gw = Gateway {
+            child: None,
+            addr: SocketAddr::from(([127, 0, 0, 1], listen_port)),
+            admin: SocketAddr::from(([127, 0, 0, 1], admin_port)),
+            config_path: dir.path().join("sallyport.toml"),
+            dir,
+            listen_port,
+            admin_port,
+        };
+        gw.write_config(config);
+        let child = Command::new(gateway_bin())
+            .arg("-c")
+            .arg(&gw.config_path)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::from(std::fs::File::create(gw.dir.path().join("stdout")).unwrap()))
+            .stderr(Stdio::from(std::fs::File::create(gw.dir.path().join("stderr")).unwrap()))
+            .spawn()
+            .expect("start sallyport");
+        gw.child = Some(child);
+        gw
+    }
+
+    pub fn fill(&self, config: &str) -> String {
+        config
+            .replace("{{listen}}", &self.addr.to_string())
+            .replace("{{admin}}", &self.admin.to_string())
+            .replace("{{dir}}", &self.dir.path().display().to_string())
+    }
+
+    /// Replaces the config file (placeholders filled in); call `reload` to apply it.
+    pub fn write_config(&self, config: &str) {
+        std::fs::write(&self.config_path, self.fill(config)).unwrap();
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string())
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{sig} failed");
+    }
+
+    /// Sends SIGHUP and waits until `sallyport_config_reloads_total` moved.
+    pub async fn reload(&self) -> &'static str {
+        let before = (self.metric_value("sallyport_config_reloads_total{result=\"ok\"}").await,
+                      self.metric_value("sallyport_config_reloads_total{result=\"error\"}").await);
+        self.signal("HUP");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let ok = self.metric_value("sallyport_config_reloads_total{result=\"ok\"}").await;
+            let err = self.metric_value("sallyport_config_reloads_total{result=\"error\"}").await;
+            if ok > before.0 {
+                return "ok";
+            }
+            if err > before.1 {
+                return "error";
+            }
+            assert!(Instant::now() < deadline, "reload not observed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Whether the process has exited (and its status).
+    pub fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut().unwrap().try_wait().unwrap()
+    }
+
+    /// Waits for the process to exit within `limit`.
+    pub async fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(s) = self.try_wait() {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "gateway did not exit in {limit:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let client = reqwest::Client::new();
+        loop {
+            if let Ok(r) = client.get(format!("http://{}/readyz", self.admin)).send().await {
+                if r.status() == 200 {
+                    // The proxy listener starts with the admin one; make sure it accepts too.
+                    if tokio::net::TcpStream::connect(self.addr).await.is_ok() {
+                        return;
+                    }
+                }
+            }
+            if let Some(status) = self.try_wait() {
+                panic!("gateway exited with {status} before ready; stderr:\n{}", self.stderr());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "gateway not ready; stderr:\n{}",
+                self.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("stderr")).unwrap_or_default()
+    }
+
+    pub fn stdout(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("stdout")).unwrap_or_default()
+    }
+
+    /// Access-log lines written so far.
+    pub fn access_log(&self) -> Vec<serde_json::Value> {
+        self.stdout()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Waits until the access log has at least `n` lines.
+    pub async fn access_log_lines(&self, n: usize) -> Vec<serde_json::Value> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let lines = self.access_log();
+            if lines.len() >= n || Instant::now() > deadline {
+                return lines;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    pub async fn metrics(&self) -> String {
+        reqwest::get(format!("http://{}/metrics", self.admin))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// The value of one exact series line (`name{labels}`), 0 when absent. Labels must be
+    /// written in the order Prometheus prints them (sorted by name).
+    pub async fn metric_value(&self, series: &str) -> f64 {
+        let text = self.metrics().await;
+        text.lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.trim().parse().ok()))
+            .unwrap_or(0.0)
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Runs `sallyport --check -c FILE` on the given config text: (exit code, stdout, stderr).
+pub fn check(config: &str) -> (i32, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("check.toml");
+    std::fs::write(&path, config).unwrap();
+    check_file(&path)
+}
+
+pub fn check_file(path: &Path) -> (i32, String, String) {
+    let out = Command::new(gateway_bin())
+        .arg("--check")
+        .arg("-c")
+        .arg(path)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A client with no connection reuse surprises: a fresh pool per test.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap()
+}
+
+/// The JSON body of a response.
+pub async fn json(resp: reqwest::Response) -> serde_json::Value {
+    let text = resp.text().await.unwrap();
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+}
+
+/// A response read by [`raw`].
+#[derive(Debug)]
+pub struct RawResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl RawResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+}
+
+/// Sends `GET {target}` byte-exactly (no client-side normalisation) and reads the response.
+pub async fn raw_get(addr: SocketAddr, target: &str, headers: &[(&str, &str)]) -> RawResponse {
+    let mut req = format!("GET {target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    raw(addr, req.as_bytes()).await
+}
+
+/// Sends raw bytes and reads one response until the connection closes.
+pub async fn raw(addr: SocketAddr, request: &[u8]) -> RawResponse {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut buf)).await;
+    parse_response(&buf)
+}
+
+fn parse_response(buf: &[u8]) -> RawResponse {
+    let text_end = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("no response head in {:?}", String::from_utf8_lossy(buf)));
+    let head = String::from_utf8_lossy(&buf[..text_end]).into_owned();
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let status = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("bad status line {status_line:?}"));
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let mut body = buf[text_end + 4..].to_vec();
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"));
+    if chunked {
+        body = dechunk(&body);
+    }
+    RawResponse {
+        status,
+        headers,
+        body,
+    }
+}
+
+fn dechunk(mut data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let Some(line_end) = data.windows(2).position(|w| w == b"\r\n") else {
+            return out;
+        };
+        let size = usize::from_str_radix(
+            String::from_utf8_lossy(&data[..line_end]).split(';').next().unwrap_or("0").trim(),
+            16,
+        )
+        .unwrap_or(0);
+        if size == 0 {
+            return out;
+        }
+        let start = line_end + 2;
+        out.extend_from_slice(&data[start..(start + size).min(data.len())]);
+        data = &data[(start + size + 2).min(data.len())..];
+    }
+}
+
+/// Starts a mock upstream with a name.
+pub async fn mock(name: &str) -> MockServer {
+    MockServer::start(MockConfig {
+        name: name.to_string(),
+        ..MockConfig::default()
+    })
+    .await
+    .unwrap()
+}
