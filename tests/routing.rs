@@ -100,7 +100,11 @@ async fn segment_boundaries_and_404_shape() {
 async fn wrong_method_is_405_with_allow() {
     let up = mock("app").await;
     let gw = gateway_with(&up, ROUTES).await;
-    let resp = client().delete(gw.url("/api/orders/7")).send().await.unwrap();
+    let resp = client()
+        .delete(gw.url("/api/orders/7"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 405);
     assert_eq!(resp.headers()["allow"], "GET, HEAD, POST");
     let body = json(resp).await;
@@ -136,7 +140,12 @@ async fn template_segments_and_hosts() {
     .await;
     assert_eq!(body["uri"], "/tenant/x");
     // The wildcard needs a label before the suffix.
-    let resp = c.get(gw.url("/x")).header("host", "tenants.test").send().await.unwrap();
+    let resp = c
+        .get(gw.url("/x"))
+        .header("host", "tenants.test")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 404);
 }
 
@@ -195,10 +204,20 @@ async fn oversized_bodies_get_413() {
     );
     let gw = Gateway::start(&config).await;
     let c = client();
-    let ok = c.post(gw.url("/api/public/upload")).body(vec![b'a'; 1024]).send().await.unwrap();
+    let ok = c
+        .post(gw.url("/api/public/upload"))
+        .body(vec![b'a'; 1024])
+        .send()
+        .await
+        .unwrap();
     assert_eq!(ok.status(), 200);
     assert_eq!(json(ok).await["body_bytes"], 1024);
-    let big = c.post(gw.url("/api/public/upload")).body(vec![b'a'; 1025]).send().await.unwrap();
+    let big = c
+        .post(gw.url("/api/public/upload"))
+        .body(vec![b'a'; 1025])
+        .send()
+        .await
+        .unwrap();
     assert_eq!(big.status(), 413);
     assert_eq!(json(big).await["error"]["code"], "payload_too_large");
     // A chunked body without a declared length is cut off too.
@@ -212,4 +231,3 @@ async fn oversized_bodies_get_413() {
         .unwrap();
     assert_eq!(chunked.status(), 413);
 }
-

@@ -40,20 +40,34 @@ impl PoolCalls {
             .map_err(|e| (CallError::Upstream(e.to_string()), false))?;
         let upstream_err = |e: Box<pingora::Error>| (CallError::Upstream(e.to_string()), true);
 
-        let mut header = RequestHeader::build(req.method.clone(), req.path_and_query.as_bytes(), Some(req.headers.len() + 2))
+        let mut header = RequestHeader::build(
+            req.method.clone(),
+            req.path_and_query.as_bytes(),
+            Some(req.headers.len() + 2),
+        )
+        .map_err(upstream_err)?;
+        header
+            .insert_header(http::header::HOST, addr_label)
             .map_err(upstream_err)?;
-        header.insert_header(http::header::HOST, addr_label).map_err(upstream_err)?;
         for (name, value) in &req.headers {
-            header.insert_header(name.clone(), value.clone()).map_err(upstream_err)?;
+            header
+                .insert_header(name.clone(), value.clone())
+                .map_err(upstream_err)?;
         }
-        if !req.body.is_empty() || req.method == http::Method::POST || req.method == http::Method::PUT {
+        if !req.body.is_empty()
+            || req.method == http::Method::POST
+            || req.method == http::Method::PUT
+        {
             header
                 .insert_header(http::header::CONTENT_LENGTH, req.body.len())
                 .map_err(upstream_err)?;
         }
         session.set_write_timeout(Some(pool.config.write_timeout.get()));
         session.set_read_timeout(Some(pool.config.read_timeout.get()));
-        session.write_request_header(Box::new(header)).await.map_err(upstream_err)?;
+        session
+            .write_request_header(Box::new(header))
+            .await
+            .map_err(upstream_err)?;
         if !req.body.is_empty() {
             session
                 .write_request_body(req.body.clone(), true)
@@ -84,7 +98,11 @@ impl PoolCalls {
         })
     }
 
-    async fn send_to_pool(&self, pool: &Pool, req: UpstreamRequest) -> Result<UpstreamResponse, CallError> {
+    async fn send_to_pool(
+        &self,
+        pool: &Pool,
+        req: UpstreamRequest,
+    ) -> Result<UpstreamResponse, CallError> {
         let mut tried: Vec<SocketAddr> = Vec::new();
         loop {
             let Some(backend) = pool.select(b"", &tried) else {
@@ -95,7 +113,9 @@ impl PoolCalls {
                 });
             };
             let Some(addr) = backend.as_inet().copied() else {
-                return Err(CallError::Upstream("endpoint is not an inet address".into()));
+                return Err(CallError::Upstream(
+                    "endpoint is not an inet address".into(),
+                ));
             };
             tried.push(addr);
             let peer = pool.peer(&backend);
@@ -120,7 +140,11 @@ impl Upstreams for PoolCalls {
         self.pools.contains_key(upstream)
     }
 
-    async fn send(&self, upstream: &str, req: UpstreamRequest) -> Result<UpstreamResponse, CallError> {
+    async fn send(
+        &self,
+        upstream: &str,
+        req: UpstreamRequest,
+    ) -> Result<UpstreamResponse, CallError> {
         let pool = self
             .pools
             .get(upstream)

@@ -303,9 +303,8 @@ impl From<ConfigError> for ConfigErrors {
 
 /// Reads and parses a config file (syntax and types only; see [`validate`]).
 pub fn read(path: &Path) -> Result<Config, ConfigErrors> {
-    let text = std::fs::read_to_string(path).map_err(|e| {
-        ConfigError::new("", format!("cannot read {}: {e}", path.display()))
-    })?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::new("", format!("cannot read {}: {e}", path.display())))?;
     parse(&text)
 }
 
@@ -364,7 +363,10 @@ pub fn validate(config: &Config) -> Vec<ConfigError> {
             responders.insert(name.as_str());
         }
         for e in plugin.validate() {
-            errors.push(ConfigError::new(format!("plugins.{name}.{}", e.path), e.message));
+            errors.push(ConfigError::new(
+                format!("plugins.{name}.{}", e.path),
+                e.message,
+            ));
         }
     }
     validate_routes(config, &responders, &mut errors);
@@ -384,7 +386,12 @@ fn validate_server(config: &Config, errors: &mut Vec<ConfigError>) {
         check_listen_addr(&format!("server.listen[{i}]"), addr, &mut seen, errors);
     }
     for (i, tls) in s.tls.iter().enumerate() {
-        check_listen_addr(&format!("server.tls[{i}].listen"), &tls.listen, &mut seen, errors);
+        check_listen_addr(
+            &format!("server.tls[{i}].listen"),
+            &tls.listen,
+            &mut seen,
+            errors,
+        );
         for (key, file) in [("cert", &tls.cert), ("key", &tls.key)] {
             if !Path::new(file).is_file() {
                 errors.push(ConfigError::new(
@@ -401,7 +408,10 @@ fn validate_server(config: &Config, errors: &mut Vec<ConfigError>) {
         errors.push(ConfigError::new("server.threads", "must be at least 1"));
     }
     if s.max_body.get() == 0 {
-        errors.push(ConfigError::new("server.max_body", "must be greater than 0"));
+        errors.push(ConfigError::new(
+            "server.max_body",
+            "must be greater than 0",
+        ));
     }
     for (i, p) in s.trusted_proxies.iter().enumerate() {
         if parse_net(p).is_none() {
@@ -530,7 +540,10 @@ fn validate_upstream(path: &str, up: &UpstreamConfig, errors: &mut Vec<ConfigErr
         ("idle_timeout", up.idle_timeout),
     ] {
         if d.get().is_zero() {
-            errors.push(ConfigError::new(format!("{path}.{key}"), "must be greater than 0"));
+            errors.push(ConfigError::new(
+                format!("{path}.{key}"),
+                "must be greater than 0",
+            ));
         }
     }
     if up.sni.is_some() && !up.tls {
@@ -542,16 +555,28 @@ fn validate_upstream(path: &str, up: &UpstreamConfig, errors: &mut Vec<ConfigErr
     if let Some(h) = &up.health {
         let hp = format!("{path}.health");
         if h.interval.get().is_zero() {
-            errors.push(ConfigError::new(format!("{hp}.interval"), "must be greater than 0"));
+            errors.push(ConfigError::new(
+                format!("{hp}.interval"),
+                "must be greater than 0",
+            ));
         }
         if h.timeout.get().is_zero() {
-            errors.push(ConfigError::new(format!("{hp}.timeout"), "must be greater than 0"));
+            errors.push(ConfigError::new(
+                format!("{hp}.timeout"),
+                "must be greater than 0",
+            ));
         }
         if h.unhealthy_after == 0 {
-            errors.push(ConfigError::new(format!("{hp}.unhealthy_after"), "must be at least 1"));
+            errors.push(ConfigError::new(
+                format!("{hp}.unhealthy_after"),
+                "must be at least 1",
+            ));
         }
         if h.healthy_after == 0 {
-            errors.push(ConfigError::new(format!("{hp}.healthy_after"), "must be at least 1"));
+            errors.push(ConfigError::new(
+                format!("{hp}.healthy_after"),
+                "must be at least 1",
+            ));
         }
         if h.kind == HealthKind::Http && !h.path.starts_with('/') {
             errors.push(ConfigError::new(format!("{hp}.path"), "must start with /"));
@@ -698,14 +723,12 @@ fn validate_routes(config: &Config, responders: &HashSet<&str>, errors: &mut Vec
             }
         }
         if let Some(path) = norm_path {
-            let key = MatchKey {
-                hosts,
-                exact,
-                path,
-            };
+            let key = MatchKey { hosts, exact, path };
             for (other, other_methods, j) in &seen_matches {
                 let overlap = other_methods.is_empty()
-                    || other_methods.iter().any(|m| methods.is_empty() || methods.contains(m));
+                    || other_methods
+                        .iter()
+                        .any(|m| methods.is_empty() || methods.contains(m));
                 if *other == key && overlap {
                     errors.push(ConfigError::new(
                         p.clone(),
@@ -759,7 +782,10 @@ mod tests {
     fn unknown_plugin_type_is_an_error() {
         let e = errors_of(&format!("{MINIMAL}\n[plugins.x]\ntype = \"teleport\"\n"));
         assert_eq!(e.len(), 1, "{e:?}");
-        assert!(e[0].contains("plugins.x") || e[0].contains("teleport"), "{e:?}");
+        assert!(
+            e[0].contains("plugins.x") || e[0].contains("teleport"),
+            "{e:?}"
+        );
     }
 
     #[test]
@@ -804,7 +830,10 @@ mod tests {
             path = "/a/../../b"
         "#;
         let e = errors_of(text);
-        let paths: Vec<&str> = e.iter().map(|s| s.split(':').next().unwrap_or("")).collect();
+        let paths: Vec<&str> = e
+            .iter()
+            .map(|s| s.split(':').next().unwrap_or(""))
+            .collect();
         for expected in [
             "server.listen[0]",
             "server.admin_listen",
@@ -829,9 +858,8 @@ mod tests {
 
     #[test]
     fn shadowed_route_is_reported() {
-        let text = format!(
-            "{MINIMAL}\n[[routes]]\nname = \"b\"\nupstream = \"a\"\npath_prefix = \"/\"\n"
-        );
+        let text =
+            format!("{MINIMAL}\n[[routes]]\nname = \"b\"\nupstream = \"a\"\npath_prefix = \"/\"\n");
         let e = errors_of(&text);
         assert_eq!(e.len(), 1, "{e:?}");
         assert!(e[0].starts_with("routes[1]: can never match"), "{e:?}");

@@ -49,7 +49,10 @@ impl Shared {
     pub fn load(config_path: &Path) -> anyhow::Result<Arc<Shared>> {
         let config = config::load(config_path)?;
         let access_log = AccessLog::open(&config.server.access_log).map_err(|e| {
-            anyhow::anyhow!("server.access_log: cannot open {}: {e}", config.server.access_log)
+            anyhow::anyhow!(
+                "server.access_log: cannot open {}: {e}",
+                config.server.access_log
+            )
         })?;
         let metrics = Metrics::new()?;
         let services = Services {
@@ -84,7 +87,10 @@ impl Shared {
                 Ok(())
             }
             Err(errors) => {
-                self.metrics.config_reloads.with_label_values(&["error"]).inc();
+                self.metrics
+                    .config_reloads
+                    .with_label_values(&["error"])
+                    .inc();
                 log::error!(
                     "config reload from {} failed; keeping the running config:\n{errors}",
                     self.config_path.display()

@@ -66,7 +66,12 @@ fn unmatched() -> Arc<str> {
 
 impl Gateway {
     /// Answers an error in the gateway's JSON shape.
-    async fn respond_error(&self, session: &mut Session, ctx: &mut Ctx, err: ApiError) -> Result<()> {
+    async fn respond_error(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        err: ApiError,
+    ) -> Result<()> {
         let mut header = err.header()?;
         header.insert_header(X_REQUEST_ID, ctx.req.request_id.as_str())?;
         let body = Bytes::from(err.body(&ctx.req.request_id));
@@ -177,11 +182,23 @@ impl Gateway {
         };
         Some(match status {
             400 => ApiError::new(400, "bad_request", "the request could not be parsed"),
-            413 => ApiError::new(413, "payload_too_large", "the request body exceeds server.max_body"),
+            413 => ApiError::new(
+                413,
+                "payload_too_large",
+                "the request body exceeds server.max_body",
+            ),
             502 => ApiError::new(502, "upstream_error", "the upstream failed to answer"),
             503 => ApiError::new(503, "unavailable", "no healthy upstream endpoint"),
-            504 => ApiError::new(504, "upstream_timeout", "the upstream did not answer in time"),
-            500 => ApiError::new(500, "internal_error", "the gateway failed to handle the request"),
+            504 => ApiError::new(
+                504,
+                "upstream_timeout",
+                "the upstream did not answer in time",
+            ),
+            500 => ApiError::new(
+                500,
+                "internal_error",
+                "the gateway failed to handle the request",
+            ),
             other => ApiError::new(other, "error", "the request failed"),
         })
     }
@@ -225,7 +242,8 @@ impl ProxyHttp for Gateway {
         let snapshot = self.shared.snapshot.load_full();
         ctx.snapshot = Some(Arc::clone(&snapshot));
         let req = session.req_header();
-        ctx.req.request_id = request_id::from_header(req.headers.get(&X_REQUEST_ID).map(|v| v.as_bytes()));
+        ctx.req.request_id =
+            request_id::from_header(req.headers.get(&X_REQUEST_ID).map(|v| v.as_bytes()));
         ctx.req.client_ip = self.client_ip(session, &snapshot);
 
         let req = session.req_header();
@@ -289,7 +307,11 @@ impl ProxyHttp for Gateway {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
         if declared.is_some_and(|len| len > snapshot.max_body) {
-            let err = ApiError::new(413, "payload_too_large", "the request body exceeds server.max_body");
+            let err = ApiError::new(
+                413,
+                "payload_too_large",
+                "the request body exceeds server.max_body",
+            );
             self.respond_error(session, ctx, err).await?;
             return Ok(true);
         }
@@ -359,15 +381,25 @@ impl ProxyHttp for Gateway {
             .clone()
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "route has no upstream"))?;
         let key = match pool.config.balance {
-            crate::config::Balance::ConsistentHash => pool.hash_key.value(session.req_header(), &ctx.req),
+            crate::config::Balance::ConsistentHash => {
+                pool.hash_key.value(session.req_header(), &ctx.req)
+            }
             _ => Vec::new(),
         };
         let Some(backend) = pool.select(&key, &ctx.tried) else {
             let err = if ctx.tried.is_empty() {
                 self.upstream_outcome(ctx, "unavailable");
-                ApiError::new(503, "unavailable", format!("no healthy endpoint in upstream {}", pool.name))
+                ApiError::new(
+                    503,
+                    "unavailable",
+                    format!("no healthy endpoint in upstream {}", pool.name),
+                )
             } else {
-                ApiError::new(502, "upstream_error", format!("every endpoint of upstream {} failed", pool.name))
+                ApiError::new(
+                    502,
+                    "upstream_error",
+                    format!("every endpoint of upstream {} failed", pool.name),
+                )
             };
             let status = err.status;
             ctx.pending_error = Some(err);
@@ -438,20 +470,39 @@ impl ProxyHttp for Gateway {
                 None => path,
             };
             let uri = uri.parse::<http::Uri>().map_err(|e| {
-                Error::because(ErrorType::HTTPStatus(400), "rewritten path is not a valid URI", e)
+                Error::because(
+                    ErrorType::HTTPStatus(400),
+                    "rewritten path is not a valid URI",
+                    e,
+                )
             })?;
             upstream_request.set_uri(uri);
         }
 
-        if let Some(peer) = session.client_addr().and_then(|a| a.as_inet()).map(|a| a.ip()) {
-            let trusted = ctx.snapshot.as_ref().is_some_and(|s| s.is_trusted_proxy(peer));
-            let xff = match upstream_request.headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        if let Some(peer) = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip())
+        {
+            let trusted = ctx
+                .snapshot
+                .as_ref()
+                .is_some_and(|s| s.is_trusted_proxy(peer));
+            let xff = match upstream_request
+                .headers
+                .get(&X_FORWARDED_FOR)
+                .and_then(|v| v.to_str().ok())
+            {
                 Some(prev) if trusted => format!("{prev}, {peer}"),
                 _ => peer.to_string(),
             };
             upstream_request.insert_header(X_FORWARDED_FOR, xff)?;
             if !trusted || !upstream_request.headers.contains_key(&X_FORWARDED_PROTO) {
-                let proto = if session.digest().and_then(|d| d.ssl_digest.as_ref()).is_some() {
+                let proto = if session
+                    .digest()
+                    .and_then(|d| d.ssl_digest.as_ref())
+                    .is_some()
+                {
                     "https"
                 } else {
                     "http"
@@ -459,7 +510,12 @@ impl ProxyHttp for Gateway {
                 upstream_request.insert_header(X_FORWARDED_PROTO, proto)?;
             }
             if !trusted || !upstream_request.headers.contains_key(&X_FORWARDED_HOST) {
-                match session.req_header().headers.get(http::header::HOST).cloned() {
+                match session
+                    .req_header()
+                    .headers
+                    .get(http::header::HOST)
+                    .cloned()
+                {
                     Some(host) => upstream_request.insert_header(X_FORWARDED_HOST, host)?,
                     None => {
                         upstream_request.remove_header(&X_FORWARDED_HOST);
@@ -473,7 +529,12 @@ impl ProxyHttp for Gateway {
                 if entry.hooks.upstream_request_filter {
                     entry
                         .plugin
-                        .upstream_request_filter(session, upstream_request, &mut ctx.req, &mut ctx.states[i])
+                        .upstream_request_filter(
+                            session,
+                            upstream_request,
+                            &mut ctx.req,
+                            &mut ctx.states[i],
+                        )
                         .await?;
                 }
             }
@@ -521,7 +582,13 @@ impl ProxyHttp for Gateway {
             if let ErrorType::ReadTimedout | ErrorType::WriteTimedout = e.etype() {
                 self.upstream_outcome(ctx, "timeout");
             } else if ctx.upstream_started.is_some() && ctx.upstream_response.is_none() {
-                if !matches!(e.etype(), ErrorType::ConnectTimedout | ErrorType::ConnectRefused | ErrorType::ConnectError | ErrorType::ConnectNoRoute) {
+                if !matches!(
+                    e.etype(),
+                    ErrorType::ConnectTimedout
+                        | ErrorType::ConnectRefused
+                        | ErrorType::ConnectError
+                        | ErrorType::ConnectNoRoute
+                ) {
                     self.upstream_outcome(ctx, "error");
                 }
             }
@@ -588,7 +655,11 @@ impl ProxyHttp for Gateway {
                 request_id: &ctx.req.request_id,
                 client: ctx.req.client_ip,
                 method: session.req_header().method.as_str(),
-                path: if ctx.req.path.is_empty() { session.req_header().uri.path() } else { &ctx.req.path },
+                path: if ctx.req.path.is_empty() {
+                    session.req_header().uri.path()
+                } else {
+                    &ctx.req.path
+                },
                 route: route_label,
                 status,
                 upstream: ctx.req.upstream.as_deref(),

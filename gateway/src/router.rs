@@ -25,9 +25,9 @@ impl HostPattern {
             None => (false, lower.as_str()),
         };
         let valid = !rest.is_empty()
-            && rest
-                .split('.')
-                .all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
+            && rest.split('.').all(|l| {
+                !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            });
         if !valid {
             return Err(format!(
                 "{s:?} is not a host name or a wildcard like \"*.example.com\""
@@ -97,10 +97,12 @@ impl Template {
             .trim_matches('/')
             .split('/')
             .filter(|s| !s.is_empty())
-            .map(|s| match s.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
-                Some(name) => Segment::Param(Arc::from(name)),
-                None => Segment::Literal(s.to_string()),
-            })
+            .map(
+                |s| match s.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
+                    Some(name) => Segment::Param(Arc::from(name)),
+                    None => Segment::Literal(s.to_string()),
+                },
+            )
             .collect();
         Template {
             segments,
@@ -142,10 +144,14 @@ pub fn check_template(path: &str) -> Result<(), String> {
             continue;
         }
         let Some(name) = seg.strip_prefix('{').and_then(|s| s.strip_suffix('}')) else {
-            return Err(format!("{seg:?}: a {{name}} parameter must be a whole path segment"));
+            return Err(format!(
+                "{seg:?}: a {{name}} parameter must be a whole path segment"
+            ));
         };
         if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
-            return Err(format!("{seg:?}: parameter names are letters, digits and _"));
+            return Err(format!(
+                "{seg:?}: parameter names are letters, digits and _"
+            ));
         }
         if names.contains(&name) {
             return Err(format!("parameter {{{name}}} appears twice"));
@@ -182,7 +188,10 @@ impl PathTable {
         if self.prefix.is_empty() {
             return None;
         }
-        let mut candidate = path.strip_suffix('/').filter(|p| !p.is_empty()).unwrap_or(path);
+        let mut candidate = path
+            .strip_suffix('/')
+            .filter(|p| !p.is_empty())
+            .unwrap_or(path);
         loop {
             if let Some(r) = self.prefix.get(candidate) {
                 return Some((r, Vec::new()));
@@ -228,7 +237,9 @@ impl Router {
                         let idx = match router.suffix_hosts.iter().position(|(s, _)| s == suffix) {
                             Some(p) => p,
                             None => {
-                                router.suffix_hosts.push((suffix.clone(), PathTable::default()));
+                                router
+                                    .suffix_hosts
+                                    .push((suffix.clone(), PathTable::default()));
                                 router.suffix_hosts.len() - 1
                             }
                         };
@@ -341,7 +352,10 @@ mod tests {
 
     fn route(hosts: &[&str], exact: bool, path: &str, methods: &[&str]) -> RouteMatch {
         RouteMatch {
-            hosts: hosts.iter().map(|h| HostPattern::parse(h).unwrap()).collect(),
+            hosts: hosts
+                .iter()
+                .map(|h| HostPattern::parse(h).unwrap())
+                .collect(),
             exact,
             path: path.into(),
             methods: methods.iter().map(|m| m.parse().unwrap()).collect(),
@@ -358,20 +372,41 @@ mod tests {
         ]);
         let get = Method::GET;
         assert_eq!(r.lookup("h", "/api/orders", &get), Lookup::Found(1, vec![]));
-        assert_eq!(r.lookup("h", "/api/orders/", &get), Lookup::Found(1, vec![]));
-        assert_eq!(r.lookup("h", "/api/orders/7", &get), Lookup::Found(1, vec![]));
-        assert_eq!(r.lookup("h", "/api/ordersx", &get), Lookup::Found(0, vec![]));
-        assert_eq!(r.lookup("h", "/api/orders/special", &get), Lookup::Found(2, vec![]));
-        assert_eq!(r.lookup("h", "/api/orders/special/x", &get), Lookup::Found(1, vec![]));
+        assert_eq!(
+            r.lookup("h", "/api/orders/", &get),
+            Lookup::Found(1, vec![])
+        );
+        assert_eq!(
+            r.lookup("h", "/api/orders/7", &get),
+            Lookup::Found(1, vec![])
+        );
+        assert_eq!(
+            r.lookup("h", "/api/ordersx", &get),
+            Lookup::Found(0, vec![])
+        );
+        assert_eq!(
+            r.lookup("h", "/api/orders/special", &get),
+            Lookup::Found(2, vec![])
+        );
+        assert_eq!(
+            r.lookup("h", "/api/orders/special/x", &get),
+            Lookup::Found(1, vec![])
+        );
         assert_eq!(r.lookup("h", "/apix", &get), Lookup::NotFound);
-        assert_eq!(r.lookup("h", "/static/a.css", &get), Lookup::Found(3, vec![]));
+        assert_eq!(
+            r.lookup("h", "/static/a.css", &get),
+            Lookup::Found(3, vec![])
+        );
         assert_eq!(r.lookup("h", "/static", &get), Lookup::Found(3, vec![]));
         assert_eq!(r.lookup("h", "/", &get), Lookup::NotFound);
         assert_eq!(
             r.lookup("h", "/api/orders/7", &Method::DELETE),
             Lookup::MethodNotAllowed("GET, HEAD, POST".into())
         );
-        assert_eq!(r.lookup("h", "/api/orders/7", &Method::HEAD), Lookup::Found(1, vec![]));
+        assert_eq!(
+            r.lookup("h", "/api/orders/7", &Method::HEAD),
+            Lookup::Found(1, vec![])
+        );
     }
 
     #[test]
@@ -396,10 +431,19 @@ mod tests {
             route(&["api.example.com"], false, "/v1", &[]),
         ]);
         let g = Method::GET;
-        assert_eq!(r.lookup("api.example.com", "/v1/x", &g), Lookup::Found(3, vec![]));
+        assert_eq!(
+            r.lookup("api.example.com", "/v1/x", &g),
+            Lookup::Found(3, vec![])
+        );
         // exact host has no matching path: falls back to the wildcard
-        assert_eq!(r.lookup("api.example.com", "/v2", &g), Lookup::Found(1, vec![]));
-        assert_eq!(r.lookup("a.eu.example.com", "/", &g), Lookup::Found(2, vec![]));
+        assert_eq!(
+            r.lookup("api.example.com", "/v2", &g),
+            Lookup::Found(1, vec![])
+        );
+        assert_eq!(
+            r.lookup("a.eu.example.com", "/", &g),
+            Lookup::Found(2, vec![])
+        );
         assert_eq!(r.lookup("example.com", "/", &g), Lookup::Found(0, vec![]));
         assert_eq!(r.lookup("other.test", "/", &g), Lookup::Found(0, vec![]));
     }
@@ -416,9 +460,18 @@ mod tests {
             r.lookup("h", "/api/web/users/a%20b/summary", &g),
             Lookup::Found(0, vec![(Arc::from("id"), "a b".to_string())])
         );
-        assert_eq!(r.lookup("h", "/api/web/users/me/summary", &g), Lookup::Found(1, vec![]));
-        assert_eq!(r.lookup("h", "/api/web/users/7/summary/x", &g), Lookup::Found(2, vec![]));
-        assert_eq!(r.lookup("h", "/api/web/users/7/summary/", &g), Lookup::Found(2, vec![]));
+        assert_eq!(
+            r.lookup("h", "/api/web/users/me/summary", &g),
+            Lookup::Found(1, vec![])
+        );
+        assert_eq!(
+            r.lookup("h", "/api/web/users/7/summary/x", &g),
+            Lookup::Found(2, vec![])
+        );
+        assert_eq!(
+            r.lookup("h", "/api/web/users/7/summary/", &g),
+            Lookup::Found(2, vec![])
+        );
         assert!(check_template("/a/{id}/{id}").is_err());
         assert!(check_template("/a/x{id}").is_err());
         assert!(check_template("/a/{}").is_err());
@@ -437,9 +490,15 @@ mod tests {
 
     #[test]
     fn rewrites() {
-        assert_eq!(rewrite("/api/orders/7", "/api/orders", "/orders"), "/orders/7");
+        assert_eq!(
+            rewrite("/api/orders/7", "/api/orders", "/orders"),
+            "/orders/7"
+        );
         assert_eq!(rewrite("/api/orders", "/api/orders", "/orders"), "/orders");
-        assert_eq!(rewrite("/api/orders/", "/api/orders", "/orders"), "/orders/");
+        assert_eq!(
+            rewrite("/api/orders/", "/api/orders", "/orders"),
+            "/orders/"
+        );
         assert_eq!(rewrite("/api/x", "/api", "/"), "/x");
         assert_eq!(rewrite("/api", "/api", "/"), "/");
         assert_eq!(rewrite("/x/y", "/", "/v2"), "/v2/x/y");

@@ -140,7 +140,10 @@ impl Snapshot {
                 .and_then(|p| p.pools.get(name))
                 .filter(|p| p.same_config(up))
                 .cloned();
-            match reused.map(Ok).unwrap_or_else(|| Pool::build(name, up).map(Arc::new)) {
+            match reused
+                .map(Ok)
+                .unwrap_or_else(|| Pool::build(name, up).map(Arc::new))
+            {
                 Ok(pool) => {
                     pools.insert(name.clone(), pool);
                 }
@@ -148,8 +151,10 @@ impl Snapshot {
             }
         }
 
-        let upstreams: Arc<dyn Upstreams> =
-            Arc::new(PoolCalls::new(pools.clone(), Arc::clone(&services.connector)));
+        let upstreams: Arc<dyn Upstreams> = Arc::new(PoolCalls::new(
+            pools.clone(),
+            Arc::clone(&services.connector),
+        ));
         let mut plugins = BTreeMap::new();
         let mut trusted: Vec<HeaderName> = Vec::new();
         for (name, pc) in &config.plugins {
@@ -167,10 +172,10 @@ impl Snapshot {
                     }
                     plugins.insert(name.clone(), built);
                 }
-                Err(errs) => errors.extend(
-                    errs.into_iter()
-                        .map(|e| ConfigError::new(format!("plugins.{name}.{}", e.path), e.message)),
-                ),
+                Err(errs) => errors
+                    .extend(errs.into_iter().map(|e| {
+                        ConfigError::new(format!("plugins.{name}.{}", e.path), e.message)
+                    })),
             }
         }
 

@@ -82,7 +82,9 @@ impl Pool {
             b
         };
         let balancer = match config.balance {
-            Balance::RoundRobin => Balancer::RoundRobin(LoadBalancer::from_backends(make_backends())),
+            Balance::RoundRobin => {
+                Balancer::RoundRobin(LoadBalancer::from_backends(make_backends()))
+            }
             Balance::Random => Balancer::Random(LoadBalancer::from_backends(make_backends())),
             Balance::ConsistentHash => Balancer::Hash(LoadBalancer::from_backends(make_backends())),
         };
@@ -116,9 +118,7 @@ impl Pool {
     /// consistent hashing). `None` when none is left.
     pub fn select(&self, key: &[u8], exclude: &[SocketAddr]) -> Option<Backend> {
         self.balancer.select(key, |b, healthy| {
-            healthy
-                && b.as_inet()
-                    .is_none_or(|addr| !exclude.contains(addr))
+            healthy && b.as_inet().is_none_or(|addr| !exclude.contains(addr))
         })
     }
 
@@ -160,7 +160,10 @@ impl Pool {
 
     /// Starts a health-check pass when one is due and none is running. Returns the pass to
     /// await (the caller spawns it), or `None`.
-    pub fn due_health_check(self: &Arc<Self>, now: Instant) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
+    pub fn due_health_check(
+        self: &Arc<Self>,
+        now: Instant,
+    ) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
         let schedule = self.health.as_ref()?;
         {
             let mut next = schedule.next_due.lock();

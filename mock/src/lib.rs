@@ -128,8 +128,8 @@ impl MockServer {
     /// Serves on an already bound listener.
     pub fn from_listener(listener: TcpListener, cfg: MockConfig) -> std::io::Result<MockServer> {
         let addr = listener.local_addr()?;
-        let name_header = HeaderValue::from_str(&cfg.name)
-            .unwrap_or_else(|_| HeaderValue::from_static("mock"));
+        let name_header =
+            HeaderValue::from_str(&cfg.name).unwrap_or_else(|_| HeaderValue::from_static("mock"));
         let state = Arc::new(State {
             cfg,
             name_header,
@@ -223,7 +223,13 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Resp, Infal
         } else {
             (StatusCode::SERVICE_UNAVAILABLE, &b"unhealthy"[..])
         };
-        return Ok(finish(&state, status, "text/plain", Bytes::from_static(body), false));
+        return Ok(finish(
+            &state,
+            status,
+            "text/plain",
+            Bytes::from_static(body),
+            false,
+        ));
     }
 
     let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
@@ -239,7 +245,12 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Resp, Infal
     let headers: Vec<(String, String)> = req
         .headers()
         .iter()
-        .map(|(k, v)| (k.as_str().to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+        .map(|(k, v)| {
+            (
+                k.as_str().to_string(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
         .collect();
     if state.cfg.record {
         if let Ok(mut r) = state.requests.lock() {
@@ -261,7 +272,13 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Resp, Infal
     }
     if let Some(code) = forced {
         let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        return Ok(finish(&state, status, "application/json", Bytes::from_static(br#"{"error":"forced"}"#), close));
+        return Ok(finish(
+            &state,
+            status,
+            "application/json",
+            Bytes::from_static(br#"{"error":"forced"}"#),
+            close,
+        ));
     }
     if state.cfg.fail_rate > 0.0 && rand::random::<f64>() < state.cfg.fail_rate {
         return Ok(finish(
@@ -293,11 +310,16 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Resp, Infal
         ),
         ["orders"] => {
             let user = query("user").unwrap_or_default();
-            let limit = query("limit").and_then(|l| l.parse::<usize>().ok()).unwrap_or(5).min(100);
-            let items: Vec<serde_json::Value> = (1..=limit)
-                .map(|i| order(&format!("o-{i}"), i))
-                .collect();
-            ("application/json", json(&serde_json::json!({"user": user, "items": items, "service": name})))
+            let limit = query("limit")
+                .and_then(|l| l.parse::<usize>().ok())
+                .unwrap_or(5)
+                .min(100);
+            let items: Vec<serde_json::Value> =
+                (1..=limit).map(|i| order(&format!("o-{i}"), i)).collect();
+            (
+                "application/json",
+                json(&serde_json::json!({"user": user, "items": items, "service": name})),
+            )
         }
         ["orders", id] => {
             let mut o = order(id, 1);
@@ -308,12 +330,18 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Resp, Infal
             let items: Vec<serde_json::Value> = (1..=5)
                 .map(|i| serde_json::json!({"id": format!("r-{i}"), "title": format!("Item {i}"), "score": 1.0 - i as f64 / 10.0, "extra": "details only the web needs"}))
                 .collect();
-            ("application/json", json(&serde_json::json!({"user": id, "items": items, "service": name})))
+            (
+                "application/json",
+                json(&serde_json::json!({"user": id, "items": items, "service": name})),
+            )
         }
         ["html"] => ("text/html", Bytes::from_static(b"<html>not json</html>")),
         ["garbage"] => ("application/json", Bytes::from_static(b"{not json")),
         ["big"] => {
-            let n = query("bytes").and_then(|b| b.parse::<usize>().ok()).unwrap_or(1024).min(16 << 20);
+            let n = query("bytes")
+                .and_then(|b| b.parse::<usize>().ok())
+                .unwrap_or(1024)
+                .min(16 << 20);
             ("application/json", Bytes::from(vec![b'x'; n]))
         }
         _ => {
@@ -348,12 +376,24 @@ fn json(v: &serde_json::Value) -> Bytes {
     Bytes::from(serde_json::to_vec(v).unwrap_or_default())
 }
 
-fn finish(state: &State, status: StatusCode, content_type: &'static str, body: Bytes, close: bool) -> Resp {
+fn finish(
+    state: &State,
+    status: StatusCode,
+    content_type: &'static str,
+    body: Bytes,
+    close: bool,
+) -> Resp {
     let mut resp = Response::new(Full::new(body));
     *resp.status_mut() = status;
     let h = resp.headers_mut();
-    h.insert(http::header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    h.insert(http::header::SERVER, HeaderValue::from_static("sallyport-mock"));
+    h.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static(content_type),
+    );
+    h.insert(
+        http::header::SERVER,
+        HeaderValue::from_static("sallyport-mock"),
+    );
     h.insert("x-powered-by", HeaderValue::from_static("mock"));
     h.insert("x-internal-debug", HeaderValue::from_static("1"));
     h.insert("x-mock-name", state.name_header.clone());
@@ -370,9 +410,12 @@ mod tests {
 
     async fn get(addr: SocketAddr, target: &str, extra: &str) -> String {
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-        s.write_all(format!("GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{extra}\r\n").as_bytes())
-            .await
-            .unwrap();
+        s.write_all(
+            format!("GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{extra}\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).await.unwrap();
         out
@@ -380,20 +423,37 @@ mod tests {
 
     #[tokio::test]
     async fn endpoints_and_recording() {
-        let m = MockServer::start(MockConfig { name: "users".into(), ..Default::default() }).await.unwrap();
-        assert!(get(m.addr(), "/users/7", "").await.contains(r#""email":"7@example.test""#));
+        let m = MockServer::start(MockConfig {
+            name: "users".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        assert!(get(m.addr(), "/users/7", "")
+            .await
+            .contains(r#""email":"7@example.test""#));
         let orders = get(m.addr(), "/orders?user=7&limit=2", "").await;
-        assert!(orders.contains("o-2") && !orders.contains("o-3"), "{orders}");
+        assert!(
+            orders.contains("o-2") && !orders.contains("o-3"),
+            "{orders}"
+        );
         assert!(get(m.addr(), "/recs/7", "").await.contains("r-5"));
         let echo = get(m.addr(), "/any/thing?q=1", "X-Test: yes\r\n").await;
-        assert!(echo.contains(r#""uri":"/any/thing?q=1""#) && echo.contains(r#""x-test":"yes""#), "{echo}");
-        assert!(get(m.addr(), "/x", "x-mock-status: 418\r\n").await.starts_with("HTTP/1.1 418"));
+        assert!(
+            echo.contains(r#""uri":"/any/thing?q=1""#) && echo.contains(r#""x-test":"yes""#),
+            "{echo}"
+        );
+        assert!(get(m.addr(), "/x", "x-mock-status: 418\r\n")
+            .await
+            .starts_with("HTTP/1.1 418"));
         let recorded = m.requests();
         assert_eq!(recorded.len(), 5);
         assert_eq!(recorded[3].header("X-TEST"), Some("yes"));
         assert!(get(m.addr(), "/healthz", "").await.ends_with("ok"));
         m.set_healthy(false);
-        assert!(get(m.addr(), "/healthz", "").await.starts_with("HTTP/1.1 503"));
+        assert!(get(m.addr(), "/healthz", "")
+            .await
+            .starts_with("HTTP/1.1 503"));
         assert_eq!(m.health_checks(), 2);
         assert_eq!(m.requests().len(), 5);
     }
@@ -403,16 +463,26 @@ mod tests {
         let m = MockServer::start(MockConfig::default()).await.unwrap();
         let addr = m.addr();
         let mut keepalive = tokio::net::TcpStream::connect(addr).await.unwrap();
-        keepalive.write_all(b"GET /fast HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+        keepalive
+            .write_all(b"GET /fast HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
         let mut buf = [0u8; 256];
         let n = keepalive.read(&mut buf).await.unwrap();
         assert!(n > 0);
         m.stop().await;
-        let n = tokio::time::timeout(Duration::from_secs(2), keepalive.read(&mut buf)).await.unwrap().unwrap_or(0);
+        let n = tokio::time::timeout(Duration::from_secs(2), keepalive.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap_or(0);
         assert_eq!(n, 0, "open connection closed");
         assert!(tokio::net::TcpStream::connect(addr).await.is_err());
-        let again = MockServer::start_on(addr, MockConfig::default()).await.unwrap();
-        assert!(get(again.addr(), "/fast", "").await.ends_with(r#"{"ok":true}"#));
+        let again = MockServer::start_on(addr, MockConfig::default())
+            .await
+            .unwrap();
+        assert!(get(again.addr(), "/fast", "")
+            .await
+            .ends_with(r#"{"ok":true}"#));
     }
 
     #[tokio::test]

@@ -52,13 +52,11 @@ impl ByteSize {
 
     pub fn parse(s: &str) -> Result<Self, String> {
         let s = s.trim();
-        let split = s
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(s.len());
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
         let (num, unit) = s.split_at(split);
-        let n: u64 = num
-            .parse()
-            .map_err(|_| format!("invalid size {s:?}; write e.g. \"1MiB\", \"512KiB\", \"4096\""))?;
+        let n: u64 = num.parse().map_err(|_| {
+            format!("invalid size {s:?}; write e.g. \"1MiB\", \"512KiB\", \"4096\"")
+        })?;
         let mult: u64 = match unit.trim() {
             "" | "B" => 1,
             "KB" | "kB" => 1_000,

@@ -43,7 +43,7 @@ pub use context::{Principal, RequestCtx, TraceContext};
 pub use http::HeaderName;
 pub use metrics::PluginMetrics;
 pub use reply::{ApiError, Flow, Reply};
-pub use upstream::{CallError, Upstreams, UpstreamRequest, UpstreamResponse};
+pub use upstream::{CallError, UpstreamRequest, UpstreamResponse, Upstreams};
 
 /// The result type of every hook: an `Err` ends the request with the error's HTTP status
 /// (`pingora::ErrorType::HTTPStatus(code)`), or 500 for anything else; prefer

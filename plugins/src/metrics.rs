@@ -19,11 +19,12 @@ pub struct PluginMetrics {
 impl PluginMetrics {
     /// Creates the collectors and registers them in `registry`.
     pub fn register(registry: &Registry) -> Result<PluginMetrics, prometheus::Error> {
-        let counter = |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec, prometheus::Error> {
-            let c = IntCounterVec::new(Opts::new(name, help), labels)?;
-            registry.register(Box::new(c.clone()))?;
-            Ok(c)
-        };
+        let counter =
+            |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec, prometheus::Error> {
+                let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+                registry.register(Box::new(c.clone()))?;
+                Ok(c)
+            };
         let aggregate_calls = counter(
             "sallyport_aggregate_calls_total",
             "Aggregate sub-calls, by outcome (ok, timeout, upstream_error, unavailable, bad_response).",
@@ -44,7 +45,9 @@ impl PluginMetrics {
                 "sallyport_aggregate_call_duration_seconds",
                 "Duration of aggregate sub-calls.",
             )
-            .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]),
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ]),
             &["route", "call"],
         )?;
         registry.register(Box::new(aggregate_call_duration.clone()))?;

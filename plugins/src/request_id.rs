@@ -38,7 +38,13 @@ mod tests {
     #[test]
     fn keeps_sane_ids_and_replaces_others() {
         assert_eq!(from_header(Some(b"abc-123")), "abc-123");
-        for bad in [&b""[..], b"has space", b"quote\"", b"nl\n", &[b'a'; 129][..]] {
+        for bad in [
+            &b""[..],
+            b"has space",
+            b"quote\"",
+            b"nl\n",
+            &[b'a'; 129][..],
+        ] {
             let id = from_header(Some(bad));
             assert_eq!(id.len(), 32, "{bad:?}");
             assert!(is_sane(id.as_bytes()));

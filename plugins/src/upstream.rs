@@ -52,7 +52,11 @@ pub trait Upstreams: Send + Sync {
 
     /// Sends one request to a healthy endpoint of the pool; a failed connect is retried on
     /// another endpoint (idempotent methods, up to the pool's `retries`).
-    async fn send(&self, upstream: &str, request: UpstreamRequest) -> Result<UpstreamResponse, CallError>;
+    async fn send(
+        &self,
+        upstream: &str,
+        request: UpstreamRequest,
+    ) -> Result<UpstreamResponse, CallError>;
 }
 
 /// An `Upstreams` with no pools, for tests and for validating plugin configs alone.
@@ -64,7 +68,11 @@ impl Upstreams for NoUpstreams {
         false
     }
 
-    async fn send(&self, upstream: &str, _request: UpstreamRequest) -> Result<UpstreamResponse, CallError> {
+    async fn send(
+        &self,
+        upstream: &str,
+        _request: UpstreamRequest,
+    ) -> Result<UpstreamResponse, CallError> {
         Err(CallError::UnknownUpstream(upstream.to_string()))
     }
 }

@@ -70,8 +70,12 @@ impl Gateway {
             .arg("-c")
             .arg(&gw.config_path)
             .env("RUST_LOG", "info")
-            .stdout(Stdio::from(std::fs::File::create(gw.dir.path().join("stdout")).unwrap()))
-            .stderr(Stdio::from(std::fs::File::create(gw.dir.path().join("stderr")).unwrap()))
+            .stdout(Stdio::from(
+                std::fs::File::create(gw.dir.path().join("stdout")).unwrap(),
+            ))
+            .stderr(Stdio::from(
+                std::fs::File::create(gw.dir.path().join("stderr")).unwrap(),
+            ))
             .spawn()
             .expect("start sallyport");
         gw.child = Some(child);
@@ -106,13 +110,21 @@ impl Gateway {
 
     /// Sends SIGHUP and waits until `sallyport_config_reloads_total` moved.
     pub async fn reload(&self) -> &'static str {
-        let before = (self.metric_value("sallyport_config_reloads_total{result=\"ok\"}").await,
-                      self.metric_value("sallyport_config_reloads_total{result=\"error\"}").await);
+        let before = (
+            self.metric_value("sallyport_config_reloads_total{result=\"ok\"}")
+                .await,
+            self.metric_value("sallyport_config_reloads_total{result=\"error\"}")
+                .await,
+        );
         self.signal("HUP");
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let ok = self.metric_value("sallyport_config_reloads_total{result=\"ok\"}").await;
-            let err = self.metric_value("sallyport_config_reloads_total{result=\"error\"}").await;
+            let ok = self
+                .metric_value("sallyport_config_reloads_total{result=\"ok\"}")
+                .await;
+            let err = self
+                .metric_value("sallyport_config_reloads_total{result=\"error\"}")
+                .await;
             if ok > before.0 {
                 return "ok";
             }
@@ -136,7 +148,10 @@ impl Gateway {
             if let Some(s) = self.try_wait() {
                 return s;
             }
-            assert!(Instant::now() < deadline, "gateway did not exit in {limit:?}");
+            assert!(
+                Instant::now() < deadline,
+                "gateway did not exit in {limit:?}"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -145,7 +160,11 @@ impl Gateway {
         let deadline = Instant::now() + Duration::from_secs(30);
         let client = reqwest::Client::new();
         loop {
-            if let Ok(r) = client.get(format!("http://{}/readyz", self.admin)).send().await {
+            if let Ok(r) = client
+                .get(format!("http://{}/readyz", self.admin))
+                .send()
+                .await
+            {
                 if r.status() == 200 {
                     // The proxy listener starts with the admin one; make sure it accepts too.
                     if tokio::net::TcpStream::connect(self.addr).await.is_ok() {
@@ -154,7 +173,10 @@ impl Gateway {
                 }
             }
             if let Some(status) = self.try_wait() {
-                panic!("gateway exited with {status} before ready; stderr:\n{}", self.stderr());
+                panic!(
+                    "gateway exited with {status} before ready; stderr:\n{}",
+                    self.stderr()
+                );
             }
             assert!(
                 Instant::now() < deadline,
@@ -211,7 +233,10 @@ impl Gateway {
     pub async fn metric_value(&self, series: &str) -> f64 {
         let text = self.metrics().await;
         text.lines()
-            .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.trim().parse().ok()))
+            .find_map(|l| {
+                l.strip_prefix(series)
+                    .and_then(|rest| rest.trim().parse().ok())
+            })
             .unwrap_or(0.0)
     }
 }
@@ -340,7 +365,11 @@ fn dechunk(mut data: &[u8]) -> Vec<u8> {
             return out;
         };
         let size = usize::from_str_radix(
-            String::from_utf8_lossy(&data[..line_end]).split(';').next().unwrap_or("0").trim(),
+            String::from_utf8_lossy(&data[..line_end])
+                .split(';')
+                .next()
+                .unwrap_or("0")
+                .trim(),
             16,
         )
         .unwrap_or(0);

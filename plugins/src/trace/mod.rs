@@ -217,7 +217,9 @@ mod tests {
         assert_ne!(t.span_id, [0x00, 0xf0, 0x67, 0xaa, 0x0b, 0xa9, 0x02, 0xb7]);
         assert_eq!(t.flags, 1);
         assert_eq!(t.tracestate.as_deref(), Some("a=1"));
-        assert!(t.traceparent().starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"));
+        assert!(t
+            .traceparent()
+            .starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"));
         assert!(parse_traceparent(t.traceparent().as_bytes()).is_some());
     }
 

@@ -79,7 +79,12 @@ mod tests {
         assert_eq!(p.version, 0);
         assert_eq!(p.flags, 1);
         assert_eq!(p.parent_id[7], 0xb7);
-        assert_eq!(parse_traceparent(tp("00", TID, PID, "00").as_bytes()).unwrap().flags, 0);
+        assert_eq!(
+            parse_traceparent(tp("00", TID, PID, "00").as_bytes())
+                .unwrap()
+                .flags,
+            0
+        );
     }
 
     #[test]
