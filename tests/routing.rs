@@ -1,5 +1,6 @@
 //! Routing through the real gateway: prefixes on segment boundaries, exact paths, templates,
 //! hosts, methods, rewrites, path normalisation and the JSON error shape.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
 

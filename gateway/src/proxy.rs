@@ -581,16 +581,18 @@ impl ProxyHttp for Gateway {
         if e.esource() == &ErrorSource::Upstream {
             if let ErrorType::ReadTimedout | ErrorType::WriteTimedout = e.etype() {
                 self.upstream_outcome(ctx, "timeout");
-            } else if ctx.upstream_started.is_some() && ctx.upstream_response.is_none() {
-                if !matches!(
+            } else if ctx.upstream_started.is_some()
+                && ctx.upstream_response.is_none()
+                // Connect failures were counted in fail_to_connect already.
+                && !matches!(
                     e.etype(),
                     ErrorType::ConnectTimedout
                         | ErrorType::ConnectRefused
                         | ErrorType::ConnectError
                         | ErrorType::ConnectNoRoute
-                ) {
-                    self.upstream_outcome(ctx, "error");
-                }
+                )
+            {
+                self.upstream_outcome(ctx, "error");
             }
         }
         let Some(err) = self.error_for(e, ctx) else {
@@ -601,6 +603,9 @@ impl ProxyHttp for Gateway {
         };
         let code = err.status;
         if session.response_written().is_none() {
+            // The connection is not reused after a failure: say so, or a client would send
+            // its next request into a closing socket.
+            session.set_keepalive(None);
             if let Err(write_err) = self.respond_error(session, ctx, err).await {
                 log::debug!("could not send error response: {write_err}");
             }

@@ -252,7 +252,7 @@ impl Router {
         }
         router
             .suffix_hosts
-            .sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+            .sort_by_key(|(suffix, _)| std::cmp::Reverse(suffix.len()));
         router
     }
 

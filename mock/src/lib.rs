@@ -369,7 +369,7 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Resp, Infal
 }
 
 fn order(id: &str, i: usize) -> serde_json::Value {
-    serde_json::json!({"id": id, "total": 10.0 + i as f64 * 2.5, "status": if i % 2 == 0 { "pending" } else { "shipped" }})
+    serde_json::json!({"id": id, "total": 10.0 + i as f64 * 2.5, "status": if i.is_multiple_of(2) { "pending" } else { "shipped" }})
 }
 
 fn json(v: &serde_json::Value) -> Bytes {

@@ -82,6 +82,35 @@ impl Gateway {
         gw
     }
 
+    /// Starts a second process with `-u` on the same config (same ports, same upgrade
+    /// socket), logging into its own directory. It takes the listeners over once this one
+    /// gets SIGQUIT.
+    pub fn spawn_upgrade(&self) -> Gateway {
+        let dir = tempfile::tempdir().unwrap();
+        let child = Command::new(gateway_bin())
+            .arg("-u")
+            .arg("-c")
+            .arg(&self.config_path)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::from(
+                std::fs::File::create(dir.path().join("stdout")).unwrap(),
+            ))
+            .stderr(Stdio::from(
+                std::fs::File::create(dir.path().join("stderr")).unwrap(),
+            ))
+            .spawn()
+            .expect("start sallyport -u");
+        Gateway {
+            child: Some(child),
+            addr: self.addr,
+            admin: self.admin,
+            config_path: self.config_path.clone(),
+            dir,
+            listen_port: self.listen_port,
+            admin_port: self.admin_port,
+        }
+    }
+
     pub fn fill(&self, config: &str) -> String {
         config
             .replace("{{listen}}", &self.addr.to_string())

@@ -1,0 +1,183 @@
+//! The `trace` and `strip_headers` plugins through the real gateway: what the upstream
+//! received and what the client got.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use support::*;
+
+const VALID: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+async fn gateway(up: &MockServer) -> Gateway {
+    let config = format!(
+        "{}\n[upstreams.app]\nendpoints = [\"{}\"]\n\
+         [plugins.trace]\ntype = \"trace\"\n\
+         [plugins.strip]\ntype = \"strip_headers\"\nrequest = [\"x-user-id\", \"X-Internal-*\"]\nresponse = [\"server\", \"x-powered-by\", \"x-internal-*\"]\n\
+         [[routes]]\nname = \"app\"\npath_prefix = \"/\"\nupstream = \"app\"\n",
+        server("plugins = [\"trace\", \"strip\"]"),
+        up.addr()
+    );
+    Gateway::start(&config).await
+}
+
+fn is_traceparent(v: &str) -> bool {
+    sallyport_plugins::trace::parse_traceparent(v.as_bytes()).is_some_and(|p| p.version == 0)
+}
+
+#[tokio::test]
+async fn strip_lists_apply_both_ways() {
+    let up = mock("app").await;
+    let gw = gateway(&up).await;
+    let resp = client()
+        .get(gw.url("/echo"))
+        .header("x-user-id", "admin")
+        .header("x-internal-token", "secret")
+        .header("X-Internal-Other", "secret")
+        .header("x-internalish", "kept")
+        .header("accept", "application/json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    // The mock sets server, x-powered-by and x-internal-debug: all gone.
+    for h in ["server", "x-powered-by", "x-internal-debug"] {
+        assert!(resp.headers().get(h).is_none(), "{h} leaked to the client");
+    }
+    assert_eq!(resp.headers()["x-mock-name"], "app");
+    let got = &up.requests()[0];
+    assert_eq!(got.header("x-user-id"), None);
+    assert_eq!(got.header("x-internal-token"), None);
+    assert_eq!(got.header("x-internal-other"), None);
+    assert_eq!(got.header("x-internalish"), Some("kept"));
+    assert_eq!(got.header("accept"), Some("application/json"));
+}
+
+#[tokio::test]
+async fn strip_applies_to_gateway_errors_too() {
+    let up = mock("app").await;
+    let gw = gateway(&up).await;
+    let resp = raw_get(gw.addr, "/../x", &[]).await;
+    assert_eq!(resp.status, 400);
+    assert_eq!(resp.header("server"), None);
+}
+
+#[tokio::test]
+async fn valid_traceparent_keeps_trace_id_with_new_parent() {
+    let up = mock("app").await;
+    let gw = gateway(&up).await;
+    let resp = client()
+        .get(gw.url("/echo"))
+        .header("traceparent", VALID)
+        .header("tracestate", "vendor=abc")
+        .send()
+        .await
+        .unwrap();
+    let echoed = resp.headers()["traceparent"].to_str().unwrap().to_string();
+    let got = &up.requests()[0];
+    let sent = got.header("traceparent").unwrap();
+    assert!(is_traceparent(sent), "{sent}");
+    assert!(
+        sent.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+        "{sent}"
+    );
+    assert!(!sent.contains("00f067aa0ba902b7"), "new parent-id: {sent}");
+    assert!(sent.ends_with("-01"), "flags kept: {sent}");
+    assert_eq!(got.header("tracestate"), Some("vendor=abc"));
+    assert_eq!(echoed, sent, "the client sees the gateway's span");
+}
+
+#[tokio::test]
+async fn malformed_or_absent_traceparent_is_replaced() {
+    let up = mock("app").await;
+    let gw = gateway(&up).await;
+    let c = client();
+    let cases: Vec<Option<String>> = vec![
+        None,
+        Some("garbage".into()),
+        Some(VALID.to_uppercase()),
+        Some("ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into()),
+        Some("00-00000000000000000000000000000000-00f067aa0ba902b7-01".into()),
+        Some("00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01".into()),
+        Some(format!("{VALID}-extra")),
+    ];
+    for (i, case) in cases.iter().enumerate() {
+        let mut req = c
+            .get(gw.url(&format!("/echo/{i}")))
+            .header("tracestate", "dropped=1");
+        if let Some(tp) = case {
+            req = req.header("traceparent", tp.as_str());
+        }
+        assert_eq!(req.send().await.unwrap().status(), 200);
+        let got = up.requests().pop().unwrap();
+        let sent = got.header("traceparent").unwrap();
+        assert!(is_traceparent(sent), "{case:?} -> {sent}");
+        assert!(
+            !sent.contains("4bf92f3577b34da6a3ce929d0e0e4736"),
+            "{case:?} -> {sent}"
+        );
+        assert_eq!(
+            got.header("tracestate"),
+            None,
+            "tracestate dropped with an invalid parent: {case:?}"
+        );
+    }
+    // A higher version with extra fields is understood and forwarded as version 00.
+    c.get(gw.url("/echo/v"))
+        .header(
+            "traceparent",
+            "cc-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-future",
+        )
+        .send()
+        .await
+        .unwrap();
+    let sent = up
+        .requests()
+        .pop()
+        .unwrap()
+        .header("traceparent")
+        .unwrap()
+        .to_string();
+    assert!(
+        sent.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+        "{sent}"
+    );
+}
+
+#[tokio::test]
+async fn request_ids_are_kept_when_sane_and_echoed_everywhere() {
+    let up = mock("app").await;
+    let gw = gateway(&up).await;
+    let c = client();
+    let resp = c
+        .get(gw.url("/echo"))
+        .header("x-request-id", "req-123")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.headers()["x-request-id"], "req-123");
+    assert_eq!(up.requests()[0].header("x-request-id"), Some("req-123"));
+
+    let resp = c
+        .get(gw.url("/echo"))
+        .header("x-request-id", "bad id with spaces")
+        .send()
+        .await
+        .unwrap();
+    let id = resp.headers()["x-request-id"].to_str().unwrap().to_string();
+    assert_eq!(id.len(), 32);
+    assert_eq!(up.requests()[1].header("x-request-id"), Some(id.as_str()));
+
+    // Errors carry it in the body and the header.
+    let resp = raw_get(gw.addr, "/a/%zz", &[("x-request-id", "err-7")]).await;
+    assert_eq!(resp.header("x-request-id"), Some("err-7"));
+    assert_eq!(resp.json()["error"]["request_id"], "err-7");
+    let log = gw.access_log_lines(3).await;
+    let ids: Vec<&str> = log
+        .iter()
+        .filter_map(|l| l["request_id"].as_str())
+        .collect();
+    assert!(
+        ids.contains(&"req-123") && ids.contains(&"err-7"),
+        "{ids:?}"
+    );
+}
