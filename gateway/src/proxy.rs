@@ -30,11 +30,16 @@ const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// The gateway's `ProxyHttp` app.
 pub struct Gateway {
     shared: Arc<Shared>,
+    /// The route label of requests no route matched (shared, so no allocation per request).
+    unmatched: Arc<str>,
 }
 
 impl Gateway {
     pub fn new(shared: Arc<Shared>) -> Self {
-        Gateway { shared }
+        Gateway {
+            shared,
+            unmatched: Arc::from("unmatched"),
+        }
     }
 }
 
@@ -58,10 +63,6 @@ pub struct Ctx {
     body_bytes: u64,
     upstream_started: Option<Instant>,
     upstream_response: Option<Instant>,
-}
-
-fn unmatched() -> Arc<str> {
-    Arc::from("unmatched")
 }
 
 impl Gateway {
@@ -222,7 +223,7 @@ impl ProxyHttp for Gateway {
         Ctx {
             snapshot: None,
             route: None,
-            req: RequestCtx::new(String::new(), unmatched()),
+            req: RequestCtx::new(String::new(), Arc::clone(&self.unmatched)),
             states: Vec::new(),
             ran: 0,
             tried: Vec::new(),
