@@ -5,6 +5,11 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+/// mimalloc instead of the system allocator: a request allocates and frees many small
+/// buffers, and glibc malloc showed up as ~12% of CPU in profiles of the proxy path.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Sallyport: an API gateway on Pingora.
 #[derive(Parser, Debug)]
 #[command(name = "sallyport", version)]

@@ -163,7 +163,13 @@ async fn run_connection(
     })
 }
 
-async fn rate(url: &str, rate: u64, duration: Duration, connections: u64, headers: &[String]) -> anyhow::Result<()> {
+async fn rate(
+    url: &str,
+    rate: u64,
+    duration: Duration,
+    connections: u64,
+    headers: &[String],
+) -> anyhow::Result<()> {
     let (addr, req) = request(url, headers)?;
     let connections = connections.clamp(1, rate.max(1));
     // Each connection sends every `connections / rate` seconds, offset so the sends are spread.
@@ -173,7 +179,14 @@ async fn rate(url: &str, rate: u64, duration: Duration, connections: u64, header
     let mut tasks = Vec::new();
     for i in 0..connections {
         let first = interval.mul_f64(i as f64 / connections as f64);
-        tasks.push(tokio::spawn(run_connection(addr, req.clone(), start, first, interval, end)));
+        tasks.push(tokio::spawn(run_connection(
+            addr,
+            req.clone(),
+            start,
+            first,
+            interval,
+            end,
+        )));
     }
     let mut total = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
     let (mut ok, mut errors) = (0, 0);
@@ -220,7 +233,9 @@ async fn hold(url: &str, connections: usize) -> anyhow::Result<()> {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async {
         match cli.cmd {
             Cmd::Rate {
