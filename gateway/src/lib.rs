@@ -205,8 +205,10 @@ pub fn run(shared: Arc<Shared>, options: RunOptions) -> anyhow::Result<()> {
     let conf = ServerConf {
         threads: server_conf.threads,
         work_stealing: server_conf.work_stealing,
-        grace_period_seconds: Some(server_conf.grace_period.get().as_secs()),
-        graceful_shutdown_timeout_seconds: Some(server_conf.grace_period.get().as_secs().max(1)),
+        // Pingora waits the whole grace period for in-flight requests, then gives its
+        // runtimes a last second: in-flight work gets `grace_period` (rounded up to seconds).
+        grace_period_seconds: Some(server_conf.grace_period.get().as_millis().div_ceil(1000) as u64),
+        graceful_shutdown_timeout_seconds: Some(1),
         upgrade_sock: server_conf.upgrade_sock.clone(),
         pid_file: server_conf.pid_file.clone(),
         daemon: options.daemon,
