@@ -521,11 +521,18 @@ fn validate_upstream(path: &str, up: &UpstreamConfig, errors: &mut Vec<ConfigErr
         }
     }
     match (&up.balance, &up.hash_key) {
-        (Balance::ConsistentHash, Some(k)) => {
-            if let Err(m) = crate::snapshot::RequestKey::parse(k) {
-                errors.push(ConfigError::new(format!("{path}.hash_key"), m));
-            }
-        }
+        (Balance::ConsistentHash, Some(k)) => match crate::snapshot::RequestKey::parse(k) {
+            Ok(
+                crate::snapshot::RequestKey::Ip
+                | crate::snapshot::RequestKey::Header(_)
+                | crate::snapshot::RequestKey::Claim(_),
+            ) => {}
+            Ok(_) => errors.push(ConfigError::new(
+                format!("{path}.hash_key"),
+                "use \"ip\", \"header:NAME\" or \"claim:NAME\"",
+            )),
+            Err(m) => errors.push(ConfigError::new(format!("{path}.hash_key"), m)),
+        },
         (Balance::ConsistentHash, None) => {}
         (_, Some(_)) => errors.push(ConfigError::new(
             format!("{path}.hash_key"),
@@ -790,9 +797,14 @@ mod tests {
 
     #[test]
     fn unknown_key_in_every_plugin_type_is_rejected() {
-        for kind in ["trace", "strip_headers"] {
+        for (kind, required) in [
+            ("trace", ""),
+            ("strip_headers", ""),
+            ("quota", "limit = 1\n"),
+            ("concurrency", "limit = 1\n"),
+        ] {
             let e = errors_of(&format!(
-                "{MINIMAL}\n[plugins.x]\ntype = \"{kind}\"\nbogus_key = 1\n"
+                "{MINIMAL}\n[plugins.x]\ntype = \"{kind}\"\n{required}bogus_key = 1\n"
             ));
             assert_eq!(e.len(), 1, "{kind}: {e:?}");
             assert!(e[0].contains("bogus_key"), "{kind}: {e:?}");

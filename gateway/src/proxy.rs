@@ -382,9 +382,11 @@ impl ProxyHttp for Gateway {
             .clone()
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "route has no upstream"))?;
         let key = match pool.config.balance {
-            crate::config::Balance::ConsistentHash => {
-                pool.hash_key.value(session.req_header(), &ctx.req)
-            }
+            crate::config::Balance::ConsistentHash => pool
+                .hash_key
+                .value(session.req_header(), &ctx.req)
+                .unwrap_or_default()
+                .into_bytes(),
             _ => Vec::new(),
         };
         let Some(backend) = pool.select(&key, &ctx.tried) else {

@@ -7,8 +7,9 @@ use std::sync::Arc;
 
 use http::{HeaderName, Method};
 use ipnet::IpNet;
+pub use sallyport_plugins::key::RequestKey;
 use sallyport_plugins::strip_headers::HeaderSet;
-use sallyport_plugins::{BuildEnv, DynPlugin, Hooks, PluginMetrics, RequestCtx, Upstreams};
+use sallyport_plugins::{BuildEnv, DynPlugin, Hooks, PluginMetrics, Upstreams};
 
 use crate::calls::PoolCalls;
 
@@ -49,57 +50,6 @@ impl Rewrite {
         match &self.prefix {
             Some(prefix) => crate::router::rewrite(path, prefix, &self.to),
             None => self.to.clone(),
-        }
-    }
-}
-
-/// A request attribute used as a key (consistent hashing, quotas).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RequestKey {
-    Ip,
-    Header(HeaderName),
-    Claim(String),
-}
-
-impl RequestKey {
-    pub fn parse(s: &str) -> Result<RequestKey, String> {
-        let s = s.trim();
-        if s == "ip" {
-            return Ok(RequestKey::Ip);
-        }
-        if let Some(h) = s.strip_prefix("header:") {
-            return HeaderName::from_bytes(h.trim().to_ascii_lowercase().as_bytes())
-                .map(RequestKey::Header)
-                .map_err(|_| format!("{h:?} is not a header name"));
-        }
-        if let Some(c) = s.strip_prefix("claim:") {
-            if !c.trim().is_empty() {
-                return Ok(RequestKey::Claim(c.trim().to_string()));
-            }
-        }
-        Err(format!(
-            "{s:?} is not a request key; use \"ip\", \"header:NAME\" or \"claim:NAME\""
-        ))
-    }
-
-    /// The key's bytes for a request; empty when the attribute is absent.
-    pub fn value(&self, req: &pingora::http::RequestHeader, ctx: &RequestCtx) -> Vec<u8> {
-        match self {
-            RequestKey::Ip => ctx
-                .client_ip
-                .map(|ip| ip.to_string().into_bytes())
-                .unwrap_or_default(),
-            RequestKey::Header(h) => req
-                .headers
-                .get(h)
-                .map(|v| v.as_bytes().to_vec())
-                .unwrap_or_default(),
-            RequestKey::Claim(c) => ctx
-                .principal
-                .as_ref()
-                .and_then(|p| p.claim_str(c))
-                .map(String::into_bytes)
-                .unwrap_or_default(),
         }
     }
 }

@@ -20,13 +20,16 @@
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod concurrency;
 pub mod conf;
 mod context;
+pub mod key;
 pub mod metrics;
 mod reply;
 pub mod request_id;
 pub mod upstream;
 
+pub mod quota;
 pub mod strip_headers;
 pub mod trace;
 
@@ -336,6 +339,8 @@ impl BuildError {
 pub enum PluginConfig {
     Trace(trace::TraceConfig),
     StripHeaders(strip_headers::StripHeadersConfig),
+    Quota(quota::QuotaConfig),
+    Concurrency(concurrency::ConcurrencyConfig),
 }
 
 impl PluginConfig {
@@ -344,13 +349,18 @@ impl PluginConfig {
         match self {
             PluginConfig::Trace(_) => "trace",
             PluginConfig::StripHeaders(_) => "strip_headers",
+            PluginConfig::Quota(_) => "quota",
+            PluginConfig::Concurrency(_) => "concurrency",
         }
     }
 
     /// True for plugin types that answer every request themselves (no upstream needed).
     pub fn responds(&self) -> bool {
         match self {
-            PluginConfig::Trace(_) | PluginConfig::StripHeaders(_) => false,
+            PluginConfig::Trace(_)
+            | PluginConfig::StripHeaders(_)
+            | PluginConfig::Quota(_)
+            | PluginConfig::Concurrency(_) => false,
         }
     }
 
@@ -362,12 +372,13 @@ impl PluginConfig {
             PluginConfig::StripHeaders(c) => strip_headers::StripHeaders::build(c)
                 .err()
                 .unwrap_or_default(),
+            PluginConfig::Quota(c) => quota::validate(c),
+            PluginConfig::Concurrency(c) => concurrency::validate(c),
         }
     }
 
     /// Validates the config and builds the shared plugin; every problem is reported.
     pub fn build(&self, env: &BuildEnv) -> std::result::Result<BuiltPlugin, Vec<BuildError>> {
-        let _ = env;
         let kind = self.kind();
         match self {
             PluginConfig::Trace(c) => Ok(BuiltPlugin {
@@ -379,6 +390,18 @@ impl PluginConfig {
             PluginConfig::StripHeaders(c) => Ok(BuiltPlugin {
                 kind,
                 plugin: strip_headers::StripHeaders::build(c)?,
+                responds: self.responds(),
+                trusted_headers: Vec::new(),
+            }),
+            PluginConfig::Quota(c) => Ok(BuiltPlugin {
+                kind,
+                plugin: quota::Quota::build(c, env)?,
+                responds: self.responds(),
+                trusted_headers: Vec::new(),
+            }),
+            PluginConfig::Concurrency(c) => Ok(BuiltPlugin {
+                kind,
+                plugin: concurrency::Concurrency::build(c)?,
                 responds: self.responds(),
                 trusted_headers: Vec::new(),
             }),

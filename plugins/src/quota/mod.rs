@@ -1,0 +1,355 @@
+//! `quota`: rate limits per key, on this gateway or fleet-wide through Redis.
+//!
+//! Phases: `request_filter` (decide; 429 with `Retry-After` when over), `response_filter`
+//! (`RateLimit-Policy` and `RateLimit` on every response of the route, allowed or not, per
+//! the IETF httpapi ratelimit-headers draft: `RateLimit-Policy: "NAME";q=LIMIT;w=SECONDS`,
+//! `RateLimit: "NAME";r=REMAINING;t=SECONDS`; optionally the legacy `X-RateLimit-*` triple).
+//! Per-request state: the decision, for the headers.
+//!
+//! The algorithm is a sliding-window counter (see `window.rs`): smooth at window edges, exact
+//! `Retry-After`. The local store is a sharded map bounded by `max_keys`; the Redis store runs
+//! one atomic script per decision on Redis's clock and reconnects by itself; when Redis fails
+//! or is slow, `on_store_error` decides and the gateway keeps serving.
+//!
+//! ```toml
+//! [plugins.per-user]
+//! type = "quota"
+//! key = "claim:sub"          # ip | header:NAME | claim:NAME | api_key | route, or a list
+//! limit = 100
+//! window = "1m"
+//! store = "redis"
+//! redis_url = "redis://127.0.0.1:6379"
+//! on_store_error = "allow"
+//! ```
+//! Metrics: `sallyport_quota_decisions_total{route,plugin,decision}` (allowed, rejected,
+//! store_error_allowed, store_error_denied, store_error_local),
+//! `sallyport_quota_store_errors_total{plugin}`, and rejections in
+//! `sallyport_plugin_rejections_total` (reasons `rate_limited`, `missing_key`,
+//! `store_unavailable`).
+
+mod config;
+mod local;
+mod redis_store;
+pub mod window;
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use http::header::{HeaderName, RETRY_AFTER};
+use pingora::http::ResponseHeader;
+use pingora::proxy::Session;
+
+pub use config::{KeySpec, MissingKey, OnStoreError, QuotaConfig, Store};
+pub use local::LocalStore;
+pub use redis_store::RedisStore;
+use window::{Decision, Policy};
+
+use crate::key::RequestKey;
+use crate::{
+    ApiError, BuildEnv, BuildError, DynPlugin, Erased, Flow, Hooks, Plugin, PluginMetrics, Reply,
+    RequestCtx, Result,
+};
+
+const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+const X_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
+const X_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
+const X_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
+
+enum Backend {
+    Local(LocalStore),
+    Redis {
+        redis: Box<RedisStore>,
+        fallback: Option<LocalStore>,
+    },
+}
+
+/// The built `quota` plugin.
+pub struct Quota {
+    name: Arc<str>,
+    keys: Vec<RequestKey>,
+    policy: Policy,
+    /// `"NAME";q=LIMIT;w=SECONDS`.
+    policy_header: String,
+    backend: Backend,
+    on_store_error: OnStoreError,
+    missing_key: MissingKey,
+    legacy_headers: bool,
+    metrics: Arc<PluginMetrics>,
+}
+
+/// Checks a config; every problem with its path.
+pub fn validate(c: &QuotaConfig) -> Vec<BuildError> {
+    let mut errors = Vec::new();
+    if c.limit == 0 {
+        errors.push(BuildError::new("limit", "must be at least 1"));
+    }
+    if c.window.get().as_millis() == 0 {
+        errors.push(BuildError::new("window", "must be at least 1ms"));
+    }
+    let parts = c.key.parts();
+    if parts.is_empty() {
+        errors.push(BuildError::new("key", "name at least one key"));
+    }
+    for (i, p) in parts.iter().enumerate() {
+        if let Err(m) = RequestKey::parse(p) {
+            let path = match &c.key {
+                KeySpec::One(_) => "key".to_string(),
+                KeySpec::Many(_) => format!("key[{i}]"),
+            };
+            errors.push(BuildError::new(path, m));
+        }
+    }
+    match (c.store, &c.redis_url) {
+        (Store::Redis, None) => errors.push(BuildError::new(
+            "redis_url",
+            "required with store = \"redis\", e.g. \"redis://127.0.0.1:6379\"",
+        )),
+        (Store::Redis, Some(url)) => {
+            if let Err(e) = redis::Client::open(url.as_str()) {
+                errors.push(BuildError::new("redis_url", format!("invalid: {e}")));
+            }
+        }
+        (Store::Local, Some(_)) => errors.push(BuildError::new(
+            "redis_url",
+            "only used with store = \"redis\"",
+        )),
+        (Store::Local, None) => {}
+    }
+    if c.redis_timeout.get().is_zero() {
+        errors.push(BuildError::new("redis_timeout", "must be greater than 0"));
+    }
+    if c.max_keys == 0 {
+        errors.push(BuildError::new("max_keys", "must be at least 1"));
+    }
+    errors
+}
+
+impl Quota {
+    pub fn build(
+        c: &QuotaConfig,
+        env: &BuildEnv,
+    ) -> std::result::Result<Arc<dyn DynPlugin>, Vec<BuildError>> {
+        Ok(Erased::into_dyn(
+            Self::new(c, env)?,
+            Hooks {
+                request_filter: true,
+                response_filter: true,
+                ..Hooks::default()
+            },
+        ))
+    }
+
+    pub fn new(c: &QuotaConfig, env: &BuildEnv) -> std::result::Result<Quota, Vec<BuildError>> {
+        let errors = validate(c);
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        let keys = c
+            .key
+            .parts()
+            .iter()
+            .filter_map(|p| RequestKey::parse(p).ok())
+            .collect();
+        let window_ms = u64::try_from(c.window.get().as_millis()).unwrap_or(u64::MAX);
+        let backend = match (c.store, &c.redis_url) {
+            (Store::Redis, Some(url)) => Backend::Redis {
+                redis: Box::new(
+                    RedisStore::new(
+                        url,
+                        c.redis_timeout.get(),
+                        &format!("{}:{}", c.key_prefix, env.name),
+                    )
+                    .map_err(|m| vec![BuildError::new("redis_url", m)])?,
+                ),
+                fallback: (c.on_store_error == OnStoreError::Local)
+                    .then(|| LocalStore::new(c.max_keys)),
+            },
+            _ => Backend::Local(LocalStore::new(c.max_keys)),
+        };
+        Ok(Quota {
+            policy_header: format!(
+                "\"{}\";q={};w={}",
+                env.name,
+                c.limit,
+                window_ms.div_ceil(1000).max(1)
+            ),
+            name: Arc::clone(&env.name),
+            keys,
+            policy: Policy {
+                quota: c.limit,
+                ceiling: c.limit.saturating_add(c.burst),
+                window_ms: window_ms.max(1),
+            },
+            backend,
+            on_store_error: c.on_store_error,
+            missing_key: c.missing_key,
+            legacy_headers: c.legacy_headers,
+            metrics: Arc::clone(&env.metrics),
+        })
+    }
+
+    /// The counting key of a request; `None` when an attribute is missing.
+    fn key_of(&self, session: &Session, ctx: &RequestCtx) -> Option<String> {
+        let req = session.req_header();
+        let mut key = String::new();
+        for part in &self.keys {
+            let value = part.value(req, ctx)?;
+            // Length-prefixed, so no value can imitate a combination of others.
+            key.push_str(&value.len().to_string());
+            key.push(':');
+            key.push_str(&value);
+        }
+        Some(key)
+    }
+
+    fn count(&self, ctx: &RequestCtx, decision: &'static str) {
+        self.metrics
+            .quota_decisions
+            .with_label_values(&[&*ctx.route, &*self.name, decision])
+            .inc();
+    }
+
+    /// Decides for a key; `Ok(None)` when the store failed and the request goes on uncounted.
+    async fn decide(
+        &self,
+        key: &str,
+        ctx: &RequestCtx,
+    ) -> std::result::Result<Option<Decision>, ApiError> {
+        match &self.backend {
+            Backend::Local(store) => Ok(Some(store.hit(&self.policy, key, now_ms()))),
+            Backend::Redis { redis, fallback } => match redis.hit(&self.policy, key).await {
+                Ok(d) => Ok(Some(d)),
+                Err(reason) => {
+                    self.metrics
+                        .quota_store_errors
+                        .with_label_values(&[&*self.name])
+                        .inc();
+                    log::warn!("quota {}: {reason}; applying on_store_error", self.name);
+                    match (self.on_store_error, fallback) {
+                        (OnStoreError::Local, Some(local)) => {
+                            self.count(ctx, "store_error_local");
+                            Ok(Some(local.hit(&self.policy, key, now_ms())))
+                        }
+                        (OnStoreError::Deny, _) => {
+                            self.count(ctx, "store_error_denied");
+                            Err(ApiError::new(
+                                503,
+                                "quota_unavailable",
+                                "the quota store is unavailable; try again shortly",
+                            )
+                            .with_reason("store_unavailable")
+                            .with_header(RETRY_AFTER, "1"))
+                        }
+                        _ => {
+                            self.count(ctx, "store_error_allowed");
+                            Ok(None)
+                        }
+                    }
+                }
+            },
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+fn secs_ceil(ms: u64) -> u64 {
+    ms.div_ceil(1000)
+}
+
+#[async_trait]
+impl Plugin for Quota {
+    type State = Option<Decision>;
+
+    async fn request_filter(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        state: &mut Option<Decision>,
+    ) -> Result<Flow> {
+        let key = match self.key_of(session, ctx) {
+            Some(k) => k,
+            None => match (self.missing_key, ctx.client_ip) {
+                (MissingKey::Ip, Some(ip)) => format!("missing-key-ip:{ip}"),
+                (MissingKey::Unauthorized, _) | (MissingKey::Ip, None) => {
+                    self.count(ctx, "rejected");
+                    return Ok(Flow::Respond(Reply::Error(
+                        ApiError::new(
+                            401,
+                            "unauthorized",
+                            "this request has no identity to count a quota against",
+                        )
+                        .with_reason("missing_key"),
+                    )));
+                }
+                (MissingKey::Reject, _) => {
+                    self.count(ctx, "rejected");
+                    return Ok(Flow::Respond(Reply::Error(
+                        ApiError::new(
+                            429,
+                            "rate_limited",
+                            "this request has no identity to count a quota against",
+                        )
+                        .with_reason("missing_key")
+                        .with_header(RETRY_AFTER, secs_ceil(self.policy.window_ms).to_string()),
+                    )));
+                }
+            },
+        };
+        let decision = match self.decide(&key, ctx).await {
+            Ok(Some(d)) => d,
+            Ok(None) => return Ok(Flow::Continue),
+            Err(err) => return Ok(Flow::Respond(Reply::Error(err))),
+        };
+        *state = Some(decision);
+        if decision.allowed {
+            self.count(ctx, "allowed");
+            return Ok(Flow::Continue);
+        }
+        self.count(ctx, "rejected");
+        let retry = secs_ceil(decision.retry_after_ms).max(1);
+        Ok(Flow::Respond(Reply::Error(
+            ApiError::new(
+                429,
+                "rate_limited",
+                format!(
+                    "quota of {} requests per {}s exceeded; retry in {retry}s",
+                    self.policy.quota,
+                    secs_ceil(self.policy.window_ms)
+                ),
+            )
+            .with_header(RETRY_AFTER, retry.to_string()),
+        )))
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        response: &mut ResponseHeader,
+        _ctx: &mut RequestCtx,
+        state: &mut Option<Decision>,
+    ) -> Result<()> {
+        let Some(d) = state else {
+            return Ok(());
+        };
+        let reset = secs_ceil(d.reset_ms);
+        response.insert_header(RATELIMIT_POLICY, self.policy_header.as_str())?;
+        response.insert_header(
+            RATELIMIT,
+            format!("\"{}\";r={};t={reset}", self.name, d.remaining),
+        )?;
+        if self.legacy_headers {
+            response.insert_header(X_LIMIT, self.policy.quota.to_string())?;
+            response.insert_header(X_REMAINING, d.remaining.to_string())?;
+            response.insert_header(X_RESET, reset.to_string())?;
+        }
+        Ok(())
+    }
+}
