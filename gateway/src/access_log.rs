@@ -77,6 +77,21 @@ pub struct AccessRecord<'a> {
     pub rejected_by: Option<(&'a str, &'a str)>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub trace_id: Option<String>,
+    /// Fields plugins added (`RequestCtx::log_fields`), written as top-level keys.
+    #[serde(serialize_with = "fields_as_map", flatten)]
+    pub extra: &'a [(&'static str, serde_json::Value)],
+}
+
+fn fields_as_map<S: serde::Serializer>(
+    fields: &&[(&'static str, serde_json::Value)],
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    use serde::ser::SerializeMap;
+    let mut map = s.serialize_map(Some(fields.len()))?;
+    for (k, v) in fields.iter() {
+        map.serialize_entry(k, v)?;
+    }
+    map.end()
 }
 
 /// The current time as written in `ts`.

@@ -368,6 +368,14 @@ pub fn validate(config: &Config) -> Vec<ConfigError> {
                 e.message,
             ));
         }
+        for (path, upstream) in plugin.upstream_refs() {
+            if !config.upstreams.contains_key(&upstream) {
+                errors.push(ConfigError::new(
+                    format!("plugins.{name}.{path}"),
+                    format!("unknown upstream {upstream:?}"),
+                ));
+            }
+        }
     }
     validate_routes(config, &responders, &mut errors);
     errors
@@ -802,6 +810,10 @@ mod tests {
             ("strip_headers", ""),
             ("quota", "limit = 1\n"),
             ("concurrency", "limit = 1\n"),
+            (
+                "aggregate",
+                "calls = [{ name = \"a\", upstream = \"a\", path = \"/\" }]\n",
+            ),
         ] {
             let e = errors_of(&format!(
                 "{MINIMAL}\n[plugins.x]\ntype = \"{kind}\"\n{required}bogus_key = 1\n"

@@ -527,6 +527,10 @@ impl ProxyHttp for Gateway {
             }
         }
 
+        for (name, value) in &ctx.req.identity_headers {
+            upstream_request.insert_header(name.clone(), value.clone())?;
+        }
+
         if route.hooks.upstream_request_filter {
             for (i, entry) in route.chain.iter().enumerate() {
                 if entry.hooks.upstream_request_filter {
@@ -679,6 +683,7 @@ impl ProxyHttp for Gateway {
                 error: ctx.error_code.or_else(|| e.map(|_| "error")),
                 rejected_by: ctx.rejected_by.as_ref().map(|(p, r)| (&**p, *r)),
                 trace_id: ctx.req.trace.as_ref().map(|t| t.trace_id_hex()),
+                extra: &ctx.req.log_fields,
             };
             self.shared.access_log.write(&record);
         }

@@ -26,6 +26,12 @@ pub struct RequestCtx {
     pub principal: Option<Principal>,
     /// W3C trace context of this request, set by the `trace` plugin.
     pub trace: Option<TraceContext>,
+    /// Headers set from verified credentials (e.g. `x-user-id` from a token's `sub`): the
+    /// gateway sets them on the proxied request, and `aggregate` on every call. Their names
+    /// are a plugin's `trusted_headers`, so a client can never send them itself.
+    pub identity_headers: Vec<(http::HeaderName, http::HeaderValue)>,
+    /// Extra fields for this request's access-log line (e.g. aggregate call outcomes).
+    pub log_fields: Vec<(&'static str, serde_json::Value)>,
     /// When the gateway received the request.
     pub received_at: Instant,
 }
@@ -49,6 +55,8 @@ impl RequestCtx {
             path_params: Vec::new(),
             principal: None,
             trace: None,
+            identity_headers: Vec::new(),
+            log_fields: Vec::new(),
             received_at: Instant::now(),
         }
     }

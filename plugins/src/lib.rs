@@ -20,6 +20,7 @@
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod aggregate;
 pub mod concurrency;
 pub mod conf;
 mod context;
@@ -341,6 +342,7 @@ pub enum PluginConfig {
     StripHeaders(strip_headers::StripHeadersConfig),
     Quota(quota::QuotaConfig),
     Concurrency(concurrency::ConcurrencyConfig),
+    Aggregate(aggregate::AggregateConfig),
 }
 
 impl PluginConfig {
@@ -351,6 +353,7 @@ impl PluginConfig {
             PluginConfig::StripHeaders(_) => "strip_headers",
             PluginConfig::Quota(_) => "quota",
             PluginConfig::Concurrency(_) => "concurrency",
+            PluginConfig::Aggregate(_) => "aggregate",
         }
     }
 
@@ -361,6 +364,7 @@ impl PluginConfig {
             | PluginConfig::StripHeaders(_)
             | PluginConfig::Quota(_)
             | PluginConfig::Concurrency(_) => false,
+            PluginConfig::Aggregate(_) => true,
         }
     }
 
@@ -374,6 +378,18 @@ impl PluginConfig {
                 .unwrap_or_default(),
             PluginConfig::Quota(c) => quota::validate(c),
             PluginConfig::Concurrency(c) => concurrency::validate(c),
+            PluginConfig::Aggregate(c) => aggregate::validate(c),
+        }
+    }
+
+    /// Upstream pools the config refers to, as `(path, name)`: `--check` reports unknown ones.
+    pub fn upstream_refs(&self) -> Vec<(String, String)> {
+        match self {
+            PluginConfig::Aggregate(c) => aggregate::upstream_refs(c),
+            PluginConfig::Trace(_)
+            | PluginConfig::StripHeaders(_)
+            | PluginConfig::Quota(_)
+            | PluginConfig::Concurrency(_) => Vec::new(),
         }
     }
 
@@ -402,6 +418,12 @@ impl PluginConfig {
             PluginConfig::Concurrency(c) => Ok(BuiltPlugin {
                 kind,
                 plugin: concurrency::Concurrency::build(c)?,
+                responds: self.responds(),
+                trusted_headers: Vec::new(),
+            }),
+            PluginConfig::Aggregate(c) => Ok(BuiltPlugin {
+                kind,
+                plugin: aggregate::Aggregate::build(c, env)?,
                 responds: self.responds(),
                 trusted_headers: Vec::new(),
             }),
