@@ -323,3 +323,68 @@ fn config_errors_name_the_call() {
         assert!(err.contains(path), "{path} missing in {err}");
     }
 }
+
+#[tokio::test]
+async fn verified_identity_reaches_every_call_and_claims_stay_in_their_segment() {
+    const SECRET: &str = "aggregate-test-secret-of-32-bytes!!";
+    let f = fixture(
+        [0, 0, 0],
+        &format!(
+            r#"
+[plugins.jwt]
+type = "jwt"
+algorithms = ["HS256"]
+secret = "{SECRET}"
+forward_claims = {{ sub = "x-user-id", tenant = "x-tenant-id" }}
+[plugins.me]
+type = "aggregate"
+calls = [
+  {{ name = "user", upstream = "users", path = "/users/{{claim.sub}}", required = true }},
+  {{ name = "orders", upstream = "orders", path = "/orders?user={{claim.sub}}&limit=1" }},
+]
+[[routes]]
+name = "me"
+path = "/api/me"
+plugins = ["jwt", "me"]
+"#
+        ),
+    )
+    .await;
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &serde_json::json!({"sub": "../admin?role=root&x", "tenant": "acme", "exp": exp}),
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap();
+    let resp = client()
+        .get(f.gw.url("/api/me"))
+        .bearer_auth(&token)
+        .header("x-user-id", "forged")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    for (up, uri) in [
+        (&f.users, "/users/..%2Fadmin%3Frole%3Droot%26x"),
+        (
+            &f.orders,
+            "/orders?user=..%2Fadmin%3Frole%3Droot%26x&limit=1",
+        ),
+    ] {
+        let got = &up.requests()[0];
+        assert_eq!(got.uri, uri);
+        assert_eq!(got.header("x-user-id"), Some("../admin?role=root&x"));
+        assert_eq!(got.header_all("x-user-id").len(), 1);
+        assert_eq!(got.header("x-tenant-id"), Some("acme"));
+        assert_eq!(
+            got.header("authorization"),
+            None,
+            "the caller's token is not fanned out"
+        );
+    }
+}

@@ -814,6 +814,15 @@ mod tests {
                 "aggregate",
                 "calls = [{ name = \"a\", upstream = \"a\", path = \"/\" }]\n",
             ),
+            (
+                "jwt",
+                "algorithms = [\"HS256\"]\nsecret = \"0123456789abcdef0123456789abcdef\"\n",
+            ),
+            ("authorize", "scopes = [\"a\"]\n"),
+            (
+                "key_auth",
+                "keys = [{ consumer = \"c\", sha256 = \"0000000000000000000000000000000000000000000000000000000000000000\" }]\n",
+            ),
         ] {
             let e = errors_of(&format!(
                 "{MINIMAL}\n[plugins.x]\ntype = \"{kind}\"\n{required}bogus_key = 1\n"

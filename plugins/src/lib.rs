@@ -21,10 +21,13 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod aggregate;
+pub mod authorize;
 pub mod concurrency;
 pub mod conf;
 mod context;
+pub mod jwt;
 pub mod key;
+pub mod key_auth;
 pub mod metrics;
 mod reply;
 pub mod request_id;
@@ -334,7 +337,9 @@ impl BuildError {
 }
 
 /// The closed set of plugin types a `[plugins.NAME]` table can name with `type = "..."`.
-/// Unknown types and unknown keys are errors, never silently skipped.
+/// Unknown types and unknown keys are errors, never silently skipped. (Variants differ in
+/// size; configs are read once per load, so boxing them would buy nothing.)
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum PluginConfig {
@@ -343,6 +348,9 @@ pub enum PluginConfig {
     Quota(quota::QuotaConfig),
     Concurrency(concurrency::ConcurrencyConfig),
     Aggregate(aggregate::AggregateConfig),
+    Jwt(jwt::JwtConfig),
+    Authorize(authorize::AuthorizeConfig),
+    KeyAuth(key_auth::KeyAuthConfig),
 }
 
 impl PluginConfig {
@@ -354,6 +362,9 @@ impl PluginConfig {
             PluginConfig::Quota(_) => "quota",
             PluginConfig::Concurrency(_) => "concurrency",
             PluginConfig::Aggregate(_) => "aggregate",
+            PluginConfig::Jwt(_) => "jwt",
+            PluginConfig::Authorize(_) => "authorize",
+            PluginConfig::KeyAuth(_) => "key_auth",
         }
     }
 
@@ -363,7 +374,10 @@ impl PluginConfig {
             PluginConfig::Trace(_)
             | PluginConfig::StripHeaders(_)
             | PluginConfig::Quota(_)
-            | PluginConfig::Concurrency(_) => false,
+            | PluginConfig::Concurrency(_)
+            | PluginConfig::Jwt(_)
+            | PluginConfig::Authorize(_)
+            | PluginConfig::KeyAuth(_) => false,
             PluginConfig::Aggregate(_) => true,
         }
     }
@@ -379,6 +393,9 @@ impl PluginConfig {
             PluginConfig::Quota(c) => quota::validate(c),
             PluginConfig::Concurrency(c) => concurrency::validate(c),
             PluginConfig::Aggregate(c) => aggregate::validate(c),
+            PluginConfig::Jwt(c) => jwt::validate(c),
+            PluginConfig::Authorize(c) => authorize::validate(c),
+            PluginConfig::KeyAuth(c) => key_auth::validate(c),
         }
     }
 
@@ -389,7 +406,10 @@ impl PluginConfig {
             PluginConfig::Trace(_)
             | PluginConfig::StripHeaders(_)
             | PluginConfig::Quota(_)
-            | PluginConfig::Concurrency(_) => Vec::new(),
+            | PluginConfig::Concurrency(_)
+            | PluginConfig::Jwt(_)
+            | PluginConfig::Authorize(_)
+            | PluginConfig::KeyAuth(_) => Vec::new(),
         }
     }
 
@@ -426,6 +446,24 @@ impl PluginConfig {
                 plugin: aggregate::Aggregate::build(c, env)?,
                 responds: self.responds(),
                 trusted_headers: Vec::new(),
+            }),
+            PluginConfig::Jwt(c) => Ok(BuiltPlugin {
+                kind,
+                plugin: jwt::Jwt::build(c)?,
+                responds: self.responds(),
+                trusted_headers: jwt::trusted_headers(c),
+            }),
+            PluginConfig::Authorize(c) => Ok(BuiltPlugin {
+                kind,
+                plugin: authorize::Authorize::build(c)?,
+                responds: self.responds(),
+                trusted_headers: Vec::new(),
+            }),
+            PluginConfig::KeyAuth(c) => Ok(BuiltPlugin {
+                kind,
+                plugin: key_auth::KeyAuth::build(c)?,
+                responds: self.responds(),
+                trusted_headers: key_auth::trusted_headers(c),
             }),
         }
     }

@@ -288,7 +288,9 @@ pub fn check(config: &str) -> (i32, String, String) {
 }
 
 pub fn check_file(path: &Path) -> (i32, String, String) {
+    // From the repository root, like the quick start: shipped configs use relative paths.
     let out = Command::new(gateway_bin())
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
         .arg("--check")
         .arg("-c")
         .arg(path)
@@ -490,5 +492,82 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// A JWKS endpoint: serves its current document on any GET, counts requests, and can be
+/// switched to failing (503) to play an IdP that is down.
+pub struct JwksServer {
+    pub addr: std::net::SocketAddr,
+    pub hits: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    body: std::sync::Arc<std::sync::Mutex<String>>,
+    up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl JwksServer {
+    pub async fn start(body: String) -> JwksServer {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let body = std::sync::Arc::new(std::sync::Mutex::new(body));
+        let up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let (h, b, u) = (hits.clone(), body.clone(), up.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut s, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (h, b, u) = (h.clone(), b.clone(), u.clone());
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    let mut read = 0;
+                    while !buf[..read].windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut buf[read..]).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => read += n,
+                        }
+                    }
+                    h.fetch_add(1, Ordering::SeqCst);
+                    let resp = if u.load(Ordering::SeqCst) {
+                        let body = b.lock().unwrap().clone();
+                        format!("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len())
+                    } else {
+                        "HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n".to_string()
+                    };
+                    let _ = s.write_all(resp.as_bytes()).await;
+                });
+            }
+        });
+        JwksServer {
+            addr,
+            hits,
+            body,
+            up,
+            task,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}/.well-known/jwks.json", self.addr)
+    }
+
+    pub fn hits(&self) -> usize {
+        self.hits.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    pub fn set_up(&self, up: bool) {
+        self.up.store(up, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub fn set_body(&self, body: String) {
+        *self.body.lock().unwrap() = body;
+    }
+}
+
+impl Drop for JwksServer {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }

@@ -1,0 +1,487 @@
+//! `jwt`: bearer-token authentication.
+//!
+//! Phases: `request_filter` (verify; 401 with `WWW-Authenticate` otherwise). Per-request
+//! state: none; the verified claims become `RequestCtx::principal`, and `forward_claims`
+//! become identity headers for the upstream (and aggregate calls). Those header names are
+//! this plugin's trusted headers: the gateway removes them from every incoming request, so a
+//! client can never set them, with or without a valid token.
+//!
+//! Algorithms are pinned to the configured list and to each key's own type (and `alg` when
+//! its JWK names one): no RSA/HMAC key confusion, and `none` never parses. `iss`, `aud`,
+//! `exp`, `nbf` (with `leeway`) and `required_claims` are checked. Keys come from
+//! `jwks_file`, `jwks_url` (cached, refreshed, re-fetched on an unknown `kid` at most once
+//! per `jwks_min_refetch`, last good set kept) or an HS `secret`/`secret_env`. Recently
+//! verified tokens are remembered by SHA-256 until their `exp` (`cache_size`).
+//!
+//! ```toml
+//! [plugins.jwt]
+//! type = "jwt"
+//! issuer = "https://id.example.test/"
+//! audience = ["sallyport"]
+//! algorithms = ["RS256", "ES256"]
+//! jwks_url = "https://id.example.test/.well-known/jwks.json"
+//! forward_claims = { sub = "x-user-id", tenant = "x-tenant-id", scope = "x-user-scopes" }
+//! ```
+//! Metrics: rejections in `sallyport_plugin_rejections_total` with reasons `missing`,
+//! `malformed`, `algorithm_not_allowed`, `unknown_kid`, `bad_signature`, `expired`,
+//! `not_yet_valid`, `bad_issuer`, `bad_audience`, `missing_claim`.
+
+mod cache;
+mod config;
+pub mod keys;
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use http::header::{AUTHORIZATION, COOKIE, WWW_AUTHENTICATE};
+use http::{HeaderName, HeaderValue};
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::{Algorithm, Validation};
+use pingora::proxy::Session;
+use serde_json::{Map, Value};
+
+pub use config::JwtConfig;
+use keys::{KeySet, RemoteKeys};
+
+use crate::{
+    ApiError, BuildError, DynPlugin, Erased, Flow, Hooks, Plugin, Principal, Reply, RequestCtx,
+    Result,
+};
+
+enum Keys {
+    Static(KeySet),
+    Remote(Arc<RemoteKeys>),
+}
+
+/// The built `jwt` plugin.
+pub struct Jwt {
+    keys: Keys,
+    validations: HashMap<Algorithm, Validation>,
+    required_claims: Vec<String>,
+    forward: Vec<(String, HeaderName)>,
+    cookie: Option<String>,
+    header: Option<HeaderName>,
+    max_token_bytes: usize,
+    leeway_secs: u64,
+    cache: Option<cache::VerifiedCache>,
+    realm: String,
+}
+
+/// Why a token was refused: the bounded metric reason and the client-facing description.
+struct Refusal {
+    reason: &'static str,
+    description: &'static str,
+}
+
+const fn refusal(reason: &'static str, description: &'static str) -> Refusal {
+    Refusal {
+        reason,
+        description,
+    }
+}
+
+pub fn validate(c: &JwtConfig) -> Vec<BuildError> {
+    let mut errors = Vec::new();
+    if c.algorithms.is_empty() {
+        errors.push(BuildError::new(
+            "algorithms",
+            "list the accepted algorithms, e.g. [\"RS256\"]",
+        ));
+    }
+    let mut kinds = Vec::new();
+    for (i, a) in c.algorithms.iter().enumerate() {
+        match Algorithm::from_str(a) {
+            Ok(alg) => kinds.push(keys::kind_of(alg)),
+            Err(_) => errors.push(BuildError::new(
+                format!("algorithms[{i}]"),
+                format!("{a:?} is not supported; use RS256/384/512, PS256/384/512, ES256/384, EdDSA or HS256/384/512 (never none)"),
+            )),
+        }
+    }
+    let sources = [
+        c.jwks_file.is_some(),
+        c.jwks_url.is_some(),
+        c.secret.is_some() || c.secret_env.is_some(),
+    ]
+    .iter()
+    .filter(|x| **x)
+    .count();
+    if sources != 1 {
+        errors.push(BuildError::new(
+            "jwks_file",
+            "set exactly one key source: jwks_file, jwks_url, or secret/secret_env",
+        ));
+    }
+    if c.secret.is_some() && c.secret_env.is_some() {
+        errors.push(BuildError::new(
+            "secret_env",
+            "set secret or secret_env, not both",
+        ));
+    }
+    let hmac = kinds.contains(&keys::Kind::Hmac);
+    let secret = c.secret.is_some() || c.secret_env.is_some();
+    if secret && kinds.iter().any(|k| *k != keys::Kind::Hmac) {
+        errors.push(BuildError::new(
+            "algorithms",
+            "a secret verifies HS256/384/512 only",
+        ));
+    }
+    if hmac && !secret && c.jwks_file.is_none() && c.jwks_url.is_none() {
+        errors.push(BuildError::new("secret", "HS algorithms need a secret"));
+    }
+    if let Some(env) = &c.secret_env {
+        match std::env::var(env) {
+            Ok(v) if v.len() >= 32 => {}
+            Ok(_) => errors.push(BuildError::new(
+                "secret_env",
+                format!("${env} must hold at least 32 bytes"),
+            )),
+            Err(_) => errors.push(BuildError::new("secret_env", format!("${env} is not set"))),
+        }
+    }
+    if c.secret.as_ref().is_some_and(|s| s.len() < 32) {
+        errors.push(BuildError::new("secret", "must be at least 32 bytes"));
+    }
+    if let Some(file) = &c.jwks_file {
+        match std::fs::read_to_string(file) {
+            Ok(text) => {
+                if let Err(e) = KeySet::from_jwks(&text) {
+                    errors.push(BuildError::new("jwks_file", format!("{file}: {e}")));
+                }
+            }
+            Err(e) => errors.push(BuildError::new(
+                "jwks_file",
+                format!("cannot read {file}: {e}"),
+            )),
+        }
+    }
+    if let Some(url) = &c.jwks_url {
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            errors.push(BuildError::new(
+                "jwks_url",
+                "must be an http:// or https:// URL",
+            ));
+        }
+    }
+    for (claim, header) in &c.forward_claims {
+        if HeaderName::from_bytes(header.to_ascii_lowercase().as_bytes()).is_err() {
+            errors.push(BuildError::new(
+                format!("forward_claims.{claim}"),
+                format!("{header:?} is not a header name"),
+            ));
+        }
+    }
+    if let Some(h) = &c.header {
+        if HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes()).is_err() {
+            errors.push(BuildError::new(
+                "header",
+                format!("{h:?} is not a header name"),
+            ));
+        }
+    }
+    if c.jwks_min_refetch.get().is_zero() || c.jwks_refresh.get().is_zero() {
+        errors.push(BuildError::new(
+            "jwks_refresh",
+            "refresh intervals must be greater than 0",
+        ));
+    }
+    errors
+}
+
+/// Header names this plugin sets from credentials.
+pub fn trusted_headers(c: &JwtConfig) -> Vec<HeaderName> {
+    c.forward_claims
+        .values()
+        .filter_map(|h| HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes()).ok())
+        .collect()
+}
+
+impl Jwt {
+    pub fn build(c: &JwtConfig) -> std::result::Result<Arc<dyn DynPlugin>, Vec<BuildError>> {
+        Ok(Erased::into_dyn(
+            Self::new(c)?,
+            Hooks {
+                request_filter: true,
+                ..Hooks::default()
+            },
+        ))
+    }
+
+    pub fn new(c: &JwtConfig) -> std::result::Result<Jwt, Vec<BuildError>> {
+        let errors = validate(c);
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        let fail = |path: &str, m: String| vec![BuildError::new(path, m)];
+        let keys = if let Some(file) = &c.jwks_file {
+            let text =
+                std::fs::read_to_string(file).map_err(|e| fail("jwks_file", e.to_string()))?;
+            Keys::Static(KeySet::from_jwks(&text).map_err(|e| fail("jwks_file", e))?)
+        } else if let Some(url) = &c.jwks_url {
+            Keys::Remote(
+                RemoteKeys::new(url, c.jwks_refresh.get(), c.jwks_min_refetch.get())
+                    .map_err(|e| fail("jwks_url", e))?,
+            )
+        } else {
+            let secret = match (&c.secret, &c.secret_env) {
+                (Some(s), _) => s.clone(),
+                (None, Some(env)) => {
+                    std::env::var(env).map_err(|e| fail("secret_env", e.to_string()))?
+                }
+                (None, None) => return Err(fail("secret", "missing".into())),
+            };
+            Keys::Static(KeySet::secret(secret.as_bytes()))
+        };
+        let leeway_secs = c.leeway.get().as_secs();
+        let mut spec_claims: Vec<&str> = vec!["exp"];
+        for claim in &c.required_claims {
+            if ["iss", "aud", "sub", "nbf"].contains(&claim.as_str()) {
+                spec_claims.push(claim.as_str());
+            }
+        }
+        let validations = c
+            .algorithms
+            .iter()
+            .filter_map(|a| Algorithm::from_str(a).ok())
+            .map(|alg| {
+                let mut v = Validation::new(alg);
+                v.leeway = leeway_secs;
+                v.validate_nbf = true;
+                v.validate_exp = true;
+                match &c.issuer {
+                    Some(iss) => {
+                        v.set_issuer(&[iss]);
+                        spec_claims.push("iss");
+                    }
+                    None => v.iss = None,
+                }
+                if c.audience.is_empty() {
+                    v.validate_aud = false;
+                } else {
+                    v.set_audience(&c.audience);
+                }
+                v.set_required_spec_claims(&spec_claims);
+                (alg, v)
+            })
+            .collect();
+        Ok(Jwt {
+            keys,
+            validations,
+            required_claims: c.required_claims.clone(),
+            forward: c
+                .forward_claims
+                .iter()
+                .filter_map(|(claim, h)| {
+                    Some((
+                        claim.clone(),
+                        HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes()).ok()?,
+                    ))
+                })
+                .collect(),
+            cookie: c.cookie.clone(),
+            header: c
+                .header
+                .as_ref()
+                .and_then(|h| HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes()).ok()),
+            max_token_bytes: c.max_token_bytes,
+            leeway_secs,
+            cache: (c.cache_size > 0).then(|| cache::VerifiedCache::new(c.cache_size)),
+            realm: c.realm.clone(),
+        })
+    }
+
+    /// The token of a request, if it carries one where this plugin looks.
+    fn token<'a>(&self, session: &'a Session) -> Option<&'a str> {
+        let headers = &session.req_header().headers;
+        if let Some(h) = &self.header {
+            return headers
+                .get(h)?
+                .to_str()
+                .ok()
+                .map(str::trim)
+                .filter(|t| !t.is_empty());
+        }
+        if let Some(auth) = headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok()) {
+            let (scheme, token) = auth.trim().split_once(' ')?;
+            return (scheme.eq_ignore_ascii_case("bearer"))
+                .then_some(token.trim())
+                .filter(|t| !t.is_empty());
+        }
+        let name = self.cookie.as_deref()?;
+        headers
+            .get_all(COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .find_map(|kv| {
+                let (k, v) = kv.trim().split_once('=')?;
+                (k == name).then_some(v.trim()).filter(|t| !t.is_empty())
+            })
+    }
+
+    /// Verifies a token: its claims, or why it is refused.
+    pub async fn verify(
+        &self,
+        token: &str,
+    ) -> std::result::Result<Map<String, Value>, &'static str> {
+        self.verify_inner(token).await.map_err(|r| r.reason)
+    }
+
+    async fn verify_inner(&self, token: &str) -> std::result::Result<Map<String, Value>, Refusal> {
+        if token.len() > self.max_token_bytes {
+            return Err(refusal("malformed", "the token is too large"));
+        }
+        let now = now_secs();
+        if let Some(hit) = self
+            .cache
+            .as_ref()
+            .and_then(|c| c.get(token, now, self.leeway_secs))
+        {
+            return Ok(hit);
+        }
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|_| refusal("malformed", "the token is malformed"))?;
+        let Some(validation) = self.validations.get(&header.alg) else {
+            return Err(refusal(
+                "algorithm_not_allowed",
+                "the token's algorithm is not accepted",
+            ));
+        };
+        let claims = match &self.keys {
+            Keys::Static(set) => decode(set, header.kid.as_deref(), header.alg, token, validation)?,
+            Keys::Remote(remote) => {
+                remote.refresh_if_stale();
+                let first = decode(
+                    &remote.set.load(),
+                    header.kid.as_deref(),
+                    header.alg,
+                    token,
+                    validation,
+                );
+                match (first, header.kid.as_deref()) {
+                    (Err(r), Some(kid)) if r.reason == "unknown_kid" => {
+                        remote.refetch_for_unknown_kid(kid).await;
+                        decode(&remote.set.load(), Some(kid), header.alg, token, validation)?
+                    }
+                    (result, _) => result?,
+                }
+            }
+        };
+        for name in &self.required_claims {
+            if claims.get(name).is_none_or(Value::is_null) {
+                return Err(refusal("missing_claim", "the token lacks a required claim"));
+            }
+        }
+        if let (Some(cache), Some(exp)) = (&self.cache, claims.get("exp").and_then(Value::as_u64)) {
+            cache.insert(token, exp, &claims);
+        }
+        Ok(claims)
+    }
+
+    fn unauthorized(&self, r: Refusal) -> ApiError {
+        let challenge = if r.reason == "missing" {
+            format!("Bearer realm=\"{}\"", self.realm)
+        } else {
+            format!(
+                "Bearer realm=\"{}\", error=\"invalid_token\", error_description=\"{}\"",
+                self.realm, r.description
+            )
+        };
+        ApiError::new(
+            401,
+            if r.reason == "missing" {
+                "missing_token"
+            } else {
+                "invalid_token"
+            },
+            r.description,
+        )
+        .with_reason(r.reason)
+        .with_header(WWW_AUTHENTICATE, challenge)
+    }
+}
+
+fn decode(
+    set: &KeySet,
+    kid: Option<&str>,
+    alg: Algorithm,
+    token: &str,
+    validation: &Validation,
+) -> std::result::Result<Map<String, Value>, Refusal> {
+    let key = set.find(kid, alg).ok_or(match kid {
+        Some(_) => refusal("unknown_kid", "the token's signing key is unknown"),
+        None => refusal("unknown_kid", "no key can verify this token"),
+    })?;
+    jsonwebtoken::decode::<Map<String, Value>>(token, &key.key, validation)
+        .map(|data| data.claims)
+        .map_err(|e| match e.kind() {
+            ErrorKind::ExpiredSignature => refusal("expired", "the token has expired"),
+            ErrorKind::ImmatureSignature => refusal("not_yet_valid", "the token is not valid yet"),
+            ErrorKind::InvalidIssuer => refusal("bad_issuer", "the token's issuer is not accepted"),
+            ErrorKind::InvalidAudience => {
+                refusal("bad_audience", "the token's audience is not accepted")
+            }
+            ErrorKind::InvalidSignature => {
+                refusal("bad_signature", "the token's signature is invalid")
+            }
+            ErrorKind::InvalidAlgorithm | ErrorKind::MissingAlgorithm => refusal(
+                "algorithm_not_allowed",
+                "the token's algorithm does not match its key",
+            ),
+            ErrorKind::MissingRequiredClaim(_) => {
+                refusal("missing_claim", "the token lacks a required claim")
+            }
+            _ => refusal("malformed", "the token is malformed"),
+        })
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[async_trait]
+impl Plugin for Jwt {
+    type State = ();
+
+    async fn request_filter(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        _state: &mut (),
+    ) -> Result<Flow> {
+        let Some(token) = self.token(session) else {
+            return Ok(Flow::Respond(Reply::Error(
+                self.unauthorized(refusal("missing", "a bearer token is required")),
+            )));
+        };
+        let claims = match self.verify_inner(token).await {
+            Ok(c) => c,
+            Err(r) => return Ok(Flow::Respond(Reply::Error(self.unauthorized(r)))),
+        };
+        let principal = Principal {
+            subject: claims
+                .get("sub")
+                .and_then(Value::as_str)
+                .map(str::to_string),
+            claims,
+            verified_by: "jwt",
+        };
+        for (claim, header) in &self.forward {
+            ctx.identity_headers.retain(|(h, _)| h != header);
+            if let Some(v) = principal
+                .claim_str(claim)
+                .and_then(|v| HeaderValue::from_str(&v).ok())
+            {
+                ctx.identity_headers.push((header.clone(), v));
+            }
+        }
+        ctx.principal = Some(principal);
+        Ok(Flow::Continue)
+    }
+}
