@@ -67,8 +67,8 @@ impl RequestCtx {
 pub struct Principal {
     /// The subject (`sub` claim, or the API key's consumer name).
     pub subject: Option<String>,
-    /// Verified claims, as JSON.
-    pub claims: serde_json::Map<String, serde_json::Value>,
+    /// Verified claims, as JSON (shared: a cached token's claims are not copied per request).
+    pub claims: Arc<serde_json::Map<String, serde_json::Value>>,
     /// Which plugin type verified it, e.g. `"jwt"`.
     pub verified_by: &'static str,
 }

@@ -77,7 +77,7 @@ mod tests {
         claims.insert("sub".into(), "alice".into());
         ctx.principal = Some(Principal {
             subject: Some("alice".into()),
-            claims,
+            claims: Arc::new(claims),
             verified_by: "jwt",
         });
         let mut req = RequestHeader::build("GET", b"/", None).unwrap();

@@ -151,7 +151,7 @@ mod tests {
         claims.insert("sub".into(), "../admin?x=1#f".into());
         ctx.principal = Some(Principal {
             subject: None,
-            claims,
+            claims: Arc::new(claims),
             verified_by: "jwt",
         });
         ctx.path_params.push((Arc::from("id"), "a/b".into()));

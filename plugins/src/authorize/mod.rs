@@ -171,6 +171,7 @@ impl Plugin for Authorize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     #[test]
     fn scopes_from_every_claim_shape() {
@@ -180,7 +181,7 @@ mod tests {
         claims.insert("scopes".into(), "d".into());
         let p = Principal {
             subject: None,
-            claims,
+            claims: Arc::new(claims),
             verified_by: "jwt",
         };
         assert_eq!(scopes_of(&p), ["a", "b", "c", "d"]);

@@ -3,6 +3,7 @@
 //! is cleared.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use parking_lot::Mutex;
 use serde_json::{Map, Value};
@@ -12,7 +13,7 @@ const SHARDS: usize = 16;
 
 struct Entry {
     exp: u64,
-    claims: Map<String, Value>,
+    claims: Arc<Map<String, Value>>,
 }
 
 pub struct VerifiedCache {
@@ -32,11 +33,11 @@ impl VerifiedCache {
         Sha256::digest(token.as_bytes()).into()
     }
 
-    pub fn get(&self, token: &str, now: u64, leeway: u64) -> Option<Map<String, Value>> {
+    pub fn get(&self, token: &str, now: u64, leeway: u64) -> Option<Arc<Map<String, Value>>> {
         let key = Self::key(token);
         let mut shard = self.shards[key[0] as usize % SHARDS].lock();
         match shard.get(&key) {
-            Some(e) if now <= e.exp.saturating_add(leeway) => Some(e.claims.clone()),
+            Some(e) if now <= e.exp.saturating_add(leeway) => Some(Arc::clone(&e.claims)),
             Some(_) => {
                 shard.remove(&key);
                 None
@@ -45,7 +46,7 @@ impl VerifiedCache {
         }
     }
 
-    pub fn insert(&self, token: &str, exp: u64, claims: &Map<String, Value>) {
+    pub fn insert(&self, token: &str, exp: u64, claims: &Arc<Map<String, Value>>) {
         let key = Self::key(token);
         let mut shard = self.shards[key[0] as usize % SHARDS].lock();
         if shard.len() >= self.per_shard {
@@ -62,7 +63,7 @@ impl VerifiedCache {
             key,
             Entry {
                 exp,
-                claims: claims.clone(),
+                claims: Arc::clone(claims),
             },
         );
     }

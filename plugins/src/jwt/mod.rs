@@ -326,11 +326,14 @@ impl Jwt {
     pub async fn verify(
         &self,
         token: &str,
-    ) -> std::result::Result<Map<String, Value>, &'static str> {
+    ) -> std::result::Result<Arc<Map<String, Value>>, &'static str> {
         self.verify_inner(token).await.map_err(|r| r.reason)
     }
 
-    async fn verify_inner(&self, token: &str) -> std::result::Result<Map<String, Value>, Refusal> {
+    async fn verify_inner(
+        &self,
+        token: &str,
+    ) -> std::result::Result<Arc<Map<String, Value>>, Refusal> {
         if token.len() > self.max_token_bytes {
             return Err(refusal("malformed", "the token is too large"));
         }
@@ -375,6 +378,7 @@ impl Jwt {
                 return Err(refusal("missing_claim", "the token lacks a required claim"));
             }
         }
+        let claims = Arc::new(claims);
         if let (Some(cache), Some(exp)) = (&self.cache, claims.get("exp").and_then(Value::as_u64)) {
             cache.insert(token, exp, &claims);
         }

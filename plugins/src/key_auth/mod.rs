@@ -254,7 +254,7 @@ impl Plugin for KeyAuth {
         }
         ctx.principal = Some(Principal {
             subject: Some(consumer.to_string()),
-            claims,
+            claims: Arc::new(claims),
             verified_by: "key_auth",
         });
         Ok(Flow::Continue)

@@ -39,14 +39,23 @@ impl LocalStore {
         let elapsed = now_ms % window;
         let shard = &self.shards[(self.hasher.hash_one(key) as usize) % SHARDS];
         let mut map = shard.lock();
-        if !map.contains_key(key) && map.len() >= self.per_shard {
-            evict(&mut map, id, self.per_shard);
+        if !map.contains_key(key) {
+            if map.len() >= self.per_shard {
+                evict(&mut map, id, self.per_shard);
+            }
+            map.insert(
+                key.to_string(),
+                Counters {
+                    window_id: id,
+                    prev: 0,
+                    curr: 0,
+                },
+            );
         }
-        let c = map.entry(key.to_string()).or_insert(Counters {
-            window_id: id,
-            prev: 0,
-            curr: 0,
-        });
+        let Some(c) = map.get_mut(key) else {
+            // Inserted just above under the same lock; never panic on a request regardless.
+            return describe(policy, true, 0, 0, elapsed);
+        };
         if c.window_id != id {
             c.prev = if c.window_id + 1 == id { c.curr } else { 0 };
             c.curr = 0;
