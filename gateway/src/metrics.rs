@@ -29,12 +29,9 @@ const DURATION_BUCKETS: &[f64] = &[
 impl Metrics {
     pub fn new() -> Result<Metrics, prometheus::Error> {
         let registry = Registry::new();
-        let counter =
-            |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec, prometheus::Error> {
-                let c = IntCounterVec::new(Opts::new(name, help), labels)?;
-                registry.register(Box::new(c.clone()))?;
-                Ok(c)
-            };
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            sallyport_plugins::metrics::counter(&registry, name, help, labels)
+        };
         let requests = counter(
             "sallyport_requests_total",
             "Requests answered, by route, method and status.",

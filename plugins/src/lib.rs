@@ -415,56 +415,23 @@ impl PluginConfig {
 
     /// Validates the config and builds the shared plugin; every problem is reported.
     pub fn build(&self, env: &BuildEnv) -> std::result::Result<BuiltPlugin, Vec<BuildError>> {
-        let kind = self.kind();
-        match self {
-            PluginConfig::Trace(c) => Ok(BuiltPlugin {
-                kind,
-                plugin: trace::Trace::build(c)?,
-                responds: self.responds(),
-                trusted_headers: Vec::new(),
-            }),
-            PluginConfig::StripHeaders(c) => Ok(BuiltPlugin {
-                kind,
-                plugin: strip_headers::StripHeaders::build(c)?,
-                responds: self.responds(),
-                trusted_headers: Vec::new(),
-            }),
-            PluginConfig::Quota(c) => Ok(BuiltPlugin {
-                kind,
-                plugin: quota::Quota::build(c, env)?,
-                responds: self.responds(),
-                trusted_headers: Vec::new(),
-            }),
-            PluginConfig::Concurrency(c) => Ok(BuiltPlugin {
-                kind,
-                plugin: concurrency::Concurrency::build(c)?,
-                responds: self.responds(),
-                trusted_headers: Vec::new(),
-            }),
-            PluginConfig::Aggregate(c) => Ok(BuiltPlugin {
-                kind,
-                plugin: aggregate::Aggregate::build(c, env)?,
-                responds: self.responds(),
-                trusted_headers: Vec::new(),
-            }),
-            PluginConfig::Jwt(c) => Ok(BuiltPlugin {
-                kind,
-                plugin: jwt::Jwt::build(c)?,
-                responds: self.responds(),
-                trusted_headers: jwt::trusted_headers(c),
-            }),
-            PluginConfig::Authorize(c) => Ok(BuiltPlugin {
-                kind,
-                plugin: authorize::Authorize::build(c)?,
-                responds: self.responds(),
-                trusted_headers: Vec::new(),
-            }),
-            PluginConfig::KeyAuth(c) => Ok(BuiltPlugin {
-                kind,
-                plugin: key_auth::KeyAuth::build(c)?,
-                responds: self.responds(),
-                trusted_headers: key_auth::trusted_headers(c),
-            }),
-        }
+        let (plugin, trusted_headers) = match self {
+            PluginConfig::Trace(c) => (trace::Trace::build(c)?, Vec::new()),
+            PluginConfig::StripHeaders(c) => (strip_headers::StripHeaders::build(c)?, Vec::new()),
+            PluginConfig::Quota(c) => (quota::Quota::build(c, env)?, Vec::new()),
+            PluginConfig::Concurrency(c) => (concurrency::Concurrency::build(c)?, Vec::new()),
+            PluginConfig::Aggregate(c) => (aggregate::Aggregate::build(c, env)?, Vec::new()),
+            PluginConfig::Jwt(c) => (jwt::Jwt::build(c)?, jwt::trusted_headers(c)),
+            PluginConfig::Authorize(c) => (authorize::Authorize::build(c)?, Vec::new()),
+            PluginConfig::KeyAuth(c) => {
+                (key_auth::KeyAuth::build(c)?, key_auth::trusted_headers(c))
+            }
+        };
+        Ok(BuiltPlugin {
+            kind: self.kind(),
+            plugin,
+            responds: self.responds(),
+            trusted_headers,
+        })
     }
 }

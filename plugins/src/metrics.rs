@@ -16,15 +16,23 @@ pub struct PluginMetrics {
     pub quota_store_errors: IntCounterVec,
 }
 
+/// Creates a counter family and registers it: the one way Sallyport makes counters.
+pub fn counter(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> Result<IntCounterVec, prometheus::Error> {
+    let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+    registry.register(Box::new(c.clone()))?;
+    Ok(c)
+}
+
 impl PluginMetrics {
     /// Creates the collectors and registers them in `registry`.
     pub fn register(registry: &Registry) -> Result<PluginMetrics, prometheus::Error> {
         let counter =
-            |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec, prometheus::Error> {
-                let c = IntCounterVec::new(Opts::new(name, help), labels)?;
-                registry.register(Box::new(c.clone()))?;
-                Ok(c)
-            };
+            |name: &str, help: &str, labels: &[&str]| counter(registry, name, help, labels);
         let aggregate_calls = counter(
             "sallyport_aggregate_calls_total",
             "Aggregate sub-calls, by outcome (ok, timeout, upstream_error, unavailable, bad_response).",
