@@ -388,3 +388,51 @@ plugins = ["jwt", "me"]
         );
     }
 }
+
+#[tokio::test]
+async fn pool_timeouts_count_as_timeouts_and_dot_values_never_climb() {
+    let users = MockServer::start(MockConfig {
+        name: "users".into(),
+        latency: Duration::from_millis(400),
+        ..MockConfig::default()
+    })
+    .await
+    .unwrap();
+    let config = format!(
+        "{}\n[upstreams.users]\nendpoints = [\"{}\"]\nread_timeout = \"100ms\"\n\
+         [plugins.a]\ntype = \"aggregate\"\ntimeout = \"900ms\"\ncalls = [\n\
+         {{ name = \"user\", upstream = \"users\", path = \"/users/{{query.u}}\", required = true }},\n]\n\
+         [[routes]]\nname = \"a\"\npath = \"/a\"\nplugins = [\"a\"]\n",
+        server(""),
+        users.addr()
+    );
+    let gw = Gateway::start(&config).await;
+    let resp = client().get(gw.url("/a?u=7")).send().await.unwrap();
+    assert_eq!(
+        resp.status(),
+        504,
+        "the pool's read_timeout is a timeout, not an upstream error"
+    );
+    let body = json(resp).await;
+    assert_eq!(body["error"]["code"], "upstream_timeout");
+    assert!(
+        !body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("127.0.0.1"),
+        "no internal addresses"
+    );
+    for bad in ["..", ".", "", "%2E%2E"] {
+        let resp = client()
+            .get(gw.url(&format!("/a?u={bad}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 400, "u={bad}");
+    }
+    assert!(
+        users.requests().iter().all(|r| !r.uri.contains("..")),
+        "{:?}",
+        users.requests()
+    );
+}

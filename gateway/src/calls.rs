@@ -37,8 +37,8 @@ impl PoolCalls {
             .connector
             .get_http_session(peer)
             .await
-            .map_err(|e| (CallError::Upstream(e.to_string()), false))?;
-        let upstream_err = |e: Box<pingora::Error>| (CallError::Upstream(e.to_string()), true);
+            .map_err(|e| (call_error(&e), false))?;
+        let upstream_err = |e: Box<pingora::Error>| (call_error(&e), true);
 
         let mut header = RequestHeader::build(
             req.method.clone(),
@@ -131,6 +131,16 @@ impl PoolCalls {
                 }
             }
         }
+    }
+}
+
+/// A Pingora error as a call outcome: the pool's own timeouts count as timeouts.
+fn call_error(e: &pingora::Error) -> CallError {
+    match e.etype() {
+        pingora::ErrorType::ConnectTimedout
+        | pingora::ErrorType::ReadTimedout
+        | pingora::ErrorType::WriteTimedout => CallError::Timeout,
+        _ => CallError::Upstream(e.to_string()),
     }
 }
 

@@ -309,10 +309,18 @@ impl Plugin for Aggregate {
                 Err(missing) => {
                     pending.push(None);
                     if call.required {
+                        // A claim without any verified principal means the caller is not
+                        // authenticated (401); anything else is a bad request (400).
+                        let (status, code) =
+                            if missing.starts_with("{claim.") && ctx.principal.is_none() {
+                                (401, "unauthorized")
+                            } else {
+                                (400, "bad_request")
+                            };
                         return Ok(Flow::Respond(Reply::Error(
                             ApiError::new(
-                                400,
-                                "bad_request",
+                                status,
+                                code,
                                 format!(
                                     "call {} needs {missing}, which this request lacks",
                                     call.name
@@ -418,6 +426,12 @@ impl Plugin for Aggregate {
         ctx.log_fields
             .push(("calls", serde_json::Value::Array(log)));
         if let Some((call, code, detail)) = failed_required {
+            // The detail (addresses, upstream errors) is for operators, not clients.
+            log::warn!(
+                "aggregate {}: required call {} failed: {code} ({detail})",
+                ctx.route,
+                call.name
+            );
             let status = if code == "timeout" { 504 } else { 502 };
             return Ok(Flow::Respond(Reply::Error(
                 ApiError::new(
@@ -427,7 +441,7 @@ impl Plugin for Aggregate {
                     } else {
                         "upstream_error"
                     },
-                    format!("required call {} failed: {code} ({detail})", call.name),
+                    format!("required call {} failed: {code}", call.name),
                 )
                 .with_reason("required_call_failed"),
             )));

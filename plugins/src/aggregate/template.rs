@@ -99,7 +99,11 @@ impl Template {
             match part {
                 Part::Literal(l) => out.push_str(l),
                 Part::Value(source) => {
-                    let value = lookup(source, req, ctx).ok_or_else(|| describe(source))?;
+                    // Empty and dot-only values are refused like missing ones: "" would
+                    // change the path's shape, "." and ".." would climb it at the upstream.
+                    let value = lookup(source, req, ctx)
+                        .filter(|v| !v.is_empty() && !v.bytes().all(|b| b == b'.'))
+                        .ok_or_else(|| describe(source))?;
                     out.extend(utf8_percent_encode(&value, VALUE));
                 }
             }
@@ -164,6 +168,11 @@ mod tests {
         );
         let t = Template::parse("/users/{claim.tenant}").unwrap();
         assert_eq!(t.render(&req, &ctx), Err("{claim.tenant}".to_string()));
+        for bad in ["/x?u=..", "/x?u=.", "/x?u=", "/x?u=%2E%2E"] {
+            let req = pingora::http::RequestHeader::build("GET", bad.as_bytes(), None).unwrap();
+            let t = Template::parse("/users/{query.u}").unwrap();
+            assert_eq!(t.render(&req, &ctx), Err("{query.u}".to_string()), "{bad}");
+        }
     }
 
     #[test]
