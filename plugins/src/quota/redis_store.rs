@@ -23,7 +23,9 @@ local ck = KEYS[1] .. ':' .. id
 local curr = tonumber(redis.call('GET', ck) or '0')
 local prev = tonumber(redis.call('GET', KEYS[1] .. ':' .. (id - 1)) or '0')
 local allowed = 0
-if (prev * (window - elapsed) * 1000) / window + curr * 1000 + 1000 <= ceiling * 1000 then
+-- Thousandths of a request, floored: the same integer arithmetic as window.rs.
+local weighted = math.floor(prev * (window - elapsed) * 1000 / window)
+if weighted + curr * 1000 + 1000 <= ceiling * 1000 then
   curr = redis.call('INCR', ck)
   if curr == 1 then redis.call('PEXPIRE', ck, window * 2 + 1000) end
   allowed = 1

@@ -201,6 +201,14 @@ mod tests {
         assert_eq!(describe(&p, true, 0, 1, 0).remaining, 10);
     }
 
+    /// Request times over four windows, half of them within 300 ms of a window edge.
+    fn edge_heavy_time() -> impl Strategy<Value = u64> {
+        prop_oneof![
+            0u64..40_000,
+            (1u64..4, -300i64..300).prop_map(|(k, off)| (k * 10_000).saturating_add_signed(off)),
+        ]
+    }
+
     proptest! {
         /// Never more than the ceiling inside one fixed window, and never more than twice
         /// the ceiling in any sliding window (the theoretical bound of the estimator is
@@ -223,6 +231,26 @@ mod tests {
             for start in (0..40_000).step_by(500) {
                 let n = allowed_at.iter().filter(|t| **t >= start && **t < start + 10_000).count() as u64;
                 prop_assert!(n <= 2 * P.ceiling);
+            }
+        }
+
+        /// Smoothness: any interval of length d <= W admits at most
+        /// ceiling * (1 + d / W) + 1 requests, so a burst at a window edge gets about one
+        /// ceiling through, not two (a fixed window admits 2 x ceiling across an edge for
+        /// any d). Times cluster around window edges, where a fixed window fails.
+        #[test]
+        fn smooth_over_any_interval(
+            times in proptest::collection::vec(edge_heavy_time(), 1..400),
+            d in 1u64..=10_000,
+        ) {
+            let mut times = times;
+            times.sort_unstable();
+            let mut s = Sim::new(P);
+            let allowed_at: Vec<u64> = times.into_iter().filter(|t| s.hit(*t).allowed).collect();
+            let bound = P.ceiling + P.ceiling * d / P.window_ms + 1;
+            for (i, start) in allowed_at.iter().enumerate() {
+                let n = allowed_at[i..].iter().take_while(|t| **t < start + d).count() as u64;
+                prop_assert!(n <= bound, "{n} admitted in {d} ms from {start} (bound {bound})");
             }
         }
 
