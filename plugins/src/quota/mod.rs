@@ -2,8 +2,11 @@
 //!
 //! Phases: `request_filter` (decide; 429 with `Retry-After` when over), `response_filter`
 //! (`RateLimit-Policy` and `RateLimit` on every response of the route, allowed or not, per
-//! the IETF httpapi ratelimit-headers draft: `RateLimit-Policy: "NAME";q=LIMIT;w=SECONDS`,
+//! the IETF httpapi ratelimit-headers draft (draft-ietf-httpapi-ratelimit-headers-09/-10,
+//! structured fields): `RateLimit-Policy: "NAME";q=LIMIT;w=SECONDS`,
 //! `RateLimit: "NAME";r=REMAINING;t=SECONDS`; optionally the legacy `X-RateLimit-*` triple).
+//! Both fields are lists: several quotas on one route (say per second and per day) each add
+//! their item, and the legacy triple reports the most restrictive of them.
 //! Per-request state: the decision, for the headers.
 //!
 //! The algorithm is a sliding-window counter (see `window.rs`): smooth at window edges, exact
@@ -72,6 +75,8 @@ pub struct Quota {
     policy: Policy,
     /// `"NAME";q=LIMIT;w=SECONDS`.
     policy_header: String,
+    /// `"NAME"`, the policy's name as a structured-field string.
+    policy_name: String,
     backend: Backend,
     on_store_error: OnStoreError,
     missing_key: MissingKey,
@@ -170,11 +175,12 @@ impl Quota {
         };
         Ok(Quota {
             policy_header: format!(
-                "\"{}\";q={};w={}",
-                env.name,
+                "{};q={};w={}",
+                sf_string(&env.name),
                 c.limit,
                 window_ms.div_ceil(1000).max(1)
             ),
+            policy_name: sf_string(&env.name),
             name: Arc::clone(&env.name),
             keys,
             policy: Policy {
@@ -264,6 +270,36 @@ fn secs_ceil(ms: u64) -> u64 {
     ms.div_ceil(1000)
 }
 
+/// A structured-field string (RFC 8941 sf-string) naming the policy: printable ASCII with
+/// `"` and `\` escaped; any other character (a plugin name is free text) becomes `_`.
+fn sf_string(name: &str) -> String {
+    let mut out = String::with_capacity(name.len() + 2);
+    out.push('"');
+    for ch in name.chars() {
+        match ch {
+            '"' | '\\' => {
+                out.push('\\');
+                out.push(ch);
+            }
+            ' '..='~' => out.push(ch),
+            _ => out.push('_'),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// Whether the response already carries a legacy `X-RateLimit-Remaining` at or below
+/// `remaining` (another quota of the route, or the upstream, is at least as restrictive).
+fn tighter_legacy_present(response: &ResponseHeader, remaining: u64) -> bool {
+    response
+        .headers
+        .get(&X_REMAINING)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .is_some_and(|other| other <= remaining)
+}
+
 #[async_trait]
 impl Plugin for Quota {
     type State = Option<Decision>;
@@ -340,16 +376,42 @@ impl Plugin for Quota {
             return Ok(());
         };
         let reset = secs_ceil(d.reset_ms);
-        response.insert_header(RATELIMIT_POLICY, self.policy_header.as_str())?;
-        response.insert_header(
+        // Appended, not replaced: both fields are lists with one item per policy, so every
+        // quota of the route (and any the upstream reports) stays visible.
+        response.append_header(RATELIMIT_POLICY, self.policy_header.as_str())?;
+        response.append_header(
             RATELIMIT,
-            format!("\"{}\";r={};t={reset}", self.name, d.remaining),
+            format!("{};r={};t={reset}", self.policy_name, d.remaining),
         )?;
-        if self.legacy_headers {
+        if self.legacy_headers && !tighter_legacy_present(response, d.remaining) {
             response.insert_header(X_LIMIT, self.policy.quota.to_string())?;
             response.insert_header(X_REMAINING, d.remaining.to_string())?;
             response.insert_header(X_RESET, reset.to_string())?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn policy_names_are_structured_field_strings() {
+        assert_eq!(sf_string("per-user"), "\"per-user\"");
+        assert_eq!(sf_string("a \"b\" \\c"), "\"a \\\"b\\\" \\\\c\"");
+        assert_eq!(sf_string("ünï\tcode"), "\"_n__code\"");
+    }
+
+    #[test]
+    fn legacy_headers_keep_the_most_restrictive_quota() {
+        let mut r = ResponseHeader::build(200, None).unwrap();
+        assert!(!tighter_legacy_present(&r, 5));
+        r.insert_header(X_REMAINING, "3").unwrap();
+        assert!(tighter_legacy_present(&r, 5));
+        assert!(tighter_legacy_present(&r, 3));
+        assert!(!tighter_legacy_present(&r, 2));
+        r.insert_header(X_REMAINING, "garbage").unwrap();
+        assert!(!tighter_legacy_present(&r, 2));
     }
 }
