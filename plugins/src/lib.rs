@@ -419,7 +419,7 @@ impl PluginConfig {
             PluginConfig::Trace(c) => (trace::Trace::build(c)?, Vec::new()),
             PluginConfig::StripHeaders(c) => (strip_headers::StripHeaders::build(c)?, Vec::new()),
             PluginConfig::Quota(c) => (quota::Quota::build(c, env)?, Vec::new()),
-            PluginConfig::Concurrency(c) => (concurrency::Concurrency::build(c)?, Vec::new()),
+            PluginConfig::Concurrency(c) => (concurrency::Concurrency::build(c, env)?, Vec::new()),
             PluginConfig::Aggregate(c) => (aggregate::Aggregate::build(c, env)?, Vec::new()),
             PluginConfig::Jwt(c) => (jwt::Jwt::build(c)?, jwt::trusted_headers(c)),
             PluginConfig::Authorize(c) => (authorize::Authorize::build(c)?, Vec::new()),

@@ -3,7 +3,7 @@
 //! receives the same instance, so reloads never re-register a collector. Labels are bounded:
 //! route, plugin and call names come from the config.
 
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
+use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry};
 
 pub struct PluginMetrics {
     /// `sallyport_aggregate_calls_total{route,call,outcome}`.
@@ -14,6 +14,8 @@ pub struct PluginMetrics {
     pub quota_decisions: IntCounterVec,
     /// `sallyport_quota_store_errors_total{plugin}`.
     pub quota_store_errors: IntCounterVec,
+    /// `sallyport_concurrency_in_flight{plugin}`: slots of a bulkhead in use.
+    pub concurrency_in_flight: IntGaugeVec,
 }
 
 /// Creates a counter family and registers it: the one way Sallyport makes counters.
@@ -40,7 +42,7 @@ impl PluginMetrics {
         )?;
         let quota_decisions = counter(
             "sallyport_quota_decisions_total",
-            "Quota decisions, by decision (allowed, rejected, store_error_allowed, store_error_denied).",
+            "Quota decisions, by decision (allowed, rejected, store_error_allowed, store_error_denied, store_error_local).",
             &["route", "plugin", "decision"],
         )?;
         let quota_store_errors = counter(
@@ -59,7 +61,16 @@ impl PluginMetrics {
             &["route", "call"],
         )?;
         registry.register(Box::new(aggregate_call_duration.clone()))?;
+        let concurrency_in_flight = IntGaugeVec::new(
+            Opts::new(
+                "sallyport_concurrency_in_flight",
+                "Requests holding a slot of a concurrency bulkhead.",
+            ),
+            &["plugin"],
+        )?;
+        registry.register(Box::new(concurrency_in_flight.clone()))?;
         Ok(PluginMetrics {
+            concurrency_in_flight,
             aggregate_calls,
             aggregate_call_duration,
             quota_decisions,

@@ -5,7 +5,9 @@
 //! `Retry-After`.
 //!
 //! Phases: `request_filter` (take a slot or answer 503), `logging` (give the slot back; it
-//! always runs, also after errors). Per-request state: the slot.
+//! always runs, also after errors; dropping the state gives it back too). Per-request state:
+//! the slot. A reload that leaves the plugin's config unchanged keeps the same instance, so
+//! requests in flight across a SIGHUP still count.
 //!
 //! ```toml
 //! [plugins.orders-bulkhead]
@@ -14,7 +16,8 @@
 //! queue = 16
 //! queue_timeout = "100ms"
 //! ```
-//! Metrics: rejections in `sallyport_plugin_rejections_total` (reason `concurrency_limit`).
+//! Metrics: `sallyport_concurrency_in_flight{plugin}` (slots in use), rejections in
+//! `sallyport_plugin_rejections_total` (reason `concurrency_limit`).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -26,8 +29,11 @@ use serde::Deserialize;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::conf::HumanDuration;
+use prometheus::IntGauge;
+
 use crate::{
-    ApiError, BuildError, DynPlugin, Erased, Flow, Hooks, Plugin, Reply, RequestCtx, Result,
+    ApiError, BuildEnv, BuildError, DynPlugin, Erased, Flow, Hooks, Plugin, Reply, RequestCtx,
+    Result,
 };
 
 /// `[plugins.NAME]` with `type = "concurrency"`.
@@ -72,11 +78,25 @@ pub struct Concurrency {
     queue: usize,
     waiting: AtomicUsize,
     queue_timeout: std::time::Duration,
+    in_flight: IntGauge,
+}
+
+/// A slot held by one request; dropping it gives the slot back.
+pub struct Slot {
+    _permit: OwnedSemaphorePermit,
+    in_flight: IntGauge,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.in_flight.dec();
+    }
 }
 
 impl Concurrency {
     pub fn build(
         c: &ConcurrencyConfig,
+        env: &BuildEnv,
     ) -> std::result::Result<Arc<dyn DynPlugin>, Vec<BuildError>> {
         let errors = validate(c);
         if !errors.is_empty() {
@@ -89,6 +109,10 @@ impl Concurrency {
                 queue: c.queue,
                 waiting: AtomicUsize::new(0),
                 queue_timeout: c.queue_timeout.get(),
+                in_flight: env
+                    .metrics
+                    .concurrency_in_flight
+                    .with_label_values(&[&*env.name]),
             },
             Hooks {
                 request_filter: true,
@@ -98,7 +122,16 @@ impl Concurrency {
         ))
     }
 
-    async fn acquire(&self) -> Option<OwnedSemaphorePermit> {
+    async fn acquire(&self) -> Option<Slot> {
+        let permit = self.permit().await?;
+        self.in_flight.inc();
+        Some(Slot {
+            _permit: permit,
+            in_flight: self.in_flight.clone(),
+        })
+    }
+
+    async fn permit(&self) -> Option<OwnedSemaphorePermit> {
         if let Ok(p) = Arc::clone(&self.slots).try_acquire_owned() {
             return Some(p);
         }
@@ -115,13 +148,13 @@ impl Concurrency {
 
 #[async_trait]
 impl Plugin for Concurrency {
-    type State = Option<OwnedSemaphorePermit>;
+    type State = Option<Slot>;
 
     async fn request_filter(
         &self,
         _session: &mut Session,
         _ctx: &mut RequestCtx,
-        state: &mut Option<OwnedSemaphorePermit>,
+        state: &mut Option<Slot>,
     ) -> Result<Flow> {
         match self.acquire().await {
             Some(permit) => {
@@ -148,9 +181,65 @@ impl Plugin for Concurrency {
         _session: &mut Session,
         _error: Option<&pingora::Error>,
         _ctx: &mut RequestCtx,
-        state: &mut Option<OwnedSemaphorePermit>,
+        state: &mut Option<Slot>,
     ) {
         // Give the slot back as soon as the response is done.
         state.take();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn bulkhead(limit: usize, queue: usize, queue_timeout: Duration) -> Arc<Concurrency> {
+        Arc::new(Concurrency {
+            slots: Arc::new(Semaphore::new(limit)),
+            limit,
+            queue,
+            waiting: AtomicUsize::new(0),
+            queue_timeout,
+            in_flight: IntGauge::new("in_flight", "test").unwrap(),
+        })
+    }
+
+    #[tokio::test]
+    async fn slots_are_taken_and_given_back() {
+        let b = bulkhead(2, 0, Duration::from_secs(1));
+        let first = b.acquire().await.unwrap();
+        let second = b.acquire().await.unwrap();
+        assert_eq!(b.in_flight.get(), 2);
+        assert!(b.acquire().await.is_none(), "no queue: refused at once");
+        drop(first);
+        assert_eq!(b.in_flight.get(), 1);
+        let third = b.acquire().await.unwrap();
+        drop((second, third));
+        assert_eq!(b.in_flight.get(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_queued_request_gets_the_next_free_slot() {
+        let b = bulkhead(1, 1, Duration::from_secs(30));
+        let held = b.acquire().await.unwrap();
+        let waiter = tokio::spawn({
+            let b = Arc::clone(&b);
+            async move { b.acquire().await.is_some() }
+        });
+        while b.waiting.load(Ordering::Acquire) == 0 {
+            tokio::task::yield_now().await;
+        }
+        assert!(b.acquire().await.is_none(), "the queue of one is full");
+        drop(held);
+        assert!(waiter.await.unwrap(), "the queued request got the slot");
+    }
+
+    #[tokio::test]
+    async fn a_queued_request_gives_up_after_queue_timeout() {
+        let b = bulkhead(1, 4, Duration::from_millis(20));
+        let _held = b.acquire().await.unwrap();
+        assert!(b.acquire().await.is_none());
+        assert_eq!(b.waiting.load(Ordering::Acquire), 0, "left the queue");
+        assert_eq!(b.in_flight.get(), 1);
     }
 }
