@@ -9,7 +9,7 @@ use http::{HeaderName, Method};
 use ipnet::IpNet;
 pub use sallyport_plugins::key::RequestKey;
 use sallyport_plugins::strip_headers::HeaderSet;
-use sallyport_plugins::{BuildEnv, DynPlugin, Hooks, PluginMetrics, Upstreams};
+use sallyport_plugins::{BuildEnv, BuiltPlugin, DynPlugin, Hooks, PluginMetrics, Upstreams};
 
 use crate::calls::PoolCalls;
 
@@ -67,6 +67,8 @@ pub struct Snapshot {
     pub router: Router,
     pub routes: Vec<Arc<Route>>,
     pub pools: BTreeMap<String, Arc<Pool>>,
+    /// Built plugins by name; stateful ones are taken over by the next reload when unchanged.
+    pub plugins: BTreeMap<String, BuiltPlugin>,
     /// Headers that plugins set from verified credentials: removed from every request.
     pub trusted_headers: HeaderSet,
     pub trusted_proxies: Vec<IpNet>,
@@ -76,7 +78,8 @@ pub struct Snapshot {
 
 impl Snapshot {
     /// Compiles a validated config. Pools whose config did not change are taken over from
-    /// `previous`, with their health state.
+    /// `previous`, with their health state, and so are unchanged stateful plugins (quota
+    /// counters, bulkhead slots: see `PluginConfig::keeps_state_across_reloads`).
     pub fn compile(
         config: Config,
         previous: Option<&Snapshot>,
@@ -113,7 +116,13 @@ impl Snapshot {
                 upstreams: Arc::clone(&upstreams),
                 metrics: Arc::clone(&services.plugin_metrics),
             };
-            match pc.build(&env) {
+            let kept = previous
+                .filter(|p| {
+                    pc.keeps_state_across_reloads() && p.config.plugins.get(name) == Some(pc)
+                })
+                .and_then(|p| p.plugins.get(name))
+                .cloned();
+            match kept.map(Ok).unwrap_or_else(|| pc.build(&env)) {
                 Ok(built) => {
                     for h in &built.trusted_headers {
                         if !trusted.contains(h) {
@@ -218,6 +227,7 @@ impl Snapshot {
             router: Router::new(&matches),
             routes,
             pools,
+            plugins,
             trusted_headers: HeaderSet::from_names(trusted),
             trusted_proxies,
             max_body: config.server.max_body.get(),

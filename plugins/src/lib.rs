@@ -382,6 +382,23 @@ impl PluginConfig {
         }
     }
 
+    /// True for types whose built plugin holds state that must outlive a reload (quota
+    /// counters, bulkhead slots in use): when such a plugin's config is unchanged, the gateway
+    /// keeps the built plugin instead of building a new one, so a SIGHUP neither resets
+    /// quotas nor lets a second full bulkhead in. Types that read files or hold the
+    /// snapshot's pools are always rebuilt, so a reload picks up new keys and pools.
+    pub fn keeps_state_across_reloads(&self) -> bool {
+        match self {
+            PluginConfig::Quota(_) | PluginConfig::Concurrency(_) => true,
+            PluginConfig::Trace(_)
+            | PluginConfig::StripHeaders(_)
+            | PluginConfig::Aggregate(_)
+            | PluginConfig::Jwt(_)
+            | PluginConfig::Authorize(_)
+            | PluginConfig::KeyAuth(_) => false,
+        }
+    }
+
     /// Checks the config without side effects (no network, no background tasks): what
     /// `sallyport --check` reports. `build` checks the same and more.
     pub fn validate(&self) -> Vec<BuildError> {
