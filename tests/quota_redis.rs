@@ -125,3 +125,128 @@ async fn redis_down_follows_on_store_error_and_recovers() {
         "shared enforcement resumed ({allowed_after} more allowed)"
     );
 }
+
+#[tokio::test]
+async fn slow_redis_is_a_store_error_not_a_stall() {
+    let up = mock("app").await;
+    let redis = RedisServer::start().await;
+    let allow = gateway(&up, &redis.url(), "allow", 100).await;
+    let deny = gateway(&up, &redis.url(), "deny", 100).await;
+    let c = client();
+    // Both connected and counting.
+    assert_eq!(status(&c, &allow, "k").await, (200, true));
+    assert_eq!(status(&c, &deny, "k").await, (200, true));
+
+    // Redis stops answering for 3 s; the gateways give up after redis_timeout (200 ms).
+    assert_eq!(
+        redis.command(&["CLIENT", "PAUSE", "3000", "ALL"]).await,
+        "+OK\r\n"
+    );
+    let started = Instant::now();
+    assert_eq!(status(&c, &allow, "k").await, (200, false));
+    let r = c
+        .get(deny.url("/x"))
+        .header("x-client", "k")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["retry-after"], "1");
+    assert!(
+        started.elapsed() < Duration::from_millis(2500),
+        "answered while Redis was still paused ({:?})",
+        started.elapsed()
+    );
+    assert!(
+        deny.metric_value("sallyport_quota_decisions_total{decision=\"store_error_denied\",plugin=\"fleet\",route=\"api\"}")
+            .await
+            >= 1.0
+    );
+
+    // When Redis answers again, counting resumes on the same connection.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while status(&c, &deny, "k").await != (200, true) {
+        assert!(Instant::now() < deadline, "did not resume after the pause");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(status(&c, &allow, "k").await, (200, true));
+}
+
+#[tokio::test]
+async fn local_fallback_while_redis_is_away_then_shared_under_the_key_prefix() {
+    let up = mock("app").await;
+    // Redis is not running yet when the gateways start: they serve anyway.
+    let port = free_port();
+    let url = format!("redis://127.0.0.1:{port}");
+    let config = |limit: u64| {
+        format!(
+            "{}\n[upstreams.app]\nendpoints = [\"{}\"]\n\
+             [plugins.fleet]\ntype = \"quota\"\nkey = \"header:x-client\"\nlimit = {limit}\nwindow = \"1h\"\n\
+             store = \"redis\"\nredis_url = \"{url}\"\nredis_timeout = \"200ms\"\non_store_error = \"local\"\nkey_prefix = \"acme:rl\"\n\
+             [[routes]]\nname = \"api\"\npath_prefix = \"/\"\nupstream = \"app\"\nplugins = [\"fleet\"]\n",
+            server(""),
+            up.addr()
+        )
+    };
+    let a = Gateway::start(&config(3)).await;
+    let b = Gateway::start(&config(3)).await;
+    let c = client();
+    // Counted in each gateway's memory: 3 each, with headers, then 429.
+    for gw in [&a, &b] {
+        for _ in 0..3 {
+            assert_eq!(status(&c, gw, "k").await, (200, true));
+        }
+        assert_eq!(status(&c, gw, "k").await.0, 429);
+    }
+    assert!(
+        a.metric_value("sallyport_quota_decisions_total{decision=\"store_error_local\",plugin=\"fleet\",route=\"api\"}")
+            .await
+            >= 4.0
+    );
+
+    // Redis appears: both gateways connect by themselves and count there, under key_prefix.
+    let redis = RedisServer::start_on(port).await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut probe = 0;
+    while redis.keys("acme:rl:fleet:*").await.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "gateways did not connect to Redis"
+        );
+        probe += 1;
+        status(&c, &a, &format!("probe-{probe}")).await;
+        status(&c, &b, &format!("probe-{probe}")).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Let both settle: a request whose key shows up in Redis proves that gateway counts there.
+    for (i, gw) in [&a, &b].into_iter().enumerate() {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let mut n = 0;
+        loop {
+            n += 1;
+            let key = format!("settle-{i}-{n}");
+            status(&c, gw, &key).await;
+            if !redis
+                .keys(&format!("acme:rl:fleet:{{*{key}}}:*"))
+                .await
+                .is_empty()
+            {
+                break;
+            }
+            assert!(Instant::now() < deadline, "gateway {i} did not reach Redis");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    // Shared again: 3 in total across both gateways.
+    let mut allowed = 0;
+    for i in 0..8 {
+        let gw = if i % 2 == 0 { &a } else { &b };
+        if status(&c, gw, "shared").await.0 == 200 {
+            allowed += 1;
+        }
+    }
+    assert_eq!(allowed, 3, "one quota across both gateways");
+    let keys = redis.keys("*shared*").await;
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    assert!(keys[0].starts_with("acme:rl:fleet:{"), "{keys:?}");
+}

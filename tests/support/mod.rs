@@ -571,3 +571,75 @@ impl Drop for JwksServer {
         self.task.abort();
     }
 }
+
+impl RedisServer {
+    /// Sends one command over a fresh connection and returns the raw RESP reply (e.g.
+    /// `+OK\r\n`, `:3\r\n`, `*1\r\n$5\r\nhello\r\n`): enough for tests to steer and inspect
+    /// the server without a client library.
+    pub async fn command(&self, args: &[&str]) -> String {
+        let mut req = format!("*{}\r\n", args.len());
+        for a in args {
+            req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+        }
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+            .await
+            .unwrap();
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut read = 0;
+        loop {
+            let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf[read..]))
+                .await
+                .expect("redis reply")
+                .unwrap();
+            read += n;
+            if n == 0 || resp_complete(&buf[..read]) {
+                break;
+            }
+        }
+        String::from_utf8_lossy(&buf[..read]).into_owned()
+    }
+
+    /// The keys matching `pattern` (`KEYS`), sorted.
+    pub async fn keys(&self, pattern: &str) -> Vec<String> {
+        let reply = self.command(&["KEYS", pattern]).await;
+        let mut keys: Vec<String> = reply
+            .split("\r\n")
+            .skip(1)
+            .filter(|l| !l.is_empty() && !l.starts_with('$'))
+            .map(str::to_string)
+            .collect();
+        keys.sort();
+        keys
+    }
+}
+
+/// Whether `buf` holds one whole RESP reply (simple string, error, integer, bulk string, or an
+/// array of those).
+fn resp_complete(buf: &[u8]) -> bool {
+    fn one(buf: &[u8]) -> Option<usize> {
+        let end = buf.windows(2).position(|w| w == b"\r\n")?;
+        let line = std::str::from_utf8(&buf[1..end]).ok()?;
+        match buf.first()? {
+            b'+' | b'-' | b':' => Some(end + 2),
+            b'$' => {
+                let len: i64 = line.parse().ok()?;
+                if len < 0 {
+                    return Some(end + 2);
+                }
+                let total = end + 2 + usize::try_from(len).ok()? + 2;
+                (buf.len() >= total).then_some(total)
+            }
+            b'*' => {
+                let n: i64 = line.parse().ok()?;
+                let mut at = end + 2;
+                for _ in 0..n.max(0) {
+                    at += one(&buf[at..])?;
+                }
+                Some(at)
+            }
+            _ => None,
+        }
+    }
+    one(buf) == Some(buf.len())
+}
