@@ -542,3 +542,22 @@ async fn concurrency_queue_waits_for_a_slot_then_gives_up() {
         1.0
     );
 }
+
+#[tokio::test]
+async fn long_key_values_are_counted_apart() {
+    let up = mock("app").await;
+    let gw = gateway(
+        &up,
+        "",
+        "[plugins.per-client]\ntype = \"quota\"\nkey = \"header:x-client\"\nlimit = 1\nwindow = \"1h\"\n",
+        "\"per-client\"",
+    )
+    .await;
+    let c = client();
+    // 100 KB values that differ only in their last character (stored as digests).
+    let (a, b) = ("x".repeat(100_000) + "a", "x".repeat(100_000) + "b");
+    let get = |v: &str| c.get(gw.url("/limited/x")).header("x-client", v).send();
+    assert_eq!(get(&a).await.unwrap().status(), 200);
+    assert_eq!(get(&a).await.unwrap().status(), 429);
+    assert_eq!(get(&b).await.unwrap().status(), 200);
+}

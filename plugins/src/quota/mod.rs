@@ -207,7 +207,7 @@ impl Quota {
             key.push(':');
             key.push_str(&value);
         }
-        Some(key)
+        Some(compact(key))
     }
 
     fn count(&self, ctx: &RequestCtx, decision: &'static str) {
@@ -264,6 +264,28 @@ fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
         .unwrap_or(0)
+}
+
+/// Longest key kept as it is; longer ones are stored as a digest.
+const MAX_PLAIN_KEY: usize = 64;
+
+/// Bounds the size of a stored key. A header can carry up to a megabyte, so `max_keys` alone
+/// would not bound memory (or Redis key sizes) under a flood of long distinct values: keys
+/// longer than `MAX_PLAIN_KEY` become `#` and the hex SHA-256 of the key. A composed key
+/// always starts with a digit (its first length prefix), so no client value can imitate a
+/// digest.
+fn compact(key: String) -> String {
+    use sha2::{Digest, Sha256};
+    use std::fmt::Write;
+    if key.len() <= MAX_PLAIN_KEY {
+        return key;
+    }
+    let mut out = String::with_capacity(65);
+    out.push('#');
+    for b in Sha256::digest(key.as_bytes()) {
+        let _ = write!(out, "{b:02x}");
+    }
+    out
 }
 
 fn secs_ceil(ms: u64) -> u64 {
@@ -395,6 +417,19 @@ impl Plugin for Quota {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn long_keys_are_stored_as_digests() {
+        let short = "9:10.1.2.3".to_string();
+        assert_eq!(compact(short.clone()), short);
+        let long_a = format!("1048576:{}a", "x".repeat(1_048_575));
+        let long_b = format!("1048576:{}b", "x".repeat(1_048_575));
+        let (a, b) = (compact(long_a.clone()), compact(long_b));
+        assert_eq!(a.len(), 65);
+        assert!(a.starts_with('#'));
+        assert_ne!(a, b, "values differing only at the end stay apart");
+        assert_eq!(a, compact(long_a), "stable");
+    }
 
     #[test]
     fn policy_names_are_structured_field_strings() {
