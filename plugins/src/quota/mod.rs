@@ -232,7 +232,8 @@ impl Quota {
                         .quota_store_errors
                         .with_label_values(&[&*self.name])
                         .inc();
-                    log::warn!("quota {}: {reason}; applying on_store_error", self.name);
+                    // RedisStore logs the failure once per outage, not once per request.
+                    log::debug!("quota {}: {reason}; applying on_store_error", self.name);
                     match (self.on_store_error, fallback) {
                         (OnStoreError::Local, Some(local)) => {
                             self.count(ctx, "store_error_local");

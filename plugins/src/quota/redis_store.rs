@@ -1,7 +1,9 @@
 //! The Redis store: one atomic Lua script per decision, on Redis's own clock (so gateways
 //! with skewed clocks still share windows), over one multiplexed connection that reconnects
-//! by itself. Every call has a deadline; failures are reported, never waited out.
+//! by itself. Every call has a deadline; failures are reported, never waited out, and after one
+//! Redis is left alone for a short pause (see `FAILURE_PAUSE`).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -33,8 +35,11 @@ end
 return {allowed, curr, prev, elapsed}
 ";
 
-/// How long to wait between attempts to (re)connect while Redis is unreachable.
-const RECONNECT_PAUSE: Duration = Duration::from_millis(500);
+/// After a failure, decisions skip Redis for this long (answered at once by
+/// `on_store_error`), so an outage or a slow Redis costs one `redis_timeout` per pause rather
+/// than one per request, and a struggling Redis is not hammered; the first request after the
+/// pause tries again, so recovery is noticed within it.
+const FAILURE_PAUSE: Duration = Duration::from_millis(250);
 
 pub struct RedisStore {
     client: redis::Client,
@@ -42,7 +47,11 @@ pub struct RedisStore {
     prefix: String,
     script: redis::Script,
     conn: tokio::sync::Mutex<Option<ConnectionManager>>,
-    last_attempt: Mutex<Option<Instant>>,
+    /// Until when decisions skip Redis after a failure.
+    paused_until: Mutex<Option<Instant>>,
+    /// Whether the last attempt succeeded: failures and recoveries are logged once each, not
+    /// once per request.
+    healthy: AtomicBool,
 }
 
 impl RedisStore {
@@ -56,7 +65,8 @@ impl RedisStore {
             prefix: prefix.to_string(),
             script: redis::Script::new(SCRIPT),
             conn: tokio::sync::Mutex::new(None),
-            last_attempt: Mutex::new(None),
+            paused_until: Mutex::new(None),
+            healthy: AtomicBool::new(true),
         })
     }
 
@@ -65,12 +75,10 @@ impl RedisStore {
         if let Some(c) = slot.as_ref() {
             return Ok(c.clone());
         }
-        {
-            let mut last = self.last_attempt.lock();
-            if last.is_some_and(|t| t.elapsed() < RECONNECT_PAUSE) {
-                return Err("redis unreachable (waiting before reconnecting)".into());
-            }
-            *last = Some(Instant::now());
+        // Requests that queued behind a failed attempt give up at once, rather than each
+        // trying (and timing out) in turn.
+        if self.paused() {
+            return Err("redis unavailable (pausing after a failure)".into());
         }
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(self.timeout.max(Duration::from_millis(100)))
@@ -88,8 +96,38 @@ impl RedisStore {
         Ok(conn)
     }
 
-    /// One decision for `key`.
+    /// One decision for `key`; an error means the caller applies `on_store_error`.
     pub async fn hit(&self, policy: &Policy, key: &str) -> Result<Decision, String> {
+        if self.paused() {
+            return Err("redis unavailable (pausing after a failure)".into());
+        }
+        match self.try_hit(policy, key).await {
+            Ok(d) => {
+                if !self.healthy.swap(true, Ordering::AcqRel) {
+                    log::info!("quota store {}: Redis answers again", self.prefix);
+                }
+                Ok(d)
+            }
+            Err(reason) => {
+                *self.paused_until.lock() = Some(Instant::now() + FAILURE_PAUSE);
+                if self.healthy.swap(false, Ordering::AcqRel) {
+                    log::warn!(
+                        "quota store {}: {reason}; applying on_store_error until Redis answers",
+                        self.prefix
+                    );
+                }
+                Err(reason)
+            }
+        }
+    }
+
+    fn paused(&self) -> bool {
+        self.paused_until
+            .lock()
+            .is_some_and(|until| Instant::now() < until)
+    }
+
+    async fn try_hit(&self, policy: &Policy, key: &str) -> Result<Decision, String> {
         let mut conn = self.connection().await?;
         let base = format!("{}:{{{}}}", self.prefix, key);
         let mut invocation = self.script.key(base);
