@@ -561,3 +561,21 @@ async fn long_key_values_are_counted_apart() {
     assert_eq!(get(&a).await.unwrap().status(), 429);
     assert_eq!(get(&b).await.unwrap().status(), 200);
 }
+
+#[tokio::test]
+async fn unsupported_redis_urls_are_refused_at_load() {
+    let base = "[server]\nlisten = [\"127.0.0.1:8080\"]\n[plugins.q]\ntype = \"quota\"\nlimit = 1\nstore = \"redis\"\n";
+    for url in [
+        "rediss://cache.example:6380",
+        "http://cache.example",
+        "not a url",
+    ] {
+        let (code, _, err) = check(&format!("{base}redis_url = \"{url}\"\n"));
+        assert_eq!(code, 1, "{url}");
+        assert!(err.contains("plugins.q.redis_url"), "{url}: {err}");
+    }
+    let (_, _, err) = check(&format!(
+        "{base}redis_url = \"rediss://cache.example:6380\"\n"
+    ));
+    assert!(err.contains("TLS to Redis is not built in"), "{err}");
+}

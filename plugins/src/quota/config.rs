@@ -21,7 +21,8 @@ pub struct QuotaConfig {
     /// `"local"` (this gateway's memory) or `"redis"` (shared by every gateway on it).
     #[serde(default)]
     pub store: Store,
-    /// For `store = "redis"`: `redis://host:port/db` (or `rediss://`, `redis+unix://`).
+    /// For `store = "redis"`: `redis://[user:password@]host:port[/db]` or `redis+unix://PATH`
+    /// (TLS `rediss://` is not built in and is rejected at load).
     #[serde(default)]
     pub redis_url: Option<String>,
     /// Deadline of one Redis decision; slower answers count as store errors.

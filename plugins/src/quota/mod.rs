@@ -112,7 +112,12 @@ pub fn validate(c: &QuotaConfig) -> Vec<BuildError> {
             "required with store = \"redis\", e.g. \"redis://127.0.0.1:6379\"",
         )),
         (Store::Redis, Some(url)) => {
-            if let Err(e) = redis::Client::open(url.as_str()) {
+            if url.starts_with("rediss://") || url.starts_with("valkeys://") {
+                errors.push(BuildError::new(
+                    "redis_url",
+                    "TLS to Redis is not built in; use redis:// (e.g. through a local TLS tunnel)",
+                ));
+            } else if let Err(e) = redis::Client::open(url.as_str()) {
                 errors.push(BuildError::new("redis_url", format!("invalid: {e}")));
             }
         }
