@@ -232,3 +232,46 @@ async fn oversized_bodies_get_413() {
         .unwrap();
     assert_eq!(chunked.status(), 413);
 }
+
+#[tokio::test]
+async fn client_read_buffer_sizes_serve_large_requests_on_kept_alive_connections() {
+    let up = mock("app").await;
+    for setting in ["", "read_buffer = \"64KiB\"", "read_buffer = 512"] {
+        let config = format!(
+            "{}\n[upstreams.app]\nendpoints = [\"{}\"]\n{ROUTES}",
+            server(setting),
+            up.addr()
+        );
+        let gw = Gateway::start(&config).await;
+        // One client, so one kept-alive connection: a header and a body larger than any of
+        // the buffers, then small requests on the same connection.
+        let c = reqwest::Client::builder()
+            .pool_max_idle_per_host(1)
+            .build()
+            .unwrap();
+        let big_header = "h".repeat(20_000);
+        for round in 0..3 {
+            let resp = c
+                .post(gw.url(&format!("/api/public/big/{round}")))
+                .header("x-big", &big_header)
+                .body(vec![b'b'; 100_000])
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 200, "{setting}");
+            let body = json(resp).await;
+            assert_eq!(body["body_bytes"], 100_000, "{setting}");
+            assert_eq!(body["headers"]["x-big"], big_header.as_str(), "{setting}");
+            let small = c
+                .get(gw.url(&format!("/api/public/small/{round}")))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(small.status(), 200, "{setting}");
+            assert_eq!(
+                json(small).await["uri"],
+                format!("/api/public/small/{round}")
+            );
+        }
+    }
+}

@@ -50,6 +50,10 @@ pub struct ServerConfig {
     /// Largest request body accepted; larger ones get 413.
     #[serde(default = "default_max_body")]
     pub max_body: ByteSize,
+    /// Read buffer of each client connection, allocated when it is accepted and held while
+    /// it stays open; `0` reads straight into the request buffers.
+    #[serde(default = "default_read_buffer")]
+    pub read_buffer: ByteSize,
     /// Peers whose `X-Forwarded-For` is believed, as CIDRs or addresses.
     #[serde(default)]
     pub trusted_proxies: Vec<String>,
@@ -212,6 +216,9 @@ fn default_grace_period() -> HumanDuration {
 }
 fn default_max_body() -> ByteSize {
     ByteSize(1 << 20)
+}
+fn default_read_buffer() -> ByteSize {
+    ByteSize(0)
 }
 fn default_access_log() -> String {
     "stdout".into()
@@ -419,6 +426,12 @@ fn validate_server(config: &Config, errors: &mut Vec<ConfigError>) {
         errors.push(ConfigError::new(
             "server.max_body",
             "must be greater than 0",
+        ));
+    }
+    if s.read_buffer.get() > 1 << 20 {
+        errors.push(ConfigError::new(
+            "server.read_buffer",
+            "must be at most 1MiB (it is allocated for every open client connection)",
         ));
     }
     for (i, p) in s.trusted_proxies.iter().enumerate() {
@@ -783,6 +796,21 @@ mod tests {
     #[test]
     fn minimal_is_valid() {
         assert_eq!(errors_of(MINIMAL), Vec::<String>::new());
+    }
+
+    #[test]
+    fn read_buffer_is_bounded() {
+        let with = |v: &str| {
+            errors_of(&MINIMAL.replace(
+                "listen = [\"127.0.0.1:8080\"]",
+                &format!("listen = [\"127.0.0.1:8080\"]\nread_buffer = {v}"),
+            ))
+        };
+        assert_eq!(with("\"64KiB\""), Vec::<String>::new());
+        assert_eq!(with("0"), Vec::<String>::new());
+        let e = with("\"2MiB\"");
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(e[0].starts_with("server.read_buffer"), "{e:?}");
     }
 
     #[test]

@@ -24,6 +24,8 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use parking_lot::Mutex;
+use pingora::listeners::tls::TlsSettings;
+use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{Server, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
@@ -227,13 +229,20 @@ pub fn run(shared: Arc<Shared>, options: RunOptions) -> anyhow::Result<()> {
         proxy::Gateway::new(Arc::clone(&shared)),
         "sallyport proxy",
     );
+    // Pingora's default is a 64 KiB read buffer per client connection, which an allocator
+    // that zeroes eagerly keeps resident for every idle keep-alive client.
+    let buffers = L4BufferSettings::default().read(server_conf.read_buffer.get() as usize);
     for addr in &server_conf.listen {
-        proxy.add_tcp(addr);
+        proxy.add_listener(ListenerConfig::tcp(addr.as_str()).l4_buffer(buffers));
     }
     for tls in &server_conf.tls {
-        proxy
-            .add_tls(&tls.listen, &tls.cert, &tls.key)
+        let settings = TlsSettings::intermediate(&tls.cert, &tls.key)
             .map_err(|e| anyhow::anyhow!("server.tls listener {}: {e}", tls.listen))?;
+        proxy.add_listener(
+            ListenerConfig::tcp(tls.listen.as_str())
+                .tls(settings)
+                .l4_buffer(buffers),
+        );
     }
     server.add_service(proxy);
 
