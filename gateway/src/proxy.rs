@@ -8,7 +8,7 @@ use std::time::Instant;
 use async_trait::async_trait;
 use bytes::Bytes;
 use http::header::{ALLOW, CONTENT_LENGTH};
-use http::{HeaderName, Method};
+use http::{HeaderName, HeaderValue, Method};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
@@ -74,7 +74,7 @@ impl Gateway {
         err: ApiError,
     ) -> Result<()> {
         let mut header = err.header()?;
-        header.insert_header(X_REQUEST_ID, ctx.req.request_id.as_str())?;
+        header.insert_header("x-request-id", ctx.req.request_id.as_str())?;
         let body = Bytes::from(err.body(&ctx.req.request_id));
         ctx.error_code = Some(err.code);
         self.respond(session, ctx, header, body).await
@@ -491,6 +491,8 @@ impl ProxyHttp for Gateway {
                 .snapshot
                 .as_ref()
                 .is_some_and(|s| s.is_trusted_proxy(peer));
+            // Names as static lowercase strings and static values where possible: Pingora
+            // copies a `HeaderName` into its case map on every insert.
             let xff = match upstream_request
                 .headers
                 .get(&X_FORWARDED_FOR)
@@ -499,18 +501,18 @@ impl ProxyHttp for Gateway {
                 Some(prev) if trusted => format!("{prev}, {peer}"),
                 _ => peer.to_string(),
             };
-            upstream_request.insert_header(X_FORWARDED_FOR, xff)?;
+            upstream_request.insert_header("x-forwarded-for", xff)?;
             if !trusted || !upstream_request.headers.contains_key(&X_FORWARDED_PROTO) {
                 let proto = if session
                     .digest()
                     .and_then(|d| d.ssl_digest.as_ref())
                     .is_some()
                 {
-                    "https"
+                    HeaderValue::from_static("https")
                 } else {
-                    "http"
+                    HeaderValue::from_static("http")
                 };
-                upstream_request.insert_header(X_FORWARDED_PROTO, proto)?;
+                upstream_request.insert_header("x-forwarded-proto", proto)?;
             }
             if !trusted || !upstream_request.headers.contains_key(&X_FORWARDED_HOST) {
                 match session
@@ -519,7 +521,7 @@ impl ProxyHttp for Gateway {
                     .get(http::header::HOST)
                     .cloned()
                 {
-                    Some(host) => upstream_request.insert_header(X_FORWARDED_HOST, host)?,
+                    Some(host) => upstream_request.insert_header("x-forwarded-host", host)?,
                     None => {
                         upstream_request.remove_header(&X_FORWARDED_HOST);
                     }

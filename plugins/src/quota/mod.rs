@@ -39,7 +39,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
-use http::header::{HeaderName, RETRY_AFTER};
+use http::header::{HeaderName, HeaderValue, RETRY_AFTER};
 use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 
@@ -54,11 +54,12 @@ use crate::{
     RequestCtx, Result,
 };
 
-const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
-const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
-const X_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
+// Names as static strings: Pingora copies a `HeaderName` into its case map on every insert.
+const RATELIMIT_POLICY: &str = "ratelimit-policy";
+const RATELIMIT: &str = "ratelimit";
+const X_LIMIT: &str = "x-ratelimit-limit";
 const X_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
-const X_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
+const X_RESET: &str = "x-ratelimit-reset";
 
 enum Backend {
     Local(LocalStore),
@@ -74,7 +75,8 @@ pub struct Quota {
     keys: Vec<RequestKey>,
     policy: Policy,
     /// `"NAME";q=LIMIT;w=SECONDS`.
-    policy_header: String,
+    /// `RateLimit-Policy` item, built once (a shared value, cloned without copying).
+    policy_header: HeaderValue,
     /// `"NAME"`, the policy's name as a structured-field string.
     policy_name: String,
     backend: Backend,
@@ -179,12 +181,14 @@ impl Quota {
             _ => Backend::Local(LocalStore::new(c.max_keys)),
         };
         Ok(Quota {
-            policy_header: format!(
+            // sf_string yields visible ASCII only, so the value is always a valid header.
+            policy_header: HeaderValue::try_from(format!(
                 "{};q={};w={}",
                 sf_string(&env.name),
                 c.limit,
                 window_ms.div_ceil(1000).max(1)
-            ),
+            ))
+            .map_err(|e| vec![BuildError::new("", format!("RateLimit-Policy value: {e}"))])?,
             policy_name: sf_string(&env.name),
             name: Arc::clone(&env.name),
             keys,
@@ -406,14 +410,14 @@ impl Plugin for Quota {
         let reset = secs_ceil(d.reset_ms);
         // Appended, not replaced: both fields are lists with one item per policy, so every
         // quota of the route (and any the upstream reports) stays visible.
-        response.append_header(RATELIMIT_POLICY, self.policy_header.as_str())?;
+        response.append_header(RATELIMIT_POLICY, self.policy_header.clone())?;
         response.append_header(
             RATELIMIT,
             format!("{};r={};t={reset}", self.policy_name, d.remaining),
         )?;
         if self.legacy_headers && !tighter_legacy_present(response, d.remaining) {
             response.insert_header(X_LIMIT, self.policy.quota.to_string())?;
-            response.insert_header(X_REMAINING, d.remaining.to_string())?;
+            response.insert_header("x-ratelimit-remaining", d.remaining.to_string())?;
             response.insert_header(X_RESET, reset.to_string())?;
         }
         Ok(())

@@ -158,15 +158,15 @@ impl Plugin for Trace {
         _state: &mut (),
     ) -> Result<()> {
         if let Some(trace) = &ctx.trace {
-            upstream_request.insert_header(TRACEPARENT, trace.traceparent())?;
+            upstream_request.insert_header("traceparent", trace.traceparent())?;
             match &trace.tracestate {
-                Some(state) => upstream_request.insert_header(TRACESTATE, state.as_str())?,
+                Some(state) => upstream_request.insert_header("tracestate", state.as_str())?,
                 None => {
                     upstream_request.remove_header(&TRACESTATE);
                 }
             }
         }
-        upstream_request.insert_header(X_REQUEST_ID, ctx.request_id.as_str())?;
+        upstream_request.insert_header("x-request-id", ctx.request_id.as_str())?;
         Ok(())
     }
 
@@ -180,9 +180,9 @@ impl Plugin for Trace {
         if !self.echo {
             return Ok(());
         }
-        response.insert_header(X_REQUEST_ID, ctx.request_id.as_str())?;
+        response.insert_header("x-request-id", ctx.request_id.as_str())?;
         if let Some(trace) = &ctx.trace {
-            response.insert_header(TRACEPARENT, trace.traceparent())?;
+            response.insert_header("traceparent", trace.traceparent())?;
         }
         Ok(())
     }
