@@ -38,6 +38,8 @@ pub mod strip_headers;
 pub mod trace;
 
 use std::any::Any;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -218,7 +220,11 @@ fn typed<S: 'static>(state: &mut ErasedState) -> Result<&mut S> {
     })
 }
 
-#[async_trait]
+/// The boxed future every hook of a [`DynPlugin`] returns.
+type HookFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+// Written out rather than with `async fn`: each hook hands back the plugin's own boxed future
+// instead of boxing it a second time, which saves an allocation per hook call per request.
 impl<P: Plugin> DynPlugin for Erased<P> {
     fn new_state(&self) -> ErasedState {
         Box::new(P::State::default())
@@ -228,62 +234,108 @@ impl<P: Plugin> DynPlugin for Erased<P> {
         self.hooks
     }
 
-    async fn request_filter(
-        &self,
-        session: &mut Session,
-        ctx: &mut RequestCtx,
-        state: &mut ErasedState,
-    ) -> Result<Flow> {
-        self.plugin
-            .request_filter(session, ctx, typed(state)?)
-            .await
+    fn request_filter<'a, 's, 'c, 'st, 'f>(
+        &'a self,
+        session: &'s mut Session,
+        ctx: &'c mut RequestCtx,
+        state: &'st mut ErasedState,
+    ) -> HookFuture<'f, Result<Flow>>
+    where
+        'a: 'f,
+        's: 'f,
+        'c: 'f,
+        'st: 'f,
+        Self: 'f,
+    {
+        match typed(state) {
+            Ok(state) => self.plugin.request_filter(session, ctx, state),
+            Err(e) => Box::pin(std::future::ready(Err(e))),
+        }
     }
 
-    async fn upstream_peer(
-        &self,
-        session: &mut Session,
-        peer: &mut HttpPeer,
-        ctx: &mut RequestCtx,
-        state: &mut ErasedState,
-    ) -> Result<()> {
-        self.plugin
-            .upstream_peer(session, peer, ctx, typed(state)?)
-            .await
+    fn upstream_peer<'a, 's, 'p, 'c, 'st, 'f>(
+        &'a self,
+        session: &'s mut Session,
+        peer: &'p mut HttpPeer,
+        ctx: &'c mut RequestCtx,
+        state: &'st mut ErasedState,
+    ) -> HookFuture<'f, Result<()>>
+    where
+        'a: 'f,
+        's: 'f,
+        'p: 'f,
+        'c: 'f,
+        'st: 'f,
+        Self: 'f,
+    {
+        match typed(state) {
+            Ok(state) => self.plugin.upstream_peer(session, peer, ctx, state),
+            Err(e) => Box::pin(std::future::ready(Err(e))),
+        }
     }
 
-    async fn upstream_request_filter(
-        &self,
-        session: &mut Session,
-        upstream_request: &mut RequestHeader,
-        ctx: &mut RequestCtx,
-        state: &mut ErasedState,
-    ) -> Result<()> {
-        self.plugin
-            .upstream_request_filter(session, upstream_request, ctx, typed(state)?)
-            .await
+    fn upstream_request_filter<'a, 's, 'r, 'c, 'st, 'f>(
+        &'a self,
+        session: &'s mut Session,
+        upstream_request: &'r mut RequestHeader,
+        ctx: &'c mut RequestCtx,
+        state: &'st mut ErasedState,
+    ) -> HookFuture<'f, Result<()>>
+    where
+        'a: 'f,
+        's: 'f,
+        'r: 'f,
+        'c: 'f,
+        'st: 'f,
+        Self: 'f,
+    {
+        match typed(state) {
+            Ok(state) => self
+                .plugin
+                .upstream_request_filter(session, upstream_request, ctx, state),
+            Err(e) => Box::pin(std::future::ready(Err(e))),
+        }
     }
 
-    async fn response_filter(
-        &self,
-        session: &mut Session,
-        response: &mut ResponseHeader,
-        ctx: &mut RequestCtx,
-        state: &mut ErasedState,
-    ) -> Result<()> {
-        self.plugin
-            .response_filter(session, response, ctx, typed(state)?)
-            .await
+    fn response_filter<'a, 's, 'r, 'c, 'st, 'f>(
+        &'a self,
+        session: &'s mut Session,
+        response: &'r mut ResponseHeader,
+        ctx: &'c mut RequestCtx,
+        state: &'st mut ErasedState,
+    ) -> HookFuture<'f, Result<()>>
+    where
+        'a: 'f,
+        's: 'f,
+        'r: 'f,
+        'c: 'f,
+        'st: 'f,
+        Self: 'f,
+    {
+        match typed(state) {
+            Ok(state) => self.plugin.response_filter(session, response, ctx, state),
+            Err(e) => Box::pin(std::future::ready(Err(e))),
+        }
     }
 
-    async fn logging(
-        &self,
-        session: &mut Session,
-        error: Option<&pingora::Error>,
-        ctx: &mut RequestCtx,
-        state: &mut ErasedState,
-    ) {
-        if let Ok(state) = typed(state) {
-            self.plugin.logging(session, error, ctx, state).await;
+    fn logging<'a, 's, 'e, 'c, 'st, 'f>(
+        &'a self,
+        session: &'s mut Session,
+        error: Option<&'e pingora::Error>,
+        ctx: &'c mut RequestCtx,
+        state: &'st mut ErasedState,
+    ) -> HookFuture<'f, ()>
+    where
+        'a: 'f,
+        's: 'f,
+        'e: 'f,
+        'c: 'f,
+        'st: 'f,
+        Self: 'f,
+    {
+        match typed(state) {
+            Ok(state) => self.plugin.logging(session, error, ctx, state),
+            Err(_) => Box::pin(std::future::ready(())),
         }
     }
 }

@@ -6,14 +6,15 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
-use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
+
+use super::Verified;
 
 const SHARDS: usize = 16;
 
 struct Entry {
     exp: u64,
-    claims: Arc<Map<String, Value>>,
+    verified: Arc<Verified>,
 }
 
 pub struct VerifiedCache {
@@ -33,11 +34,11 @@ impl VerifiedCache {
         Sha256::digest(token.as_bytes()).into()
     }
 
-    pub fn get(&self, token: &str, now: u64, leeway: u64) -> Option<Arc<Map<String, Value>>> {
+    pub fn get(&self, token: &str, now: u64, leeway: u64) -> Option<Arc<Verified>> {
         let key = Self::key(token);
         let mut shard = self.shards[key[0] as usize % SHARDS].lock();
         match shard.get(&key) {
-            Some(e) if now <= e.exp.saturating_add(leeway) => Some(Arc::clone(&e.claims)),
+            Some(e) if now <= e.exp.saturating_add(leeway) => Some(Arc::clone(&e.verified)),
             Some(_) => {
                 shard.remove(&key);
                 None
@@ -46,7 +47,7 @@ impl VerifiedCache {
         }
     }
 
-    pub fn insert(&self, token: &str, exp: u64, claims: &Arc<Map<String, Value>>) {
+    pub fn insert(&self, token: &str, exp: u64, verified: &Arc<Verified>) {
         let key = Self::key(token);
         let mut shard = self.shards[key[0] as usize % SHARDS].lock();
         if shard.len() >= self.per_shard {
@@ -63,7 +64,7 @@ impl VerifiedCache {
             key,
             Entry {
                 exp,
-                claims: Arc::clone(claims),
+                verified: Arc::clone(verified),
             },
         );
     }

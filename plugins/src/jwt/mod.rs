@@ -327,13 +327,13 @@ impl Jwt {
         &self,
         token: &str,
     ) -> std::result::Result<Arc<Map<String, Value>>, &'static str> {
-        self.verify_inner(token).await.map_err(|r| r.reason)
+        self.verify_inner(token)
+            .await
+            .map(|v| Arc::clone(&v.principal.claims))
+            .map_err(|r| r.reason)
     }
 
-    async fn verify_inner(
-        &self,
-        token: &str,
-    ) -> std::result::Result<Arc<Map<String, Value>>, Refusal> {
+    async fn verify_inner(&self, token: &str) -> std::result::Result<Arc<Verified>, Refusal> {
         if token.len() > self.max_token_bytes {
             return Err(refusal("malformed", "the token is too large"));
         }
@@ -378,11 +378,37 @@ impl Jwt {
                 return Err(refusal("missing_claim", "the token lacks a required claim"));
             }
         }
-        let claims = Arc::new(claims);
-        if let (Some(cache), Some(exp)) = (&self.cache, claims.get("exp").and_then(Value::as_u64)) {
-            cache.insert(token, exp, &claims);
+        let exp = claims.get("exp").and_then(Value::as_u64);
+        let verified = Arc::new(self.verified(claims));
+        if let (Some(cache), Some(exp)) = (&self.cache, exp) {
+            cache.insert(token, exp, &verified);
         }
-        Ok(claims)
+        Ok(verified)
+    }
+
+    /// What a request needs from verified claims, computed once per token (a cache hit reuses
+    /// it): the principal and the identity headers to forward.
+    fn verified(&self, claims: Map<String, Value>) -> Verified {
+        let principal = Principal {
+            subject: claims
+                .get("sub")
+                .and_then(Value::as_str)
+                .map(str::to_string),
+            claims: Arc::new(claims),
+            verified_by: "jwt",
+        };
+        let forwarded = self
+            .forward
+            .iter()
+            .filter_map(|(claim, header)| {
+                let value = principal.claim_str(claim)?;
+                Some((header.clone(), HeaderValue::from_str(&value).ok()?))
+            })
+            .collect();
+        Verified {
+            principal,
+            forwarded,
+        }
     }
 
     fn unauthorized(&self, r: Refusal) -> ApiError {
@@ -442,6 +468,12 @@ fn decode(
         })
 }
 
+/// A verified token: its principal and the identity headers it forwards.
+pub(crate) struct Verified {
+    principal: Principal,
+    forwarded: Vec<(HeaderName, HeaderValue)>,
+}
+
 fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -464,27 +496,18 @@ impl Plugin for Jwt {
                 self.unauthorized(refusal("missing", "a bearer token is required")),
             )));
         };
-        let claims = match self.verify_inner(token).await {
-            Ok(c) => c,
+        let verified = match self.verify_inner(token).await {
+            Ok(v) => v,
             Err(r) => return Ok(Flow::Respond(Reply::Error(self.unauthorized(r)))),
         };
-        let principal = Principal {
-            subject: claims
-                .get("sub")
-                .and_then(Value::as_str)
-                .map(str::to_string),
-            claims,
-            verified_by: "jwt",
-        };
-        for (claim, header) in &self.forward {
+        // Values set from a client header of the same name were removed by the gateway; a
+        // configured header whose claim is missing from this token is not sent at all.
+        for (_, header) in &self.forward {
             ctx.identity_headers.retain(|(h, _)| h != header);
-            if let Some(v) = principal
-                .claim_str(claim)
-                .and_then(|v| HeaderValue::from_str(&v).ok())
-            {
-                ctx.identity_headers.push((header.clone(), v));
-            }
         }
+        ctx.identity_headers
+            .extend(verified.forwarded.iter().cloned());
+        let principal = verified.principal.clone();
         ctx.principal = Some(principal);
         Ok(Flow::Continue)
     }
