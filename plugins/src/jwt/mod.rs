@@ -500,8 +500,8 @@ impl Plugin for Jwt {
             Ok(v) => v,
             Err(r) => return Ok(Flow::Respond(Reply::Error(self.unauthorized(r)))),
         };
-        // Values set from a client header of the same name were removed by the gateway; a
-        // configured header whose claim is missing from this token is not sent at all.
+        // This token's values replace any an earlier authentication plugin of the chain set
+        // under the same names; a configured header whose claim the token lacks is not sent.
         for (_, header) in &self.forward {
             ctx.identity_headers.retain(|(h, _)| h != header);
         }
