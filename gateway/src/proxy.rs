@@ -13,6 +13,7 @@ use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorSource, ErrorType, Result};
+use sallyport_plugins::trace::{X_REQUEST_ID, X_REQUEST_ID_NAME};
 use sallyport_plugins::{request_id, ApiError, ErasedState, Flow, Reply, RequestCtx};
 
 use crate::access_log::AccessRecord;
@@ -22,10 +23,14 @@ use crate::router::{request_host, Lookup};
 use crate::snapshot::{Route, Snapshot};
 use crate::Shared;
 
-const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+// Each name spelled once: the `&'static str` is what Pingora's `insert_header` takes without
+// copying a `HeaderName` into its case map; the `HeaderName` is for lookups.
+const X_FORWARDED_FOR_NAME: &str = "x-forwarded-for";
+const X_FORWARDED_PROTO_NAME: &str = "x-forwarded-proto";
+const X_FORWARDED_HOST_NAME: &str = "x-forwarded-host";
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static(X_FORWARDED_FOR_NAME);
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static(X_FORWARDED_PROTO_NAME);
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static(X_FORWARDED_HOST_NAME);
 
 /// The gateway's `ProxyHttp` app.
 pub struct Gateway {
@@ -74,7 +79,7 @@ impl Gateway {
         err: ApiError,
     ) -> Result<()> {
         let mut header = err.header()?;
-        header.insert_header("x-request-id", ctx.req.request_id.as_str())?;
+        header.insert_header(X_REQUEST_ID_NAME, ctx.req.request_id.as_str())?;
         let body = Bytes::from(err.body(&ctx.req.request_id));
         ctx.error_code = Some(err.code);
         self.respond(session, ctx, header, body).await
@@ -491,8 +496,7 @@ impl ProxyHttp for Gateway {
                 .snapshot
                 .as_ref()
                 .is_some_and(|s| s.is_trusted_proxy(peer));
-            // Names as static lowercase strings and static values where possible: Pingora
-            // copies a `HeaderName` into its case map on every insert.
+            // Static names (see the constants) and static values where possible.
             let xff = match upstream_request
                 .headers
                 .get(&X_FORWARDED_FOR)
@@ -501,7 +505,7 @@ impl ProxyHttp for Gateway {
                 Some(prev) if trusted => format!("{prev}, {peer}"),
                 _ => peer.to_string(),
             };
-            upstream_request.insert_header("x-forwarded-for", xff)?;
+            upstream_request.insert_header(X_FORWARDED_FOR_NAME, xff)?;
             if !trusted || !upstream_request.headers.contains_key(&X_FORWARDED_PROTO) {
                 let proto = if session
                     .digest()
@@ -512,7 +516,7 @@ impl ProxyHttp for Gateway {
                 } else {
                     HeaderValue::from_static("http")
                 };
-                upstream_request.insert_header("x-forwarded-proto", proto)?;
+                upstream_request.insert_header(X_FORWARDED_PROTO_NAME, proto)?;
             }
             if !trusted || !upstream_request.headers.contains_key(&X_FORWARDED_HOST) {
                 match session
@@ -521,7 +525,7 @@ impl ProxyHttp for Gateway {
                     .get(http::header::HOST)
                     .cloned()
                 {
-                    Some(host) => upstream_request.insert_header("x-forwarded-host", host)?,
+                    Some(host) => upstream_request.insert_header(X_FORWARDED_HOST_NAME, host)?,
                     None => {
                         upstream_request.remove_header(&X_FORWARDED_HOST);
                     }

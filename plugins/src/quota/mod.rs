@@ -58,7 +58,8 @@ use crate::{
 const RATELIMIT_POLICY: &str = "ratelimit-policy";
 const RATELIMIT: &str = "ratelimit";
 const X_LIMIT: &str = "x-ratelimit-limit";
-const X_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
+const X_REMAINING_NAME: &str = "x-ratelimit-remaining";
+const X_REMAINING: HeaderName = HeaderName::from_static(X_REMAINING_NAME);
 const X_RESET: &str = "x-ratelimit-reset";
 
 enum Backend {
@@ -417,7 +418,7 @@ impl Plugin for Quota {
         )?;
         if self.legacy_headers && !tighter_legacy_present(response, d.remaining) {
             response.insert_header(X_LIMIT, self.policy.quota.to_string())?;
-            response.insert_header("x-ratelimit-remaining", d.remaining.to_string())?;
+            response.insert_header(X_REMAINING_NAME, d.remaining.to_string())?;
             response.insert_header(X_RESET, reset.to_string())?;
         }
         Ok(())

@@ -35,9 +35,14 @@ pub use parse::{parse_traceparent, ParsedTraceparent};
 
 use crate::{BuildError, DynPlugin, Erased, Flow, Hooks, Plugin, RequestCtx, Result, TraceContext};
 
-pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
-pub const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
-pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+// Each name spelled once: the `&'static str` is what Pingora's `insert_header` takes without
+// copying a `HeaderName` into its case map; the `HeaderName` is for lookups.
+pub const TRACEPARENT_NAME: &str = "traceparent";
+pub const TRACESTATE_NAME: &str = "tracestate";
+pub const X_REQUEST_ID_NAME: &str = "x-request-id";
+pub const TRACEPARENT: HeaderName = HeaderName::from_static(TRACEPARENT_NAME);
+pub const TRACESTATE: HeaderName = HeaderName::from_static(TRACESTATE_NAME);
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static(X_REQUEST_ID_NAME);
 
 /// Longest `tracestate` passed on (the spec asks for at least 512 characters).
 const MAX_TRACESTATE: usize = 8192;
@@ -158,15 +163,15 @@ impl Plugin for Trace {
         _state: &mut (),
     ) -> Result<()> {
         if let Some(trace) = &ctx.trace {
-            upstream_request.insert_header("traceparent", trace.traceparent())?;
+            upstream_request.insert_header(TRACEPARENT_NAME, trace.traceparent())?;
             match &trace.tracestate {
-                Some(state) => upstream_request.insert_header("tracestate", state.as_str())?,
+                Some(state) => upstream_request.insert_header(TRACESTATE_NAME, state.as_str())?,
                 None => {
                     upstream_request.remove_header(&TRACESTATE);
                 }
             }
         }
-        upstream_request.insert_header("x-request-id", ctx.request_id.as_str())?;
+        upstream_request.insert_header(X_REQUEST_ID_NAME, ctx.request_id.as_str())?;
         Ok(())
     }
 
@@ -180,9 +185,9 @@ impl Plugin for Trace {
         if !self.echo {
             return Ok(());
         }
-        response.insert_header("x-request-id", ctx.request_id.as_str())?;
+        response.insert_header(X_REQUEST_ID_NAME, ctx.request_id.as_str())?;
         if let Some(trace) = &ctx.trace {
-            response.insert_header("traceparent", trace.traceparent())?;
+            response.insert_header(TRACEPARENT_NAME, trace.traceparent())?;
         }
         Ok(())
     }
