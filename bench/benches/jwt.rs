@@ -40,6 +40,8 @@ fn token(alg: Algorithm, kid: Option<&str>, key: &EncodingKey) -> String {
 }
 
 fn verify(c: &mut Criterion) {
+    // The gateway's backend (ring), chosen before the tokens below are signed.
+    sallyport_plugins::jwt::crypto::install();
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../conf");
     let jwks = format!("{root}/demo-jwks.json");
     let es = EncodingKey::from_ec_pem(

@@ -33,6 +33,8 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .target(env_logger::Target::Stderr)
         .init();
+    // Token signatures are checked with ring; chosen before anything touches jsonwebtoken.
+    sallyport_plugins::jwt::crypto::install();
 
     if cli.check {
         return match sallyport::config::load(&cli.conf) {

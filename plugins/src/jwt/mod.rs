@@ -11,7 +11,8 @@
 //! `exp`, `nbf` (with `leeway`) and `required_claims` are checked. Keys come from
 //! `jwks_file`, `jwks_url` (cached, refreshed, re-fetched on an unknown `kid` at most once
 //! per `jwks_min_refetch`, last good set kept) or an HS `secret`/`secret_env`. Recently
-//! verified tokens are remembered by SHA-256 until their `exp` (`cache_size`).
+//! verified tokens are remembered by SHA-256 until their `exp` (`cache_size`). Signatures
+//! are checked with `ring` (RSA, ECDSA, Ed25519; see `crypto`).
 //!
 //! ```toml
 //! [plugins.jwt]
@@ -28,6 +29,7 @@
 
 mod cache;
 mod config;
+pub mod crypto;
 pub mod keys;
 
 use std::collections::HashMap;
@@ -215,6 +217,7 @@ impl Jwt {
         if !errors.is_empty() {
             return Err(errors);
         }
+        crypto::install();
         let fail = |path: &str, m: String| vec![BuildError::new(path, m)];
         let keys = if let Some(file) = &c.jwks_file {
             let text =
