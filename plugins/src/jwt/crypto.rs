@@ -4,8 +4,9 @@
 //! one in ~285 us on our bench machine; `ring` (already built for rustls) does the same in a
 //! fraction of that, and a token verify is the whole cost of a request that misses the
 //! verified-token cache. RSA (PKCS#1 v1.5 and PSS, 2048 to 8192 bits), ECDSA P-256/P-384 and
-//! Ed25519 go through `ring`; HMAC, RSA keys outside `ring`'s size range and keys given as
-//! DER stay on RustCrypto, so every key that verified before still verifies.
+//! Ed25519 go through `ring`; HMAC, RSA keys outside `ring`'s size range or given as DER,
+//! and compressed EC points stay on RustCrypto, so every key that verified before still
+//! verifies.
 //!
 //! The backend is chosen once per process ([`install`], called when a `jwt` plugin is
 //! built), before any token is checked; `jsonwebtoken` keeps it for the process's life.
@@ -173,6 +174,66 @@ mod tests {
         }
         // A 1024-bit key is outside ring's range: RustCrypto checks it, as before.
         assert!(verifier(&Algorithm::RS256, &rsa_key(&[0xc5u8; 128])).is_ok());
+    }
+
+    /// The demo keys: signed by RustCrypto from the private PEM, checked by ring against the
+    /// public JWK, as the gateway does; one flipped bit in the message or signature refuses.
+    #[test]
+    fn ring_accepts_real_signatures_and_refuses_tampered_ones() {
+        let conf = concat!(env!("CARGO_MANIFEST_DIR"), "/../conf");
+        let read = |f: &str| std::fs::read(format!("{conf}/{f}")).unwrap_or_default();
+        let jwks = String::from_utf8(read("demo-jwks.json")).unwrap_or_default();
+        let Ok(set) = crate::jwt::keys::KeySet::from_jwks(&jwks) else {
+            panic!("demo JWKS parses");
+        };
+        let cases = [
+            (
+                Algorithm::RS256,
+                "demo-rs256",
+                EncodingKey::from_rsa_pem(&read("demo-keys/demo-rs256.pem")),
+            ),
+            (
+                Algorithm::PS256,
+                "demo-rs256",
+                EncodingKey::from_rsa_pem(&read("demo-keys/demo-rs256.pem")),
+            ),
+            (
+                Algorithm::ES256,
+                "demo-es256",
+                EncodingKey::from_ec_pem(&read("demo-keys/demo-es256.pem")),
+            ),
+        ];
+        let msg = b"eyJhbGciOi.eyJzdWIiOiJ1In0".to_vec();
+        for (alg, kid, private) in cases {
+            let Ok(private) = private else {
+                panic!("{kid} private key loads");
+            };
+            let signed = signer(&alg, &private)
+                .ok()
+                .and_then(|s| signature::Signer::try_sign(&*s, &msg).ok());
+            let (Some(signed), Some(key)) = (
+                signed,
+                set.keys.iter().find(|k| k.kid.as_deref() == Some(kid)),
+            ) else {
+                panic!("{alg:?}: sign and find the public key");
+            };
+            let Ok(check) = verifier(&alg, &key.key) else {
+                panic!("{alg:?}: a verifier");
+            };
+            assert!(check.verify(&msg, &signed).is_ok(), "{alg:?} verifies");
+            let mut bad_sig = signed.clone();
+            bad_sig[10] ^= 1;
+            assert!(
+                check.verify(&msg, &bad_sig).is_err(),
+                "{alg:?} tampered signature"
+            );
+            let mut bad_msg = msg.clone();
+            bad_msg[3] ^= 1;
+            assert!(
+                check.verify(&bad_msg, &signed).is_err(),
+                "{alg:?} tampered message"
+            );
+        }
     }
 
     #[test]
