@@ -30,11 +30,16 @@ pub static PROVIDER: CryptoProvider = CryptoProvider {
     },
 };
 
-/// Makes [`PROVIDER`] this process's `jsonwebtoken` backend, unless one was chosen already
-/// (then that one stays: RustCrypto gives the same answers, only slower).
+/// Makes [`PROVIDER`] this process's `jsonwebtoken` backend, unless another was chosen
+/// already (then that one stays: RustCrypto gives the same answers, only slower).
 pub fn install() {
-    if PROVIDER.install_default().is_err() {
-        log::debug!("jwt: a jsonwebtoken crypto backend was already chosen; keeping it");
+    if let Err(chosen) = PROVIDER.install_default() {
+        if !std::ptr::eq(chosen, &PROVIDER) {
+            log::warn!(
+                "jwt: jsonwebtoken's crypto backend was chosen before Sallyport's; \
+                 token signatures will be checked without ring (slower)"
+            );
+        }
     }
 }
 
