@@ -181,3 +181,117 @@ async fn request_ids_are_kept_when_sane_and_echoed_everywhere() {
         "{ids:?}"
     );
 }
+
+/// W3C Trace Context 3.3.1 (tracestate header) and 3.5 (mutating tracestate): an invalid
+/// `tracestate` is dropped whole; a valid one, on one line or several, is passed on in order.
+#[tokio::test]
+async fn tracestate_is_validated_and_several_lines_are_one_list() {
+    let up = mock("app").await;
+    let gw = gateway(&up).await;
+    let long_key = format!("a{}=v", "b".repeat(256));
+    let too_many: Vec<String> = (0..33).map(|i| format!("k{i}=v")).collect();
+    let too_many = too_many.join(",");
+    let cases: Vec<(Vec<&str>, Option<&str>)> = vec![
+        (vec!["vendor=abc"], Some("vendor=abc")),
+        (vec!["a=1", "b=2"], Some("a=1,b=2")),
+        (vec!["a=1,,b=2"], Some("a=1,b=2")),
+        (vec!["tenant@sys=x,k=y"], Some("tenant@sys=x,k=y")),
+        (vec!["Vendor=abc"], None),
+        (vec!["a=1", "a=2"], None),
+        (vec!["a=1,b"], None),
+        (vec!["a=x=y"], None),
+        (vec!["t@Sys=1"], None),
+        (vec![long_key.as_str()], None),
+        (vec![too_many.as_str()], None),
+    ];
+    let mut sent_lines = Vec::new();
+    for (i, (lines, want)) in cases.iter().enumerate() {
+        let mut head = format!(
+            "GET /echo/ts{i} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\ntraceparent: {VALID}\r\n"
+        );
+        for l in lines {
+            head.push_str(&format!("tracestate: {l}\r\n"));
+        }
+        head.push_str("\r\n");
+        assert_eq!(raw(gw.addr, head.as_bytes()).await.status, 200);
+        let got = up.requests().pop().unwrap();
+        assert_eq!(got.header("tracestate"), *want, "{lines:?}");
+        sent_lines.push(got.header("traceparent").map(str::to_string));
+    }
+    assert!(
+        sent_lines.iter().all(|tp| tp
+            .as_deref()
+            .is_some_and(|t| t.contains("4bf92f3577b34da6a3ce929d0e0e4736"))),
+        "an invalid tracestate does not invalidate the traceparent: {sent_lines:?}"
+    );
+}
+
+async fn behind_proxy(up: &MockServer, extra: &str) -> Gateway {
+    let config = format!(
+        "{}\n[upstreams.app]\nendpoints = [\"{}\"]\n[[routes]]\nname = \"app\"\npath_prefix = \"/\"\nupstream = \"app\"\n",
+        server(&format!("trusted_proxies = [\"127.0.0.1/32\"]\n{extra}")),
+        up.addr()
+    );
+    Gateway::start(&config).await
+}
+
+async fn logged_client(gw: &Gateway, path: &str) -> String {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        if let Some(line) = gw.access_log().into_iter().find(|l| l["path"] == path) {
+            return line["client"].as_str().unwrap_or_default().to_string();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no access-log line for {path}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+/// RFC 9110 5.3: several X-Forwarded-For field lines are one list. A client-supplied first
+/// line must not win over the line a load balancer appended; the whole chain goes upstream.
+#[tokio::test]
+async fn every_forwarded_for_line_counts_and_the_whole_chain_is_forwarded() {
+    let up = mock("app").await;
+    let gw = behind_proxy(&up, "").await;
+    let two_lines = "GET /two HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
+                     X-Forwarded-For: 1.2.3.4\r\nX-Forwarded-For: 5.6.7.8\r\n\r\n";
+    assert_eq!(raw(gw.addr, two_lines.as_bytes()).await.status, 200);
+    let one_line = "GET /one HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
+                    X-Forwarded-For: 1.2.3.4, 5.6.7.8\r\n\r\n";
+    assert_eq!(raw(gw.addr, one_line.as_bytes()).await.status, 200);
+    assert_eq!(logged_client(&gw, "/two").await, "5.6.7.8");
+    assert_eq!(logged_client(&gw, "/one").await, "5.6.7.8");
+    let got = up.requests();
+    for r in &got {
+        assert_eq!(
+            r.header_all("x-forwarded-for"),
+            ["1.2.3.4, 5.6.7.8, 127.0.0.1"],
+            "{}",
+            r.uri
+        );
+    }
+}
+
+/// RFC 7239: with `client_ip_header = "forwarded"` the client comes from `Forwarded` alone
+/// (never X-Forwarded-For), and this hop is appended to the chain sent upstream.
+#[tokio::test]
+async fn forwarded_header_names_the_client_when_configured() {
+    let up = mock("app").await;
+    let gw = behind_proxy(&up, "client_ip_header = \"forwarded\"").await;
+    let req = "GET /fwd HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
+               Forwarded: for=1.2.3.4\r\nForwarded: for=\"[2001:db8::17]:4711\";proto=https\r\n\
+               X-Forwarded-For: 6.6.6.6\r\n\r\n";
+    assert_eq!(raw(gw.addr, req.as_bytes()).await.status, 200);
+    assert_eq!(logged_client(&gw, "/fwd").await, "2001:db8::17");
+    let got = up.requests().pop().unwrap();
+    assert_eq!(
+        got.header("forwarded"),
+        Some("for=1.2.3.4, for=\"[2001:db8::17]:4711\";proto=https, for=127.0.0.1;proto=http;host=\"localhost\"")
+    );
+    let (code, _, err) =
+        check("[server]\nlisten = [\"127.0.0.1:8080\"]\nclient_ip_header = \"x-real-ip\"\n");
+    assert_eq!(code, 1);
+    assert!(err.contains("server.client_ip_header"), "{err}");
+}

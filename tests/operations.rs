@@ -348,3 +348,69 @@ async fn upgrade_hands_over_listeners_without_refusing_connections() {
     );
     assert!(ok > 10);
 }
+
+/// SIGHUP's default action is to terminate: one arriving while the process starts (here: while
+/// it waits to read its config from a FIFO) must be survived, not kill it with exit 129.
+#[tokio::test]
+async fn sighup_during_start_up_does_not_kill_the_gateway() {
+    let up = mock("app").await;
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("sallyport.toml");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let (listen, admin) = (free_port(), free_port());
+    let text = config(&up, "/")
+        .replace("{{listen}}", &format!("127.0.0.1:{listen}"))
+        .replace("{{admin}}", &format!("127.0.0.1:{admin}"))
+        .replace("{{dir}}", &dir.path().display().to_string());
+    let mut child = std::process::Command::new(gateway_bin())
+        .arg("-c")
+        .arg(&fifo)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // The process blocks opening the FIFO; wait until it catches SIGHUP (bit 0 of SigCgt).
+    let status = format!("/proc/{}/status", child.id());
+    let catches_hup = || {
+        std::fs::read_to_string(&status).ok().and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("SigCgt:"))
+                .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+                .map(|mask| mask & 1 == 1)
+        }) == Some(true)
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !catches_hup() {
+        assert!(
+            Instant::now() < deadline,
+            "no SIGHUP handler before the config is read"
+        );
+        assert!(child.try_wait().unwrap().is_none());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let kill = |pid: u32| {
+        std::process::Command::new("kill")
+            .args(["-HUP", &pid.to_string()])
+            .status()
+            .unwrap()
+    };
+    assert!(kill(child.id()).success());
+    std::fs::write(&fifo, text).unwrap();
+    let url = format!("http://127.0.0.1:{listen}/api/x");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        assert_eq!(child.try_wait().unwrap(), None, "the gateway died");
+        if let Ok(r) = client().get(&url).send().await {
+            assert_eq!(r.status(), 200);
+            break;
+        }
+        assert!(Instant::now() < deadline, "gateway never served");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}

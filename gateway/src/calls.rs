@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use pingora::connectors::http::Connector;
 use pingora::http::RequestHeader;
-use sallyport_plugins::{CallError, UpstreamRequest, UpstreamResponse, Upstreams};
+use sallyport_plugins::{CallError, RequestCtx, UpstreamRequest, UpstreamResponse, Upstreams};
 
 use crate::upstream::Pool;
 
@@ -105,7 +105,7 @@ impl PoolCalls {
     ) -> Result<UpstreamResponse, CallError> {
         let mut tried: Vec<SocketAddr> = Vec::new();
         loop {
-            let Some(backend) = pool.select(b"", &tried) else {
+            let Some(backend) = pool.select(req.balance_key.as_deref(), &tried) else {
                 return Err(if tried.is_empty() {
                     CallError::Unavailable(pool.name.to_string())
                 } else {
@@ -119,12 +119,15 @@ impl PoolCalls {
             };
             tried.push(addr);
             let peer = pool.peer(&backend);
-            match self.attempt(pool, &addr.to_string(), &peer, &req).await {
+            let host = pool
+                .host_header(&addr)
+                .map_or_else(|| addr.to_string(), str::to_string);
+            match self.attempt(pool, &host, &peer, &req).await {
                 Ok(resp) => return Ok(resp),
                 Err((err, connected)) => {
-                    let may_retry = !connected
-                        && req.method.is_idempotent()
-                        && tried.len() <= pool.config.retries;
+                    // Nothing reached the upstream when connecting failed: any method may
+                    // go to another endpoint, as proxied requests do.
+                    let may_retry = !connected && tried.len() <= pool.config.retries;
                     if !may_retry {
                         return Err(err);
                     }
@@ -148,6 +151,19 @@ fn call_error(e: &pingora::Error) -> CallError {
 impl Upstreams for PoolCalls {
     fn has(&self, upstream: &str) -> bool {
         self.pools.contains_key(upstream)
+    }
+
+    fn balance_key(
+        &self,
+        upstream: &str,
+        req: &RequestHeader,
+        ctx: &RequestCtx,
+    ) -> Option<Vec<u8>> {
+        let pool = self.pools.get(upstream)?;
+        if pool.config.balance != crate::config::Balance::ConsistentHash {
+            return None;
+        }
+        pool.hash_key.value(req, ctx).map(String::into_bytes)
     }
 
     async fn send(

@@ -54,9 +54,13 @@ pub struct ServerConfig {
     /// it stays open; `0` reads straight into the request buffers.
     #[serde(default = "default_read_buffer")]
     pub read_buffer: ByteSize,
-    /// Peers whose `X-Forwarded-For` is believed, as CIDRs or addresses.
+    /// Peers whose `X-Forwarded-For` (or `Forwarded`) is believed, as CIDRs or addresses.
     #[serde(default)]
     pub trusted_proxies: Vec<String>,
+    /// Which header names the client behind `trusted_proxies`: `"x-forwarded-for"` or the
+    /// RFC 7239 `"forwarded"`. Only this one is read, never both.
+    #[serde(default)]
+    pub client_ip_header: ClientIpHeader,
     /// Plugins that run first on every route, in order.
     #[serde(default)]
     pub plugins: Vec<String>,
@@ -81,6 +85,16 @@ pub struct TlsListener {
     pub listen: String,
     pub cert: String,
     pub key: String,
+}
+
+/// `server.client_ip_header`.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+pub enum ClientIpHeader {
+    #[default]
+    #[serde(rename = "x-forwarded-for")]
+    XForwardedFor,
+    #[serde(rename = "forwarded")]
+    Forwarded,
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
@@ -118,9 +132,14 @@ pub struct UpstreamConfig {
     /// Speak TLS to the endpoints.
     #[serde(default)]
     pub tls: bool,
-    /// SNI (and certificate name) for TLS; defaults to the endpoint host.
+    /// SNI (and certificate name) for TLS; defaults to the endpoint's host name as written
+    /// in `endpoints` (its IP address when written as one).
     #[serde(default)]
     pub sni: Option<String>,
+    /// Send the client's `Host` upstream (`true`), or the endpoint's host as written in
+    /// `endpoints` (`false`, for virtual-hosted upstreams).
+    #[serde(default = "default_true")]
+    pub preserve_host: bool,
     /// Active health checks; without this table endpoints count as healthy.
     #[serde(default)]
     pub health: Option<HealthConfig>,
@@ -474,6 +493,16 @@ fn check_listen_addr(
     }
 }
 
+/// An HTTP health-check path as the request target it becomes: starts with `/` and is a
+/// valid URI (`/healthz`, `/status?full=1`).
+pub fn health_path(path: &str) -> Result<http::Uri, String> {
+    if !path.starts_with('/') {
+        return Err(format!("{path:?} must start with /"));
+    }
+    path.parse::<http::Uri>()
+        .map_err(|e| format!("{path:?} is not a valid request path: {e}"))
+}
+
 /// Parses a CIDR or a bare address (as a /32 or /128).
 pub fn parse_net(s: &str) -> Option<ipnet::IpNet> {
     s.parse::<ipnet::IpNet>()
@@ -606,8 +635,10 @@ fn validate_upstream(path: &str, up: &UpstreamConfig, errors: &mut Vec<ConfigErr
                 "must be at least 1",
             ));
         }
-        if h.kind == HealthKind::Http && !h.path.starts_with('/') {
-            errors.push(ConfigError::new(format!("{hp}.path"), "must start with /"));
+        if h.kind == HealthKind::Http {
+            if let Err(m) = health_path(&h.path) {
+                errors.push(ConfigError::new(format!("{hp}.path"), m));
+            }
         }
         for (i, s) in h.expected_status.iter().enumerate() {
             if !(100..=599).contains(s) {

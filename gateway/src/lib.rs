@@ -9,6 +9,7 @@
 pub mod access_log;
 pub mod admin;
 pub mod calls;
+pub mod client_ip;
 pub mod config;
 pub mod metrics;
 pub mod path;
@@ -186,6 +187,15 @@ impl BackgroundService for ReloadOnHangup {
     }
 }
 
+/// Replaces SIGHUP's default action (terminate) with "remember it", so a SIGHUP sent while
+/// the process starts (before the reload service listens) cannot kill it. Call first thing
+/// in `main`, before the config is read; the reload service receives later signals through
+/// tokio as well.
+pub fn survive_early_hangups() -> std::io::Result<()> {
+    let hangup_seen = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGHUP, hangup_seen).map(|_| ())
+}
+
 /// Command-line switches that reach Pingora.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct RunOptions {
@@ -198,11 +208,6 @@ pub struct RunOptions {
 /// Builds the Pingora server for a loaded gateway and runs it until shutdown.
 pub fn run(shared: Arc<Shared>, options: RunOptions) -> anyhow::Result<()> {
     let server_conf = shared.snapshot.load().config.server.clone();
-
-    // Installed before anything else runs, so an early SIGHUP never kills the process (the
-    // default action); the reload service receives the signal through tokio as well.
-    let hangup_seen = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    signal_hook::flag::register(signal_hook::consts::SIGHUP, hangup_seen)?;
 
     let conf = ServerConf {
         threads: server_conf.threads,

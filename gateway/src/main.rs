@@ -29,6 +29,11 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
+    // Before anything else: a SIGHUP during start-up must not kill the process.
+    if let Err(e) = sallyport::survive_early_hangups() {
+        eprintln!("sallyport: cannot install the SIGHUP handler: {e}");
+        return ExitCode::FAILURE;
+    }
     let cli = Cli::parse();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .target(env_logger::Target::Stderr)

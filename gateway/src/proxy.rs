@@ -17,6 +17,7 @@ use sallyport_plugins::trace::{X_REQUEST_ID, X_REQUEST_ID_NAME};
 use sallyport_plugins::{request_id, ApiError, ErasedState, Flow, Reply, RequestCtx};
 
 use crate::access_log::AccessRecord;
+use crate::config::ClientIpHeader;
 use crate::metrics::{method_label, status_label};
 use crate::path::normalize;
 use crate::router::{request_host, Lookup};
@@ -28,6 +29,7 @@ use crate::Shared;
 const X_FORWARDED_FOR_NAME: &str = "x-forwarded-for";
 const X_FORWARDED_PROTO_NAME: &str = "x-forwarded-proto";
 const X_FORWARDED_HOST_NAME: &str = "x-forwarded-host";
+const FORWARDED_NAME: &str = "forwarded";
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static(X_FORWARDED_FOR_NAME);
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static(X_FORWARDED_PROTO_NAME);
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static(X_FORWARDED_HOST_NAME);
@@ -140,27 +142,12 @@ impl Gateway {
 
     fn client_ip(&self, session: &Session, snapshot: &Snapshot) -> Option<IpAddr> {
         let peer = session.client_addr()?.as_inet()?.ip();
-        if snapshot.trusted_proxies.is_empty() || !snapshot.is_trusted_proxy(peer) {
-            return Some(peer);
-        }
-        // Walk X-Forwarded-For from the right: the first hop that is not a trusted proxy is
-        // the client. Unparseable entries end the walk (everything left of them is forgeable).
-        let mut client = peer;
-        for value in session.req_header().headers.get_all(&X_FORWARDED_FOR) {
-            let Ok(s) = value.to_str() else { break };
-            for hop in s.rsplit(',') {
-                match hop.trim().parse::<IpAddr>() {
-                    Ok(ip) => {
-                        client = ip;
-                        if !snapshot.is_trusted_proxy(ip) {
-                            return Some(ip);
-                        }
-                    }
-                    Err(_) => return Some(client),
-                }
-            }
-        }
-        Some(client)
+        Some(crate::client_ip::client_ip(
+            peer,
+            &session.req_header().headers,
+            &snapshot.trusted_proxies,
+            snapshot.client_ip_header,
+        ))
     }
 
     /// The error a failed request answers with.
@@ -207,6 +194,76 @@ impl Gateway {
             ),
             other => ApiError::new(other, "error", "the request failed"),
         })
+    }
+
+    /// `X-Forwarded-For/Proto/Host`, and `Forwarded` when it is the configured client-address
+    /// header. From a trusted proxy the whole incoming chain (every field line) is kept and
+    /// this hop appended; from anyone else the chain starts at the peer.
+    fn forwarding_headers(
+        &self,
+        session: &Session,
+        upstream_request: &mut RequestHeader,
+        ctx: &Ctx,
+        peer: IpAddr,
+    ) -> Result<()> {
+        let Some(snapshot) = ctx.snapshot.as_ref() else {
+            return Ok(());
+        };
+        let trusted = snapshot.is_trusted_proxy(peer);
+        let https = session
+            .digest()
+            .and_then(|d| d.ssl_digest.as_ref())
+            .is_some();
+        let chain = |name: &HeaderName| {
+            trusted
+                .then(|| crate::client_ip::joined(&upstream_request.headers, name))
+                .flatten()
+        };
+        // Static names (see the constants) and static values where possible.
+        let xff = match chain(&X_FORWARDED_FOR) {
+            Some(prev) => format!("{prev}, {peer}"),
+            None => peer.to_string(),
+        };
+        if snapshot.client_ip_header == ClientIpHeader::Forwarded {
+            let host = session
+                .req_header()
+                .headers
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok());
+            let hop = crate::client_ip::forwarded_element(
+                peer,
+                if https { "https" } else { "http" },
+                host,
+            );
+            let forwarded = match chain(&crate::client_ip::FORWARDED) {
+                Some(prev) => format!("{prev}, {hop}"),
+                None => hop,
+            };
+            upstream_request.insert_header(FORWARDED_NAME, forwarded)?;
+        }
+        upstream_request.insert_header(X_FORWARDED_FOR_NAME, xff)?;
+        if !trusted || !upstream_request.headers.contains_key(&X_FORWARDED_PROTO) {
+            let proto = if https {
+                HeaderValue::from_static("https")
+            } else {
+                HeaderValue::from_static("http")
+            };
+            upstream_request.insert_header(X_FORWARDED_PROTO_NAME, proto)?;
+        }
+        if !trusted || !upstream_request.headers.contains_key(&X_FORWARDED_HOST) {
+            match session
+                .req_header()
+                .headers
+                .get(http::header::HOST)
+                .cloned()
+            {
+                Some(host) => upstream_request.insert_header(X_FORWARDED_HOST_NAME, host)?,
+                None => {
+                    upstream_request.remove_header(&X_FORWARDED_HOST);
+                }
+            }
+        }
+        Ok(())
     }
 
     fn upstream_outcome(&self, ctx: &Ctx, outcome: &str) {
@@ -387,14 +444,12 @@ impl ProxyHttp for Gateway {
             .clone()
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "route has no upstream"))?;
         let key = match pool.config.balance {
-            crate::config::Balance::ConsistentHash => pool
-                .hash_key
-                .value(session.req_header(), &ctx.req)
-                .unwrap_or_default()
-                .into_bytes(),
-            _ => Vec::new(),
+            crate::config::Balance::ConsistentHash => {
+                pool.hash_key.value(session.req_header(), &ctx.req)
+            }
+            _ => None,
         };
-        let Some(backend) = pool.select(&key, &ctx.tried) else {
+        let Some(backend) = pool.select(key.as_deref().map(str::as_bytes), &ctx.tried) else {
             let err = if ctx.tried.is_empty() {
                 self.upstream_outcome(ctx, "unavailable");
                 ApiError::new(
@@ -431,10 +486,12 @@ impl ProxyHttp for Gateway {
         Ok(Box::new(peer))
     }
 
-    /// Retries a failed connect on another endpoint, for idempotent methods, up to `retries`.
+    /// Retries a failed connect on another endpoint, up to `retries`, for every method: nothing
+    /// was sent, so a second endpoint cannot see the request twice. (Failures after the
+    /// connection was made are not retried at all.)
     fn fail_to_connect(
         &self,
-        session: &mut Session,
+        _session: &mut Session,
         _peer: &HttpPeer,
         ctx: &mut Ctx,
         mut e: Box<Error>,
@@ -450,7 +507,7 @@ impl ProxyHttp for Gateway {
             .as_ref()
             .and_then(|r| r.upstream.as_ref())
             .map_or(0, |p| p.config.retries);
-        if session.req_header().method.is_idempotent() && ctx.tried.len() <= retries {
+        if ctx.tried.len() <= retries {
             e.set_retry(true);
         }
         e
@@ -492,43 +549,12 @@ impl ProxyHttp for Gateway {
             .and_then(|a| a.as_inet())
             .map(|a| a.ip())
         {
-            let trusted = ctx
-                .snapshot
-                .as_ref()
-                .is_some_and(|s| s.is_trusted_proxy(peer));
-            // Static names (see the constants) and static values where possible.
-            let xff = match upstream_request
-                .headers
-                .get(&X_FORWARDED_FOR)
-                .and_then(|v| v.to_str().ok())
-            {
-                Some(prev) if trusted => format!("{prev}, {peer}"),
-                _ => peer.to_string(),
-            };
-            upstream_request.insert_header(X_FORWARDED_FOR_NAME, xff)?;
-            if !trusted || !upstream_request.headers.contains_key(&X_FORWARDED_PROTO) {
-                let proto = if session
-                    .digest()
-                    .and_then(|d| d.ssl_digest.as_ref())
-                    .is_some()
-                {
-                    HeaderValue::from_static("https")
-                } else {
-                    HeaderValue::from_static("http")
-                };
-                upstream_request.insert_header(X_FORWARDED_PROTO_NAME, proto)?;
-            }
-            if !trusted || !upstream_request.headers.contains_key(&X_FORWARDED_HOST) {
-                match session
-                    .req_header()
-                    .headers
-                    .get(http::header::HOST)
-                    .cloned()
-                {
-                    Some(host) => upstream_request.insert_header(X_FORWARDED_HOST_NAME, host)?,
-                    None => {
-                        upstream_request.remove_header(&X_FORWARDED_HOST);
-                    }
+            self.forwarding_headers(session, upstream_request, ctx, peer)?;
+        }
+        if let (Some(pool), Some(addr)) = (&route.upstream, ctx.tried.last()) {
+            if !pool.config.preserve_host {
+                if let Some(host) = pool.host_header(addr) {
+                    upstream_request.insert_header(http::header::HOST, host)?;
                 }
             }
         }

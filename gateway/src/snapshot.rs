@@ -13,7 +13,7 @@ use sallyport_plugins::{BuildEnv, BuiltPlugin, DynPlugin, Hooks, PluginMetrics, 
 
 use crate::calls::PoolCalls;
 
-use crate::config::{parse_net, Config, ConfigError, ConfigErrors, EscapedSlashes};
+use crate::config::{parse_net, ClientIpHeader, Config, ConfigError, ConfigErrors, EscapedSlashes};
 use crate::router::{config_path, HostPattern, RouteMatch, Router};
 use crate::upstream::Pool;
 
@@ -72,6 +72,7 @@ pub struct Snapshot {
     /// Headers that plugins set from verified credentials: removed from every request.
     pub trusted_headers: HeaderSet,
     pub trusted_proxies: Vec<IpNet>,
+    pub client_ip_header: ClientIpHeader,
     pub max_body: u64,
     pub escaped_slashes: EscapedSlashes,
 }
@@ -89,13 +90,11 @@ impl Snapshot {
 
         let mut pools = BTreeMap::new();
         for (name, up) in &config.upstreams {
-            let reused = previous
-                .and_then(|p| p.pools.get(name))
-                .filter(|p| p.same_config(up))
-                .cloned();
+            let before = previous.and_then(|p| p.pools.get(name));
+            let reused = before.filter(|p| p.same_config(up)).cloned();
             match reused
                 .map(Ok)
-                .unwrap_or_else(|| Pool::build(name, up).map(Arc::new))
+                .unwrap_or_else(|| Pool::build(name, up, before.map(|p| &**p)).map(Arc::new))
             {
                 Ok(pool) => {
                     pools.insert(name.clone(), pool);
@@ -230,6 +229,7 @@ impl Snapshot {
             plugins,
             trusted_headers: HeaderSet::from_names(trusted),
             trusted_proxies,
+            client_ip_header: config.server.client_ip_header,
             max_body: config.server.max_body.get(),
             escaped_slashes: config.server.escaped_slashes,
             config,
@@ -238,7 +238,7 @@ impl Snapshot {
 
     /// Whether `ip` is one of `server.trusted_proxies`.
     pub fn is_trusted_proxy(&self, ip: IpAddr) -> bool {
-        self.trusted_proxies.iter().any(|n| n.contains(&ip))
+        crate::client_ip::is_trusted(&self.trusted_proxies, ip)
     }
 
     /// All pools ready (first health-check pass done).

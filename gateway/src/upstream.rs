@@ -1,11 +1,17 @@
 //! Upstream pools: Pingora load balancers (round robin, random, consistent hash; weighted)
-//! with active HTTP/TCP health checks driven by the gateway's own background task, so pools
-//! swapped in by a reload are checked too.
+//! over endpoints whose health the gateway tracks itself.
+//!
+//! Health lives in one [`EndpointHealth`] per endpoint, shared by the pools of successive
+//! snapshots that list the same address under the same pool name: a reload that rebuilds a
+//! pool keeps what the checks learned, so a dead endpoint stays out of rotation. An endpoint
+//! of a pool with active checks is not used until its first check passes; one of a pool
+//! without checks counts as healthy. Checks are driven by the gateway's background task over
+//! the current snapshot, so pools swapped in by a reload are checked too.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use parking_lot::Mutex;
 use pingora::lb::discovery::Static;
@@ -14,7 +20,9 @@ use pingora::lb::selection::{Consistent, Random, RoundRobin};
 use pingora::lb::{Backend, Backends, LoadBalancer};
 use pingora::upstreams::peer::HttpPeer;
 
-use crate::config::{parse_endpoint, Balance, HealthConfig, HealthKind, UpstreamConfig};
+use crate::config::{
+    health_path, parse_endpoint, Balance, HealthConfig, HealthKind, UpstreamConfig,
+};
 use crate::snapshot::RequestKey;
 
 /// Bound on the selection walk (Pingora's `max_iterations`).
@@ -23,33 +31,92 @@ const MAX_SELECT_ITERATIONS: usize = 256;
 enum Balancer {
     RoundRobin(LoadBalancer<RoundRobin>),
     Random(LoadBalancer<Random>),
-    Hash(LoadBalancer<Consistent>),
+    /// Consistent hashing, and round robin over the same endpoints for requests that lack
+    /// the hash key (hashing an empty key would send all of them to one endpoint).
+    Hash(LoadBalancer<Consistent>, LoadBalancer<RoundRobin>),
 }
 
 impl Balancer {
-    fn backends(&self) -> &Backends {
-        match self {
-            Balancer::RoundRobin(lb) => lb.backends(),
-            Balancer::Random(lb) => lb.backends(),
-            Balancer::Hash(lb) => lb.backends(),
+    fn select(&self, key: Option<&[u8]>, accept: impl Fn(&Backend) -> bool) -> Option<Backend> {
+        let accept = |b: &Backend, _pingora_health: bool| accept(b);
+        match (self, key) {
+            (Balancer::RoundRobin(lb), _) => lb.select_with(b"", MAX_SELECT_ITERATIONS, accept),
+            (Balancer::Random(lb), _) => lb.select_with(b"", MAX_SELECT_ITERATIONS, accept),
+            (Balancer::Hash(lb, _), Some(key)) => {
+                lb.select_with(key, MAX_SELECT_ITERATIONS, accept)
+            }
+            (Balancer::Hash(_, rr), None) => rr.select_with(b"", MAX_SELECT_ITERATIONS, accept),
+        }
+    }
+}
+
+/// The health of one endpoint as active checks see it.
+#[derive(Debug)]
+pub struct EndpointHealth {
+    /// Read on every selection; written by checks.
+    healthy: AtomicBool,
+    /// At least one check completed.
+    checked: AtomicBool,
+    /// Consecutive results of the same kind: `(last result, how many)`.
+    streak: Mutex<(bool, usize)>,
+}
+
+impl EndpointHealth {
+    fn new(healthy: bool) -> Self {
+        EndpointHealth {
+            healthy: AtomicBool::new(healthy),
+            checked: AtomicBool::new(false),
+            streak: Mutex::new((healthy, 0)),
         }
     }
 
-    fn select(&self, key: &[u8], accept: impl Fn(&Backend, bool) -> bool) -> Option<Backend> {
-        match self {
-            Balancer::RoundRobin(lb) => lb.select_with(key, MAX_SELECT_ITERATIONS, accept),
-            Balancer::Random(lb) => lb.select_with(key, MAX_SELECT_ITERATIONS, accept),
-            Balancer::Hash(lb) => lb.select_with(key, MAX_SELECT_ITERATIONS, accept),
-        }
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Acquire)
     }
+
+    /// Records one check result. The first check decides on its own (an endpoint is not used
+    /// before it passes one); later ones flip the state after `healthy_after` successes or
+    /// `unhealthy_after` failures in a row. Returns the new state when it changed.
+    fn observe(&self, ok: bool, h: &HealthConfig) -> Option<bool> {
+        let mut streak = self.streak.lock();
+        if streak.0 == ok {
+            streak.1 += 1;
+        } else {
+            *streak = (ok, 1);
+        }
+        let was = self.is_healthy();
+        let first = !self.checked.swap(true, Ordering::AcqRel);
+        let now = if first {
+            ok
+        } else if ok {
+            was || streak.1 >= h.healthy_after
+        } else {
+            was && streak.1 < h.unhealthy_after
+        };
+        self.healthy.store(now, Ordering::Release);
+        (now != was).then_some(now)
+    }
+}
+
+/// One endpoint of a pool.
+struct Endpoint {
+    backend: Backend,
+    addr: SocketAddr,
+    /// `ip:port`, the metric label.
+    label: String,
+    /// The host as written in `endpoints` (a name or an IP), for SNI.
+    host: String,
+    /// `host[:port]` as written, for the `Host` header when `preserve_host = false`.
+    authority: String,
+    health: Arc<EndpointHealth>,
 }
 
 /// Scheduling state of a pool's active health checks.
 struct HealthSchedule {
-    interval: Duration,
+    config: HealthConfig,
+    check: Box<dyn HealthCheck + Send + Sync>,
     next_due: Mutex<Instant>,
     running: AtomicBool,
-    first_pass_done: AtomicBool,
 }
 
 /// A named, health-checked pool of endpoints.
@@ -58,77 +125,119 @@ pub struct Pool {
     pub config: UpstreamConfig,
     balancer: Balancer,
     pub hash_key: RequestKey,
-    /// Endpoints in config order, with their metric label.
-    endpoints: Vec<(Backend, String)>,
+    /// Endpoints in config order.
+    endpoints: Vec<Endpoint>,
     health: Option<HealthSchedule>,
 }
 
 impl Pool {
-    /// Builds a pool from a validated config.
-    pub fn build(name: &str, config: &UpstreamConfig) -> Result<Pool, String> {
-        let mut backends = Vec::with_capacity(config.endpoints.len());
+    /// Builds a pool from a validated config. Endpoints that `previous` (the pool of the same
+    /// name in the running snapshot) also has keep their health, when both pools run active
+    /// checks.
+    pub fn build(
+        name: &str,
+        config: &UpstreamConfig,
+        previous: Option<&Pool>,
+    ) -> Result<Pool, String> {
+        let checked = config.health.is_some();
+        let mut endpoints = Vec::with_capacity(config.endpoints.len());
         for e in &config.endpoints {
             let (addr, weight) = parse_endpoint(e)?;
             let backend = Backend::new_with_weight(&addr.to_string(), weight)
                 .map_err(|err| format!("endpoint {e}: {err}"))?;
-            backends.push((backend, addr.to_string()));
+            let (host, authority) = endpoint_names(e, config.tls);
+            let health = previous
+                .filter(|p| checked && p.health.is_some())
+                .and_then(|p| p.endpoints.iter().find(|x| x.addr == addr))
+                .map(|x| Arc::clone(&x.health))
+                .unwrap_or_else(|| Arc::new(EndpointHealth::new(!checked)));
+            endpoints.push(Endpoint {
+                backend,
+                addr,
+                label: addr.to_string(),
+                host,
+                authority,
+                health,
+            });
         }
-        let set = backends.iter().map(|(b, _)| b.clone()).collect();
-        let make_backends = || {
-            let mut b = Backends::new(Static::new(set));
-            if let Some(h) = &config.health {
-                b.set_health_check(health_check(h, config));
-            }
-            b
-        };
+        let set: std::collections::BTreeSet<Backend> =
+            endpoints.iter().map(|e| e.backend.clone()).collect();
+        let make_backends = || Backends::new(Static::new(set.clone()));
         let balancer = match config.balance {
             Balance::RoundRobin => {
                 Balancer::RoundRobin(LoadBalancer::from_backends(make_backends()))
             }
             Balance::Random => Balancer::Random(LoadBalancer::from_backends(make_backends())),
-            Balance::ConsistentHash => Balancer::Hash(LoadBalancer::from_backends(make_backends())),
+            Balance::ConsistentHash => Balancer::Hash(
+                LoadBalancer::from_backends(make_backends()),
+                LoadBalancer::from_backends(make_backends()),
+            ),
         };
         // A static discovery completes immediately; this publishes the endpoints.
         let update = match &balancer {
             Balancer::RoundRobin(lb) => futures_now(lb.update()),
             Balancer::Random(lb) => futures_now(lb.update()),
-            Balancer::Hash(lb) => futures_now(lb.update()),
+            Balancer::Hash(lb, rr) => futures_now(lb.update()).and(futures_now(rr.update())),
         };
         update.map_err(|e| format!("building pool {name}: {e}"))?;
         let hash_key = match &config.hash_key {
             Some(k) => RequestKey::parse(k)?,
             None => RequestKey::Ip,
         };
+        let health = match &config.health {
+            Some(h) => Some(HealthSchedule {
+                config: h.clone(),
+                check: health_check(h, config)?,
+                next_due: Mutex::new(Instant::now()),
+                running: AtomicBool::new(false),
+            }),
+            None => None,
+        };
         Ok(Pool {
             name: Arc::from(name),
             config: config.clone(),
             balancer,
             hash_key,
-            endpoints: backends,
-            health: config.health.as_ref().map(|h| HealthSchedule {
-                interval: h.interval.get(),
-                next_due: Mutex::new(Instant::now()),
-                running: AtomicBool::new(false),
-                first_pass_done: AtomicBool::new(false),
-            }),
+            endpoints,
+            health,
         })
     }
 
-    /// A healthy endpoint not in `exclude`, chosen by the pool's balance (`key` is used by
-    /// consistent hashing). `None` when none is left.
-    pub fn select(&self, key: &[u8], exclude: &[SocketAddr]) -> Option<Backend> {
-        self.balancer.select(key, |b, healthy| {
-            healthy && b.as_inet().is_none_or(|addr| !exclude.contains(addr))
+    /// A healthy endpoint not in `exclude`, chosen by the pool's balance. `key` is the
+    /// consistent-hash key; `None` (the request lacks it) balances round robin instead.
+    /// `None` when no endpoint is left.
+    pub fn select(&self, key: Option<&[u8]>, exclude: &[SocketAddr]) -> Option<Backend> {
+        self.balancer.select(key, |b| {
+            b.as_inet().is_some_and(|addr| {
+                !exclude.contains(addr)
+                    && self
+                        .endpoints
+                        .iter()
+                        .find(|e| e.addr == *addr)
+                        .is_some_and(|e| e.health.is_healthy())
+            })
         })
     }
 
-    /// The peer to proxy to for a selected endpoint, with the pool's timeouts.
+    fn endpoint(&self, addr: &SocketAddr) -> Option<&Endpoint> {
+        self.endpoints.iter().find(|e| e.addr == *addr)
+    }
+
+    /// The `Host` header for requests to this endpoint when `preserve_host = false`: the
+    /// endpoint as written in the config (`api.internal:8443`), without a default port.
+    pub fn host_header(&self, addr: &SocketAddr) -> Option<&str> {
+        self.endpoint(addr).map(|e| e.authority.as_str())
+    }
+
+    /// The peer to proxy to for a selected endpoint, with the pool's timeouts. TLS names the
+    /// endpoint's host as written in the config unless `sni` is set.
     pub fn peer(&self, backend: &Backend) -> HttpPeer {
         let sni = match (&self.config.sni, self.config.tls) {
             (Some(s), _) => s.clone(),
             (None, true) => backend
                 .as_inet()
-                .map(|a| a.ip().to_string())
+                .and_then(|a| self.endpoint(a))
+                .map(|e| e.host.clone())
                 .unwrap_or_default(),
             (None, false) => String::new(),
         };
@@ -144,18 +253,19 @@ impl Pool {
 
     /// `(endpoint, healthy)` for every endpoint, in config order.
     pub fn endpoint_health(&self) -> Vec<(&str, bool)> {
-        let backends = self.balancer.backends();
         self.endpoints
             .iter()
-            .map(|(b, label)| (label.as_str(), backends.ready(b)))
+            .map(|e| (e.label.as_str(), e.health.is_healthy()))
             .collect()
     }
 
-    /// Ready to serve: health checks (if any) completed their first pass.
+    /// Ready to serve: every endpoint of a pool with active checks was checked at least once.
     pub fn is_ready(&self) -> bool {
-        self.health
-            .as_ref()
-            .is_none_or(|h| h.first_pass_done.load(Ordering::Acquire))
+        self.health.is_none()
+            || self
+                .endpoints
+                .iter()
+                .all(|e| e.health.checked.load(Ordering::Acquire))
     }
 
     /// Starts a health-check pass when one is due and none is running. Returns the pass to
@@ -170,16 +280,39 @@ impl Pool {
             if now < *next || schedule.running.swap(true, Ordering::AcqRel) {
                 return None;
             }
-            *next = now + schedule.interval;
+            *next = now + schedule.config.interval.get();
         }
         let pool = Arc::clone(self);
         Some(async move {
-            pool.balancer.backends().run_health_check(true).await;
             if let Some(s) = &pool.health {
-                s.first_pass_done.store(true, Ordering::Release);
+                pool.run_checks(s).await;
                 s.running.store(false, Ordering::Release);
             }
         })
+    }
+
+    /// Checks every endpoint once, concurrently, each bounded by the check timeout.
+    async fn run_checks(&self, s: &HealthSchedule) {
+        // The connect and read timeouts bound one check; this bounds a check that trickles.
+        let limit = s.config.timeout.get() * 2;
+        let checks = self.endpoints.iter().map(|e| async move {
+            let ok = matches!(
+                tokio::time::timeout(limit, s.check.check(&e.backend)).await,
+                Ok(Ok(()))
+            );
+            if let Some(healthy) = e.health.observe(ok, &s.config) {
+                if healthy {
+                    log::info!("upstream {}: endpoint {} is healthy", self.name, e.label);
+                } else {
+                    log::warn!(
+                        "upstream {}: endpoint {} failed its health check",
+                        self.name,
+                        e.label
+                    );
+                }
+            }
+        });
+        futures_util::future::join_all(checks).await;
     }
 
     /// Whether another pool config would build an identical pool (so a reload can keep this
@@ -187,6 +320,28 @@ impl Pool {
     pub fn same_config(&self, other: &UpstreamConfig) -> bool {
         &self.config == other
     }
+}
+
+/// `(host, authority)` of an endpoint as written: `"api.internal:8443@2"` gives
+/// `("api.internal", "api.internal:8443")`; the port is left out of the authority when it is
+/// the scheme's default; `"[::1]:80"` gives `("::1", "[::1]")`.
+fn endpoint_names(endpoint: &str, tls: bool) -> (String, String) {
+    let hostport = endpoint
+        .rsplit_once('@')
+        .map_or(endpoint, |(a, _)| a)
+        .trim();
+    let (host, port) = hostport.rsplit_once(':').unwrap_or((hostport, ""));
+    let default_port = if tls { "443" } else { "80" };
+    let authority = if port == default_port || port.is_empty() {
+        host.to_string()
+    } else {
+        hostport.to_string()
+    };
+    let bare = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    (bare, authority)
 }
 
 fn futures_now<F, T>(f: F) -> Result<T, String>
@@ -201,8 +356,11 @@ where
     }
 }
 
-fn health_check(h: &HealthConfig, up: &UpstreamConfig) -> Box<dyn HealthCheck + Send + Sync> {
-    match h.kind {
+fn health_check(
+    h: &HealthConfig,
+    up: &UpstreamConfig,
+) -> Result<Box<dyn HealthCheck + Send + Sync>, String> {
+    Ok(match h.kind {
         HealthKind::Tcp => {
             let mut check = match (&up.sni, up.tls) {
                 (Some(sni), true) => TcpHealthCheck::new_tls(sni),
@@ -224,9 +382,7 @@ fn health_check(h: &HealthConfig, up: &UpstreamConfig) -> Box<dyn HealthCheck + 
             if let Some(sni) = &up.sni {
                 check.peer_template.sni = sni.clone();
             }
-            if let Ok(uri) = h.path.parse() {
-                check.req.set_uri(uri);
-            }
+            check.req.set_uri(health_path(&h.path)?);
             let expected = h.expected_status.clone();
             check.validator = Some(Box::new(move |resp| {
                 let status = resp.status.as_u16();
@@ -246,5 +402,70 @@ fn health_check(h: &HealthConfig, up: &UpstreamConfig) -> Box<dyn HealthCheck + 
             }));
             Box::new(check)
         }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_names_keep_the_host_as_written() {
+        assert_eq!(
+            endpoint_names("api.internal:8443@2", true),
+            ("api.internal".into(), "api.internal:8443".into())
+        );
+        assert_eq!(
+            endpoint_names("api.internal:443", true),
+            ("api.internal".into(), "api.internal".into())
+        );
+        assert_eq!(
+            endpoint_names("127.0.0.1:80", false),
+            ("127.0.0.1".into(), "127.0.0.1".into())
+        );
+        assert_eq!(
+            endpoint_names("[::1]:8080", false),
+            ("::1".into(), "[::1]:8080".into())
+        );
+    }
+
+    fn health(healthy_after: usize, unhealthy_after: usize) -> HealthConfig {
+        let text = format!(
+            "[server]\nlisten=[\"127.0.0.1:1\"]\n[upstreams.a]\nendpoints=[\"127.0.0.1:2\"]\n[upstreams.a.health]\nhealthy_after={healthy_after}\nunhealthy_after={unhealthy_after}\n"
+        );
+        crate::config::parse(&text).unwrap().upstreams["a"]
+            .health
+            .clone()
+            .unwrap()
+    }
+
+    #[test]
+    fn first_check_decides_then_thresholds_apply() {
+        let h = health(2, 3);
+        let e = EndpointHealth::new(false);
+        assert!(!e.is_healthy(), "not used before its first check");
+        assert_eq!(e.observe(true, &h), Some(true), "the first pass admits it");
+        assert_eq!(e.observe(false, &h), None);
+        assert_eq!(e.observe(false, &h), None);
+        assert_eq!(
+            e.observe(false, &h),
+            Some(false),
+            "third failure in a row ejects"
+        );
+        assert_eq!(e.observe(true, &h), None);
+        assert_eq!(
+            e.observe(true, &h),
+            Some(true),
+            "second success in a row re-admits"
+        );
+
+        let dead = EndpointHealth::new(false);
+        assert_eq!(
+            dead.observe(false, &h),
+            None,
+            "a failed first check keeps it out"
+        );
+        assert!(!dead.is_healthy());
+        assert!(dead.checked.load(Ordering::Acquire));
     }
 }

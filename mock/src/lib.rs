@@ -69,6 +69,8 @@ pub struct Recorded {
     pub uri: String,
     /// Lowercase names, in arrival order.
     pub headers: Vec<(String, String)>,
+    /// The request body as received (empty when the client sent none or it failed).
+    pub body: Vec<u8>,
 }
 
 impl Recorded {
@@ -252,19 +254,21 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Resp, Infal
             )
         })
         .collect();
+    let body = match req.into_body().collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => Bytes::new(),
+    };
+    let body_bytes = body.len();
     if state.cfg.record {
         if let Ok(mut r) = state.requests.lock() {
             r.push(Recorded {
                 method: method.clone(),
                 uri: uri.clone(),
                 headers: headers.clone(),
+                body: body.to_vec(),
             });
         }
     }
-    let body_bytes = match req.into_body().collect().await {
-        Ok(b) => b.to_bytes().len(),
-        Err(_) => 0,
-    };
 
     let total_delay = state.cfg.latency + delay.unwrap_or_default();
     if !total_delay.is_zero() {

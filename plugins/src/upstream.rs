@@ -19,6 +19,9 @@ pub struct UpstreamRequest {
     pub timeout: Duration,
     /// Bodies larger than this fail with [`CallError::BodyTooLarge`].
     pub max_body: usize,
+    /// The consistent-hash key of the client request that caused the call (see
+    /// [`Upstreams::balance_key`]); `None` balances round robin.
+    pub balance_key: Option<Vec<u8>>,
 }
 
 /// An upstream's complete answer.
@@ -50,8 +53,20 @@ pub trait Upstreams: Send + Sync {
     /// Whether a pool of this name exists (checked when a plugin is built).
     fn has(&self, upstream: &str) -> bool;
 
+    /// The pool's consistent-hash key (`hash_key`) evaluated on the client's request, so a
+    /// call lands where a proxied request of the same client would; `None` when the pool
+    /// does not hash or the request lacks the key.
+    fn balance_key(
+        &self,
+        _upstream: &str,
+        _req: &pingora::http::RequestHeader,
+        _ctx: &crate::RequestCtx,
+    ) -> Option<Vec<u8>> {
+        None
+    }
+
     /// Sends one request to a healthy endpoint of the pool; a failed connect is retried on
-    /// another endpoint (idempotent methods, up to the pool's `retries`).
+    /// another endpoint (any method: nothing was sent; up to the pool's `retries`).
     async fn send(
         &self,
         upstream: &str,

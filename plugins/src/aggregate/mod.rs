@@ -346,6 +346,7 @@ impl Plugin for Aggregate {
                 body: Bytes::new(),
                 timeout: call.timeout.min(self.timeout),
                 max_body: self.max_body,
+                balance_key: self.upstreams.balance_key(&call.upstream, req, ctx),
             }));
         }
 

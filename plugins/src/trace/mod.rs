@@ -8,7 +8,8 @@
 //!
 //! A valid incoming `traceparent` keeps its trace-id and flags and gets a new parent-id for the
 //! upstream hop; an absent or invalid one is replaced by a fresh trace. `tracestate` is passed
-//! on only with a valid `traceparent`, as the W3C spec requires.
+//! on only with a valid `traceparent`, as the W3C spec requires, and only when it is valid
+//! itself (keys, values, at most 32 members, no duplicate key): an invalid one is dropped whole.
 //!
 //! ```toml
 //! [plugins.trace]
@@ -31,7 +32,7 @@ use pingora::proxy::Session;
 use rand::Rng;
 
 pub use config::TraceConfig;
-pub use parse::{parse_traceparent, ParsedTraceparent};
+pub use parse::{parse_traceparent, valid_tracestate, ParsedTraceparent};
 
 use crate::{BuildError, DynPlugin, Erased, Flow, Hooks, Plugin, RequestCtx, Result, TraceContext};
 
@@ -122,23 +123,16 @@ fn single_header<'a>(req: &'a RequestHeader, name: &HeaderName) -> Option<&'a [u
     Some(first.as_bytes())
 }
 
-/// All `tracestate` header lines joined with `,`, when printable and within the size bound.
+/// The request's `tracestate` lines as one list when valid (see [`parse::valid_tracestate`])
+/// and within the size bound; an invalid one is dropped whole.
 fn tracestate(req: &RequestHeader) -> Option<String> {
-    let mut joined = String::new();
-    for value in req.headers.get_all(&TRACESTATE) {
-        let Ok(s) = value.to_str() else {
-            return None;
-        };
-        let s = s.trim();
-        if s.is_empty() {
-            continue;
-        }
-        if !joined.is_empty() {
-            joined.push(',');
-        }
-        joined.push_str(s);
-    }
-    (!joined.is_empty() && joined.len() <= MAX_TRACESTATE).then_some(joined)
+    parse::valid_tracestate(
+        req.headers
+            .get_all(&TRACESTATE)
+            .iter()
+            .map(|v| v.as_bytes()),
+    )
+    .filter(|s| s.len() <= MAX_TRACESTATE)
 }
 
 #[async_trait]

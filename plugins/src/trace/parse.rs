@@ -50,6 +50,80 @@ pub fn parse_traceparent(value: &[u8]) -> Option<ParsedTraceparent> {
     })
 }
 
+/// Most list members a `tracestate` may carry (W3C Trace Context, "tracestate Limits").
+pub const MAX_TRACESTATE_MEMBERS: usize = 32;
+
+/// Validates the `tracestate` field lines of a request as one list (RFC 9110 5.3: several
+/// lines are one comma-separated list) per W3C Trace Context 3.3.1: `None` when any member
+/// is invalid, since the spec drops an invalid `tracestate` as a whole:
+/// - a key is a simple key (`lcalpha` then up to 255 of `lcalpha DIGIT _ - * /`) or a
+///   multi-tenant key `tenant@system` (tenant: `lcalpha`/`DIGIT` then up to 240 more; system:
+///   `lcalpha` then up to 13 more);
+/// - a value is 1 to 256 printable ASCII characters without `,` or `=`, not ending in a space;
+/// - at most 32 members, and no key twice.
+///
+/// Empty members (`a=1,,b=2`) are allowed and dropped. Members keep their order and bytes;
+/// the result joins them with `,`. `Some("")` never happens: no members is `None`.
+pub fn valid_tracestate<'a>(lines: impl IntoIterator<Item = &'a [u8]>) -> Option<String> {
+    let mut members: Vec<&str> = Vec::new();
+    for line in lines {
+        let line = std::str::from_utf8(line).ok()?;
+        for member in line.split(',') {
+            let member = member.trim_matches([' ', '\t']);
+            if member.is_empty() {
+                continue;
+            }
+            let (key, value) = member.split_once('=')?;
+            if !valid_tracestate_key(key) || !valid_tracestate_value(value) {
+                return None;
+            }
+            if members.len() == MAX_TRACESTATE_MEMBERS {
+                return None;
+            }
+            if members
+                .iter()
+                .any(|m| m.split_once('=').map(|(k, _)| k) == Some(key))
+            {
+                return None;
+            }
+            members.push(member);
+        }
+    }
+    (!members.is_empty()).then(|| members.join(","))
+}
+
+fn key_char(c: u8) -> bool {
+    matches!(c, b'a'..=b'z' | b'0'..=b'9' | b'_' | b'-' | b'*' | b'/')
+}
+
+fn valid_tracestate_key(key: &str) -> bool {
+    let k = key.as_bytes();
+    match key.split_once('@') {
+        None => {
+            (1..=256).contains(&k.len())
+                && k[0].is_ascii_lowercase()
+                && k.iter().all(|&c| key_char(c))
+        }
+        Some((tenant, system)) => {
+            let (t, s) = (tenant.as_bytes(), system.as_bytes());
+            (1..=241).contains(&t.len())
+                && (t[0].is_ascii_lowercase() || t[0].is_ascii_digit())
+                && t.iter().all(|&c| key_char(c))
+                && (1..=14).contains(&s.len())
+                && s[0].is_ascii_lowercase()
+                && s.iter().all(|&c| key_char(c))
+        }
+    }
+}
+
+fn valid_tracestate_value(value: &str) -> bool {
+    let v = value.as_bytes();
+    (1..=256).contains(&v.len())
+        && v.iter()
+            .all(|&c| (0x20..=0x7e).contains(&c) && c != b',' && c != b'=')
+        && v[v.len() - 1] != b' '
+}
+
 fn hex_byte(two: &[u8]) -> Option<u8> {
     fn nibble(c: u8) -> Option<u8> {
         match c {
@@ -132,5 +206,70 @@ mod tests {
             prop_assert_eq!(parsed.parent_id, p);
             prop_assert_eq!(parsed.flags, f);
         }
+    }
+
+    #[test]
+    fn tracestate_rules_of_w3c_trace_context_3_3_1() {
+        let ok = |lines: &[&str]| valid_tracestate(lines.iter().map(|l| l.as_bytes()));
+        // Valid ones are kept in order, byte for byte per member; lines are one list.
+        assert_eq!(ok(&["foo=1,bar=2"]).as_deref(), Some("foo=1,bar=2"));
+        assert_eq!(ok(&["foo=1", "bar=2"]).as_deref(), Some("foo=1,bar=2"));
+        assert_eq!(ok(&["foo=1 , bar=2\t"]).as_deref(), Some("foo=1,bar=2"));
+        assert_eq!(ok(&["foo=a b"]).as_deref(), Some("foo=a b"));
+        assert_eq!(
+            ok(&["t1@sys=x", "3tenant@v-2=y"]).as_deref(),
+            Some("t1@sys=x,3tenant@v-2=y")
+        );
+        assert_eq!(ok(&["k*_-/9=v!~"]).as_deref(), Some("k*_-/9=v!~"));
+        // Empty members are allowed and dropped.
+        assert_eq!(ok(&["foo=1,,bar=2,"]).as_deref(), Some("foo=1,bar=2"));
+        assert_eq!(ok(&[",", " "]), None, "no members at all");
+        let key256 = format!("a{}", "b".repeat(255));
+        assert!(ok(&[&format!("{key256}=v")]).is_some());
+        let value256 = "v".repeat(256);
+        assert!(ok(&[&format!("k={value256}")]).is_some());
+        let thirty_two: Vec<String> = (0..32).map(|i| format!("k{i}=v")).collect();
+        assert!(ok(&[&thirty_two.join(",")]).is_some());
+        // Invalid ones are dropped whole.
+        for bad in [
+            vec!["Foo=1"].as_slice(), // uppercase key
+            &["1foo=1"],              // simple key must start with a letter
+            &["fo o=1"],              // space inside key
+            &["foo"],                 // no '='
+            &["foo="],                // empty value
+            &["foo=a,b=c=d"],         // '=' in a value
+            &["foo=a\tb"],            // tab inside a value
+            &["foo=1", "foo=2"],      // duplicate key across lines
+            &["foo=1,bar=2,foo=3"],   // duplicate key
+            &["@sys=1"],              // empty tenant
+            &["t@=1"],                // empty system
+            &["t@Sys=1"],             // uppercase system
+            &["t@1sys=1"],            // system must start with a letter
+            &["t@abcdefghijklmno=1"], // system over 14 chars
+            &["a@b@c=1"],             // two '@'
+            &["foo=caf\u{e9}"],       // non-ASCII value
+            &["foo=\u{7f}"],          // control character
+        ] {
+            assert_eq!(ok(bad), None, "{bad:?}");
+        }
+        assert_eq!(
+            ok(&[&format!("a{}=v", "b".repeat(256))]),
+            None,
+            "key over 256"
+        );
+        assert_eq!(
+            ok(&[&format!("k={}", "v".repeat(257))]),
+            None,
+            "value over 256"
+        );
+        let tenant242 = format!("{}@s=v", "t".repeat(242));
+        assert_eq!(ok(&[&tenant242]), None, "tenant over 241");
+        let thirty_three: Vec<String> = (0..33).map(|i| format!("k{i}=v")).collect();
+        assert_eq!(ok(&[&thirty_three.join(",")]), None, "over 32 members");
+        assert_eq!(
+            valid_tracestate([b"foo=\xff".as_slice()]),
+            None,
+            "not UTF-8"
+        );
     }
 }
