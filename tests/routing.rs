@@ -4,6 +4,8 @@
 
 mod support;
 
+use std::time::Duration;
+
 use support::*;
 
 async fn gateway_with(up: &MockServer, routes: &str) -> Gateway {
@@ -231,6 +233,66 @@ async fn oversized_bodies_get_413() {
         .await
         .unwrap();
     assert_eq!(chunked.status(), 413);
+}
+
+/// RFC 9110 10.1.1 (Expect): a declared length over max_body is refused with 413 before any
+/// `100 Continue`; a chunked upload that grows past it after `100 Continue` still gets a
+/// final 413 (not a closed connection), and the log and metrics record 413.
+#[tokio::test]
+async fn expect_continue_uploads_over_max_body_get_413() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = mock("app").await;
+    let config = format!(
+        "{}\n[upstreams.app]\nendpoints = [\"{}\"]\n{ROUTES}",
+        server("max_body = \"1KiB\""),
+        up.addr()
+    );
+    let gw = Gateway::start(&config).await;
+
+    let declared = raw(
+        gw.addr,
+        b"POST /api/public/declared HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5000\r\nExpect: 100-continue\r\n\r\n",
+    )
+    .await;
+    assert_eq!(declared.status, 413, "no 100 Continue first: {declared:?}");
+
+    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(
+        b"POST /api/public/chunked HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .expect("an interim answer")
+        .unwrap();
+    let interim = String::from_utf8_lossy(&buf[..n]).to_string();
+    assert!(interim.starts_with("HTTP/1.1 100"), "{interim}");
+    let chunk = format!("400\r\n{}\r\n", "c".repeat(0x400));
+    for _ in 0..2 {
+        if s.write_all(chunk.as_bytes()).await.is_err() {
+            break;
+        }
+    }
+    let _ = s.write_all(b"0\r\n\r\n").await;
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await;
+    let text = String::from_utf8_lossy(&rest).to_string();
+    let final_head = text
+        .split("\r\n\r\n")
+        .find(|part| part.starts_with("HTTP/1.1 4"))
+        .unwrap_or_else(|| panic!("no final response after 100 Continue: {text:?}"));
+    assert!(final_head.starts_with("HTTP/1.1 413"), "{text}");
+    assert!(text.contains("payload_too_large"), "{text}");
+    let log = gw.access_log_lines(2).await;
+    let line = log
+        .iter()
+        .find(|l| l["path"] == "/api/public/chunked")
+        .expect("access-log line");
+    assert_eq!(line["status"], 413);
+    let metrics = gw.metrics().await;
+    assert!(!metrics.contains("status=\"100\""), "{metrics}");
 }
 
 #[tokio::test]

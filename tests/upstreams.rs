@@ -488,6 +488,38 @@ async fn slow_upstream_is_504_and_dead_pool_is_502() {
     );
 }
 
+/// During an outage every failed request would log an ERROR line; per pool the first one is
+/// logged and the rest are counted (one summary line per 10 s window).
+#[tokio::test]
+async fn an_upstream_outage_logs_once_not_once_per_request() {
+    let dead = format!("127.0.0.1:{}", free_port());
+    let config = format!(
+        "{}\n[upstreams.dead]\nendpoints = [\"{dead}\"]\nretries = 0\n{}",
+        server(""),
+        route("dead")
+    );
+    let gw = Gateway::start(&config).await;
+    let c = client();
+    for i in 0..40 {
+        let r = c.get(gw.url(&format!("/x/{i}"))).send().await.unwrap();
+        assert_eq!(r.status(), 502);
+    }
+    gw.access_log_lines(40).await;
+    let stderr = gw.stderr();
+    let lines = stderr
+        .lines()
+        .filter(|l| l.contains("Fail to proxy"))
+        .count();
+    assert_eq!(lines, 1, "{stderr}");
+    let metrics = gw.metrics().await;
+    assert!(
+        metrics.contains(
+            "sallyport_upstream_requests_total{outcome=\"connect_error\",upstream=\"dead\"} 40"
+        ),
+        "every failure is still counted: {metrics}"
+    );
+}
+
 /// Polls a condition every 20 ms for up to 10 s.
 async fn wait_for<F, Fut>(mut cond: F)
 where

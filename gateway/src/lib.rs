@@ -11,6 +11,7 @@ pub mod admin;
 pub mod calls;
 pub mod client_ip;
 pub mod config;
+pub mod log_window;
 pub mod metrics;
 pub mod path;
 pub mod proxy;

@@ -18,6 +18,7 @@ use sallyport_plugins::{request_id, ApiError, ErasedState, Flow, Reply, RequestC
 
 use crate::access_log::AccessRecord;
 use crate::config::ClientIpHeader;
+use crate::log_window::{LogWindow, Verdict, ERROR_LOG_INTERVAL};
 use crate::metrics::{method_label, status_label};
 use crate::path::normalize;
 use crate::router::{request_host, Lookup};
@@ -39,6 +40,8 @@ pub struct Gateway {
     shared: Arc<Shared>,
     /// The route label of requests no route matched (shared, so no allocation per request).
     unmatched: Arc<str>,
+    /// Rate limit of failure log lines of requests that have no upstream pool.
+    error_log: LogWindow,
 }
 
 impl Gateway {
@@ -46,6 +49,30 @@ impl Gateway {
         Gateway {
             shared,
             unmatched: Arc::from("unmatched"),
+            error_log: LogWindow::default(),
+        }
+    }
+
+    /// Whether Pingora should skip its log line for this failure: per upstream pool, the
+    /// first failure of a window is logged and the rest are counted, then reported in one
+    /// line (see [`LogWindow`]). Failures stay fully visible in metrics and the access log.
+    fn quiet_failure(&self, ctx: &Ctx) -> bool {
+        let pool = ctx.route.as_ref().and_then(|r| r.upstream.as_ref());
+        let (window, source) = match pool {
+            Some(p) => (&p.error_log, &*p.name),
+            None => (&self.error_log, "gateway"),
+        };
+        match window.observe(Instant::now()) {
+            Verdict::Suppress => true,
+            Verdict::Log { suppressed: 0 } => false,
+            Verdict::Log { suppressed } => {
+                log::error!(
+                    "upstream {source}: {suppressed} more failed requests were not logged in the \
+                     last {}s (see sallyport_upstream_requests_total and the access log)",
+                    ERROR_LOG_INTERVAL.as_secs()
+                );
+                false
+            }
         }
     }
 }
@@ -641,7 +668,12 @@ impl ProxyHttp for Gateway {
             };
         };
         let code = err.status;
-        if session.response_written().is_none() {
+        // A relayed `100 Continue` is not the response: the final one is still owed (a
+        // chunked upload past max_body after `Expect: 100-continue` gets its 413).
+        if session
+            .response_written()
+            .is_none_or(|r| r.status.is_informational())
+        {
             // The connection is not reused after a failure: say so, or a client would send
             // its next request into a closing socket.
             session.set_keepalive(None);
@@ -656,6 +688,20 @@ impl ProxyHttp for Gateway {
             error_code: code,
             can_reuse_downstream: false,
         }
+    }
+
+    fn suppress_error_log(&self, _session: &Session, ctx: &Ctx, _error: &Error) -> bool {
+        self.quiet_failure(ctx)
+    }
+
+    fn suppress_proxy_warn_log(
+        &self,
+        _session: &Session,
+        ctx: &Ctx,
+        _error: &Error,
+        _context: pingora::proxy::ProxyWarnLogContext,
+    ) -> bool {
+        self.quiet_failure(ctx)
     }
 
     /// Runs every plugin's `logging`, then records metrics and one access-log line.
@@ -674,6 +720,7 @@ impl ProxyHttp for Gateway {
         }
         let status = session
             .response_written()
+            .filter(|r| !r.status.is_informational())
             .map(|r| r.status.as_u16())
             .unwrap_or(ctx.status);
         let elapsed = ctx.req.received_at.elapsed();

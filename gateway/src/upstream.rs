@@ -128,6 +128,8 @@ pub struct Pool {
     /// Endpoints in config order.
     endpoints: Vec<Endpoint>,
     health: Option<HealthSchedule>,
+    /// Rate limit of this pool's request-failure log lines.
+    pub error_log: crate::log_window::LogWindow,
 }
 
 impl Pool {
@@ -200,6 +202,7 @@ impl Pool {
             hash_key,
             endpoints,
             health,
+            error_log: crate::log_window::LogWindow::default(),
         })
     }
 
