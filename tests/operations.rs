@@ -298,18 +298,16 @@ async fn sigterm_lets_in_flight_requests_finish() {
     assert!(status.success() || status.code().is_none(), "{status}");
 }
 
-#[tokio::test]
-async fn upgrade_hands_over_listeners_without_refusing_connections() {
-    let up = mock("app").await;
-    let mut old = Gateway::start(&config(&up, "/")).await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let url = old.url("/api/x");
-    let loop_stop = Arc::clone(&stop);
-    let traffic = tokio::spawn(async move {
+/// Clients opening a fresh connection for every request, until stopped: (ok, failures).
+fn fresh_connection_traffic(
+    url: String,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<(usize, Vec<String>)> {
+    tokio::spawn(async move {
         let mut failures = Vec::new();
         let mut ok = 0usize;
-        while !loop_stop.load(Ordering::Relaxed) {
-            // A fresh connection each time: a refused connect would show up here.
+        while !stop.load(Ordering::Relaxed) {
+            // A fresh connection each time: a refused or dropped connection shows up here.
             let c = reqwest::Client::builder()
                 .pool_max_idle_per_host(0)
                 .build()
@@ -321,32 +319,168 @@ async fn upgrade_hands_over_listeners_without_refusing_connections() {
             }
         }
         (ok, failures)
-    });
-    let mut new = old.spawn_upgrade();
-    // The new process announces it waits for the listeners on the upgrade socket.
-    let sock = old.dir.path().join("upgrade.sock");
+    })
+}
+
+/// Waits until a `-u` process listens on the upgrade socket (it then takes the listeners on
+/// SIGQUIT), or panics with its stderr if it died.
+async fn wait_for_taker(next: &mut Gateway, sock: &str) {
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !sock.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "no upgrade socket; new stderr:\n{}",
-            new.stderr()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
+    while !sallyport::handover::upgrade_taker_waiting(sock) {
+        if let Some(status) = next.try_wait() {
+            panic!("the new process exited with {status}:\n{}", next.stderr());
+        }
+        assert!(Instant::now() < deadline, "nobody listens on {sock}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    old.signal("QUIT");
-    old.wait_exit(Duration::from_secs(20)).await;
-    new.wait_ready().await;
-    let served_by_new = client().get(new.url("/api/after")).send().await.unwrap();
+}
+
+/// Ten zero-downtime upgrades in a row under clients that open a fresh connection for every
+/// request: not one request may fail (refused, reset, or closed without an answer).
+#[tokio::test]
+async fn upgrade_hands_over_listeners_without_refusing_connections() {
+    let up = mock("app").await;
+    let mut current = Gateway::start(&config(&up, "/")).await;
+    let sock = current
+        .dir
+        .path()
+        .join("upgrade.sock")
+        .display()
+        .to_string();
+    let stop = Arc::new(AtomicBool::new(false));
+    let traffic: Vec<_> = (0..2)
+        .map(|_| fresh_connection_traffic(current.url("/api/x"), Arc::clone(&stop)))
+        .collect();
+    let mut retired = Vec::new();
+    for _ in 0..10 {
+        let mut next = current.spawn_upgrade();
+        wait_for_taker(&mut next, &sock).await;
+        current.signal("QUIT");
+        // The new process stops listening on the upgrade socket once it has the listeners.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while sallyport::handover::upgrade_taker_waiting(&sock) {
+            assert!(
+                Instant::now() < deadline,
+                "the listeners were never handed over"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        retired.push(std::mem::replace(&mut current, next));
+    }
+    let served_by_new = client()
+        .get(current.url("/api/after"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(served_by_new.status(), 200);
     stop.store(true, Ordering::Relaxed);
-    let (ok, failures) = traffic.await.unwrap();
+    let (mut ok, mut failures) = (0, Vec::new());
+    for t in traffic {
+        let (n, f) = t.await.unwrap();
+        ok += n;
+        failures.extend(f);
+    }
     assert!(
         failures.is_empty(),
-        "{} failures during upgrade: {failures:?}",
-        failures.len()
+        "{} of {} requests failed during 10 upgrades: {failures:?}",
+        failures.len(),
+        ok + failures.len()
     );
-    assert!(ok > 10);
+    assert!(ok > 100, "{ok}");
+    for mut old in retired {
+        let status = old.wait_exit(Duration::from_secs(20)).await;
+        assert!(status.success(), "{status}: {}", old.stderr());
+    }
+}
+
+/// `-u` with a bad config exits non-zero before touching the sockets, and a SIGQUIT with
+/// nobody waiting for the listeners is refused: the running gateway keeps serving.
+#[tokio::test]
+async fn a_failed_upgrade_leaves_the_old_process_serving() {
+    let up = mock("app").await;
+    let mut old = Gateway::start(&config(&up, "/")).await;
+    let good = std::fs::read_to_string(&old.config_path).unwrap();
+    std::fs::write(
+        &old.config_path,
+        good.replace("upstream = \"app\"", "upstream = \"gone\""),
+    )
+    .unwrap();
+    let mut new = old.spawn_upgrade();
+    let status = new.wait_exit(Duration::from_secs(10)).await;
+    assert_eq!(status.code(), Some(1), "{}", new.stderr());
+    assert!(
+        new.stderr().contains("routes[0].upstream"),
+        "{}",
+        new.stderr()
+    );
+    // The operator signals anyway.
+    old.signal("QUIT");
+    let c = client();
+    for i in 0..20 {
+        let r = c
+            .get(old.url(&format!("/api/still/{i}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(old.try_wait(), None, "the old process must keep running");
+    assert!(old.stderr().contains("SIGQUIT ignored"), "{}", old.stderr());
+}
+
+/// Two instances with the same run directory would share the upgrade socket and pid file:
+/// the second refuses to start, saying which process holds them.
+#[tokio::test]
+async fn a_second_instance_on_the_same_run_files_refuses_to_start() {
+    let up = mock("app").await;
+    let first = Gateway::start(&config(&up, "/")).await;
+    let pid_file = first.dir.path().join("sallyport.pid");
+    assert_eq!(
+        std::fs::read_to_string(&pid_file).unwrap().trim(),
+        first.pid().to_string()
+    );
+    let shared_files = format!(
+        "{}\n[upstreams.app]\nendpoints = [\"{}\"]\n[[routes]]\nname = \"app\"\nupstream = \"app\"\n",
+        server("")
+            .replace("{{dir}}/upgrade.sock", &first.dir.path().join("upgrade.sock").display().to_string())
+            .replace("{{dir}}/sallyport.pid", &pid_file.display().to_string()),
+        up.addr()
+    );
+    let mut second = Gateway::spawn(&shared_files).await;
+    let status = second.wait_exit(Duration::from_secs(10)).await;
+    assert_eq!(status.code(), Some(1));
+    let err = second.stderr();
+    assert!(
+        err.contains("another sallyport") && err.contains(&first.pid().to_string()),
+        "{err}"
+    );
+}
+
+#[test]
+fn run_files_default_to_a_directory_named_after_the_config_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a.toml"), dir.path().join("b.toml"));
+    let text = "[server]\nlisten = [\"127.0.0.1:8080\"]\n";
+    std::fs::write(&a, text).unwrap();
+    std::fs::write(&b, text).unwrap();
+    let server = sallyport::config::parse(text).unwrap().server;
+    let (fa, fb) = (
+        sallyport::config::RunFiles::of(&server, &a),
+        sallyport::config::RunFiles::of(&server, &b),
+    );
+    assert_ne!(fa.upgrade_sock, fb.upgrade_sock, "two configs, two sockets");
+    assert_ne!(fa.pid_file, fb.pid_file);
+    // The same file named another way is the same instance (the old and new process of an
+    // upgrade must agree).
+    let again = sallyport::config::RunFiles::of(&server, &dir.path().join(".").join("a.toml"));
+    assert_eq!(fa, again);
+    let with_dir = sallyport::config::parse(&format!("{text}run_dir = \"/run/sp\"\n"))
+        .unwrap()
+        .server;
+    let f = sallyport::config::RunFiles::of(&with_dir, &a);
+    assert_eq!(f.upgrade_sock, "/run/sp/upgrade.sock");
+    assert_eq!(f.pid_file, "/run/sp/sallyport.pid");
 }
 
 /// SIGHUP's default action is to terminate: one arriving while the process starts (here: while

@@ -9,6 +9,8 @@ use std::time::SystemTime;
 use parking_lot::Mutex;
 use serde::Serialize;
 
+use crate::config::AccessLogTarget;
+
 /// Where access-log lines go (`server.access_log`).
 pub enum AccessLog {
     Off,
@@ -17,11 +19,11 @@ pub enum AccessLog {
 }
 
 impl AccessLog {
-    pub fn open(target: &str) -> std::io::Result<AccessLog> {
+    pub fn open(target: &AccessLogTarget) -> std::io::Result<AccessLog> {
         Ok(match target {
-            "off" | "" => AccessLog::Off,
-            "stdout" => AccessLog::Stdout,
-            path => AccessLog::File(Mutex::new(
+            AccessLogTarget::Off => AccessLog::Off,
+            AccessLogTarget::Stdout => AccessLog::Stdout,
+            AccessLogTarget::File(path) => AccessLog::File(Mutex::new(
                 OpenOptions::new().create(true).append(true).open(path)?,
             )),
         })

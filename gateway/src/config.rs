@@ -35,7 +35,8 @@ pub struct ServerConfig {
     /// TLS listeners: `[[server.tls]] listen = "..", cert = "..", key = ".."`.
     #[serde(default)]
     pub tls: Vec<TlsListener>,
-    /// The admin listener (`/metrics`, `/healthz`, `/readyz`); `""` disables it.
+    /// The admin listener (`/metrics`, `/healthz`, `/readyz`) as `"ip:port"`; `"off"` disables
+    /// it.
     #[serde(default = "default_admin_listen")]
     pub admin_listen: String,
     /// Worker threads of the proxy service.
@@ -64,19 +65,73 @@ pub struct ServerConfig {
     /// Plugins that run first on every route, in order.
     #[serde(default)]
     pub plugins: Vec<String>,
-    /// Where access-log lines go: `"stdout"`, `"off"`, or a file path (appended to).
+    /// Where access-log lines go: `"stdout"`, `"off"`, or a file path containing a `/`
+    /// (`"/var/log/sallyport/access.log"`, `"./access.log"`), appended to.
     #[serde(default = "default_access_log")]
     pub access_log: String,
     /// What to do with `%2F` in request paths: `"decode"` (treat as `/`, then normalise),
     /// `"reject"` (400), or `"keep"` (leave encoded, part of the segment).
     #[serde(default)]
     pub escaped_slashes: EscapedSlashes,
-    /// Unix socket used to hand listeners to a new process on upgrade (`-u`).
-    #[serde(default = "default_upgrade_sock")]
+    /// Directory of this instance's run files (`upgrade.sock`, `sallyport.pid`). Default: a
+    /// directory in the system's temp dir named after the config file's absolute path, so
+    /// two instances with different config files never share them.
+    #[serde(default)]
+    pub run_dir: Option<String>,
+    /// Unix socket used to hand listeners to a new process on upgrade (`-u`); overrides
+    /// `run_dir`'s `upgrade.sock`. Absolute.
+    #[serde(default)]
+    pub upgrade_sock: Option<String>,
+    /// File holding the running process's pid; overrides `run_dir`'s `sallyport.pid`.
+    /// Absolute.
+    #[serde(default)]
+    pub pid_file: Option<String>,
+}
+
+/// Where one instance keeps its upgrade socket and pid file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunFiles {
+    pub dir: std::path::PathBuf,
     pub upgrade_sock: String,
-    /// Pid file written when running as a daemon (`-d`).
-    #[serde(default = "default_pid_file")]
     pub pid_file: String,
+}
+
+impl RunFiles {
+    /// The run files of the instance started with `config_path`.
+    pub fn of(server: &ServerConfig, config_path: &Path) -> RunFiles {
+        let dir = match &server.run_dir {
+            Some(d) => std::path::PathBuf::from(d),
+            None => {
+                let absolute = std::fs::canonicalize(config_path)
+                    .unwrap_or_else(|_| config_path.to_path_buf());
+                std::env::temp_dir().join(format!(
+                    "sallyport-{:016x}",
+                    fnv1a(absolute.as_os_str().as_encoded_bytes())
+                ))
+            }
+        };
+        let in_dir = |name: &str| dir.join(name).display().to_string();
+        RunFiles {
+            upgrade_sock: server
+                .upgrade_sock
+                .clone()
+                .unwrap_or_else(|| in_dir("upgrade.sock")),
+            pid_file: server
+                .pid_file
+                .clone()
+                .unwrap_or_else(|| in_dir("sallyport.pid")),
+            dir,
+        }
+    }
+}
+
+/// FNV-1a, 64 bits: a hash that every build of the gateway computes alike (the old and the
+/// new binary of an upgrade must derive the same socket path; std's hasher promises no such
+/// stability).
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -241,12 +296,6 @@ fn default_read_buffer() -> ByteSize {
 }
 fn default_access_log() -> String {
     "stdout".into()
-}
-fn default_upgrade_sock() -> String {
-    "/tmp/sallyport_upgrade.sock".into()
-}
-fn default_pid_file() -> String {
-    "/tmp/sallyport.pid".into()
 }
 fn default_connect_timeout() -> HumanDuration {
     HumanDuration::from_secs(1)
@@ -435,8 +484,16 @@ fn validate_server(config: &Config, errors: &mut Vec<ConfigError>) {
             }
         }
     }
-    if !s.admin_listen.is_empty() {
+    if s.admin_listen.is_empty() {
+        errors.push(ConfigError::new(
+            "server.admin_listen",
+            "write \"off\" to disable the admin listener, or an address like \"127.0.0.1:9090\"",
+        ));
+    } else if s.admin_listen != ADMIN_OFF {
         check_listen_addr("server.admin_listen", &s.admin_listen, &mut seen, errors);
+    }
+    if let Err(m) = access_log_target(&s.access_log) {
+        errors.push(ConfigError::new("server.access_log", m));
     }
     if s.threads == 0 {
         errors.push(ConfigError::new("server.threads", "must be at least 1"));
@@ -466,11 +523,17 @@ fn validate_server(config: &Config, errors: &mut Vec<ConfigError>) {
             errors.push(unknown_plugin(&format!("server.plugins[{i}]"), p, config));
         }
     }
-    if s.upgrade_sock.is_empty() || !s.upgrade_sock.starts_with('/') {
-        errors.push(ConfigError::new(
-            "server.upgrade_sock",
-            "must be an absolute path",
-        ));
+    for (key, value) in [
+        ("run_dir", &s.run_dir),
+        ("upgrade_sock", &s.upgrade_sock),
+        ("pid_file", &s.pid_file),
+    ] {
+        if value.as_ref().is_some_and(|v| !v.starts_with('/')) {
+            errors.push(ConfigError::new(
+                format!("server.{key}"),
+                "must be an absolute path",
+            ));
+        }
     }
 }
 
@@ -489,6 +552,40 @@ fn check_listen_addr(
         Err(_) => errors.push(ConfigError::new(
             path,
             format!("{addr:?} is not an ip:port address, e.g. \"127.0.0.1:8080\" or \"[::]:8080\""),
+        )),
+    }
+}
+
+/// `server.admin_listen` value that disables the admin listener.
+pub const ADMIN_OFF: &str = "off";
+
+/// Where `server.access_log` sends lines.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AccessLogTarget {
+    Off,
+    Stdout,
+    File(std::path::PathBuf),
+}
+
+/// Reads `server.access_log`: `"stdout"`, `"off"`, or a file path with a `/` in it whose
+/// directory exists (so a typo such as `"stdot"` is an error, not a file of that name).
+pub fn access_log_target(value: &str) -> Result<AccessLogTarget, String> {
+    match value {
+        "off" => Ok(AccessLogTarget::Off),
+        "stdout" => Ok(AccessLogTarget::Stdout),
+        path if path.contains('/') => {
+            let p = Path::new(path);
+            let dir = p.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            if p.file_name().is_none() {
+                Err(format!("{path:?} names a directory, not a file"))
+            } else if !dir.is_dir() {
+                Err(format!("the directory of {path:?} does not exist"))
+            } else {
+                Ok(AccessLogTarget::File(p.to_path_buf()))
+            }
+        }
+        other => Err(format!(
+            "{other:?} is not \"stdout\", \"off\" or a file path (a path contains a /, e.g. \"./access.log\")"
         )),
     }
 }
@@ -842,6 +939,36 @@ mod tests {
         let e = with("\"2MiB\"");
         assert_eq!(e.len(), 1, "{e:?}");
         assert!(e[0].starts_with("server.read_buffer"), "{e:?}");
+    }
+
+    #[test]
+    fn off_and_log_targets_are_explicit() {
+        let with = |line: &str| {
+            errors_of(&MINIMAL.replace(
+                "listen = [\"127.0.0.1:8080\"]",
+                &format!("listen = [\"127.0.0.1:8080\"]\n{line}"),
+            ))
+        };
+        for ok in [
+            "admin_listen = \"off\"",
+            "access_log = \"off\"",
+            "access_log = \"stdout\"",
+            "access_log = \"/tmp/sallyport-access.log\"",
+            "access_log = \"./access.log\"",
+        ] {
+            assert_eq!(with(ok), Vec::<String>::new(), "{ok}");
+        }
+        for bad in [
+            "admin_listen = \"\"",
+            "access_log = \"\"",
+            "access_log = \"stdot\"",
+            "access_log = \"/no/such/dir/access.log\"",
+        ] {
+            let e = with(bad);
+            assert_eq!(e.len(), 1, "{bad}: {e:?}");
+            let key = bad.split(' ').next().unwrap();
+            assert!(e[0].starts_with(&format!("server.{key}")), "{bad}: {e:?}");
+        }
     }
 
     #[test]

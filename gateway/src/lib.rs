@@ -11,6 +11,7 @@ pub mod admin;
 pub mod calls;
 pub mod client_ip;
 pub mod config;
+pub mod handover;
 pub mod log_window;
 pub mod metrics;
 pub mod path;
@@ -29,7 +30,7 @@ use parking_lot::Mutex;
 use pingora::listeners::tls::TlsSettings;
 use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::server::configuration::{Opt, ServerConf};
-use pingora::server::{Server, ShutdownWatch};
+use pingora::server::{RunArgs, Server, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
 use pingora::services::listening::Service;
 
@@ -52,7 +53,9 @@ impl Shared {
     /// Loads, validates and compiles the config file.
     pub fn load(config_path: &Path) -> anyhow::Result<Arc<Shared>> {
         let config = config::load(config_path)?;
-        let access_log = AccessLog::open(&config.server.access_log).map_err(|e| {
+        let target = config::access_log_target(&config.server.access_log)
+            .map_err(|m| anyhow::anyhow!("server.access_log: {m}"))?;
+        let access_log = AccessLog::open(&target).map_err(|e| {
             anyhow::anyhow!(
                 "server.access_log: cannot open {}: {e}",
                 config.server.access_log
@@ -188,27 +191,34 @@ impl BackgroundService for ReloadOnHangup {
     }
 }
 
-/// Replaces SIGHUP's default action (terminate) with "remember it", so a SIGHUP sent while
-/// the process starts (before the reload service listens) cannot kill it. Call first thing
-/// in `main`, before the config is read; the reload service receives later signals through
-/// tokio as well.
-pub fn survive_early_hangups() -> std::io::Result<()> {
-    let hangup_seen = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    signal_hook::flag::register(signal_hook::consts::SIGHUP, hangup_seen).map(|_| ())
-}
-
-/// Command-line switches that reach Pingora.
-#[derive(Debug, Default, Clone, Copy)]
+/// Command-line switches that reach Pingora, and the signals seen since start-up.
+#[derive(Debug, Default, Clone)]
 pub struct RunOptions {
     /// Take the listening sockets over from a running gateway (`-u`).
     pub upgrade: bool,
     /// Run in the background (`-d`).
     pub daemon: bool,
+    /// Signals that arrived before the gateway listened for them (see
+    /// [`handover::EarlySignals::install`]); `None` when the caller did not install them.
+    pub early_signals: Option<handover::EarlySignals>,
 }
 
 /// Builds the Pingora server for a loaded gateway and runs it until shutdown.
 pub fn run(shared: Arc<Shared>, options: RunOptions) -> anyhow::Result<()> {
     let server_conf = shared.snapshot.load().config.server.clone();
+    let files = config::RunFiles::of(&server_conf, &shared.config_path);
+    let pid_file = PathBuf::from(&files.pid_file);
+    if !options.upgrade {
+        if let Some(pid) = handover::live_instance(&pid_file) {
+            anyhow::bail!(
+                "another sallyport (pid {pid}) is running with {}: stop it, take its sockets over \
+                 with -u, or give this instance its own server.run_dir",
+                pid_file.display()
+            );
+        }
+    }
+    std::fs::create_dir_all(&files.dir)
+        .map_err(|e| anyhow::anyhow!("server.run_dir {}: {e}", files.dir.display()))?;
 
     let conf = ServerConf {
         threads: server_conf.threads,
@@ -217,8 +227,8 @@ pub fn run(shared: Arc<Shared>, options: RunOptions) -> anyhow::Result<()> {
         // runtimes a last second: in-flight work gets `grace_period` (rounded up to seconds).
         grace_period_seconds: Some(server_conf.grace_period.get().as_millis().div_ceil(1000) as u64),
         graceful_shutdown_timeout_seconds: Some(1),
-        upgrade_sock: server_conf.upgrade_sock.clone(),
-        pid_file: server_conf.pid_file.clone(),
+        upgrade_sock: files.upgrade_sock.clone(),
+        pid_file: files.pid_file.clone(),
         daemon: options.daemon,
         ..ServerConf::default()
     };
@@ -229,11 +239,19 @@ pub fn run(shared: Arc<Shared>, options: RunOptions) -> anyhow::Result<()> {
     };
     let mut server = Server::new_with_opt_and_conf(Some(opt), conf);
     server.bootstrap();
+    // Pingora writes the pid file of a daemon itself, after forking.
+    if !options.daemon {
+        handover::write_pid(&pid_file)
+            .map_err(|e| anyhow::anyhow!("pid file {}: {e}", pid_file.display()))?;
+    }
 
-    let mut proxy = pingora::proxy::http_proxy_service_with_name(
+    let app = pingora::proxy::http_proxy(
         &server.configuration,
         proxy::Gateway::new(Arc::clone(&shared)),
-        "sallyport proxy",
+    );
+    let mut proxy = Service::new(
+        "sallyport proxy".to_string(),
+        handover::DrainFirstRequests::new(app, handover::FIRST_REQUEST_GRACE),
     );
     // Pingora's default is a 64 KiB read buffer per client connection, which an allocator
     // that zeroes eagerly keeps resident for every idle keep-alive client.
@@ -252,7 +270,7 @@ pub fn run(shared: Arc<Shared>, options: RunOptions) -> anyhow::Result<()> {
     }
     server.add_service(proxy);
 
-    if !server_conf.admin_listen.is_empty() {
+    if server_conf.admin_listen != config::ADMIN_OFF {
         let mut admin = Service::new(
             "sallyport admin".to_string(),
             admin::Admin::new(Arc::clone(&shared)),
@@ -274,5 +292,12 @@ pub fn run(shared: Arc<Shared>, options: RunOptions) -> anyhow::Result<()> {
     reload.threads = Some(1);
     server.add_service(reload);
 
-    server.run_forever();
+    server.run(RunArgs {
+        shutdown_signal: Box::new(handover::Signals {
+            upgrade_sock: files.upgrade_sock,
+            early: options.early_signals.unwrap_or_default(),
+        }),
+    });
+    handover::remove_pid(&pid_file);
+    Ok(())
 }

@@ -29,11 +29,14 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
-    // Before anything else: a SIGHUP during start-up must not kill the process.
-    if let Err(e) = sallyport::survive_early_hangups() {
-        eprintln!("sallyport: cannot install the SIGHUP handler: {e}");
-        return ExitCode::FAILURE;
-    }
+    // Before anything else: a signal during start-up must not kill the process.
+    let early_signals = match sallyport::handover::EarlySignals::install() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("sallyport: cannot install signal handlers: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let cli = Cli::parse();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .target(env_logger::Target::Stderr)
@@ -70,6 +73,7 @@ fn main() -> ExitCode {
     let options = sallyport::RunOptions {
         upgrade: cli.upgrade,
         daemon: cli.daemon,
+        early_signals: Some(early_signals),
     };
     match sallyport::run(shared, options) {
         Ok(()) => ExitCode::SUCCESS,
