@@ -51,6 +51,26 @@ pub struct ServerConfig {
     /// Largest request body accepted; larger ones get 413.
     #[serde(default = "default_max_body")]
     pub max_body: ByteSize,
+    /// Client connections open at once; beyond it new ones are closed at accept (counted in
+    /// `sallyport_connections_refused_total`).
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Time a client has to send a whole request head (from accept, or from its first byte
+    /// on a kept-alive connection); beyond it: 408 and the connection closes.
+    #[serde(default = "default_header_timeout")]
+    pub header_timeout: HumanDuration,
+    /// Time a client has to send a request body, extended by one second per
+    /// `body_min_rate` bytes received; beyond it: 408, and the upstream connection is
+    /// released.
+    #[serde(default = "default_body_timeout")]
+    pub body_timeout: HumanDuration,
+    /// Bytes per second that extend `body_timeout` (a large upload at a fair rate finishes;
+    /// a trickle does not); `0` makes `body_timeout` a fixed deadline.
+    #[serde(default = "default_body_min_rate")]
+    pub body_min_rate: ByteSize,
+    /// How long a kept-alive client connection may wait for its next request.
+    #[serde(default = "default_client_idle_timeout")]
+    pub idle_timeout: HumanDuration,
     /// Read buffer of each client connection, allocated when it is accepted and held while
     /// it stays open; `0` reads straight into the request buffers.
     #[serde(default = "default_read_buffer")]
@@ -291,6 +311,21 @@ fn default_grace_period() -> HumanDuration {
 fn default_max_body() -> ByteSize {
     ByteSize(1 << 20)
 }
+fn default_max_connections() -> usize {
+    10_000
+}
+fn default_header_timeout() -> HumanDuration {
+    HumanDuration::from_secs(10)
+}
+fn default_body_timeout() -> HumanDuration {
+    HumanDuration::from_secs(20)
+}
+fn default_body_min_rate() -> ByteSize {
+    ByteSize(500)
+}
+fn default_client_idle_timeout() -> HumanDuration {
+    HumanDuration::from_secs(60)
+}
 fn default_read_buffer() -> ByteSize {
     ByteSize(0)
 }
@@ -497,6 +532,24 @@ fn validate_server(config: &Config, errors: &mut Vec<ConfigError>) {
     }
     if s.threads == 0 {
         errors.push(ConfigError::new("server.threads", "must be at least 1"));
+    }
+    if s.max_connections == 0 {
+        errors.push(ConfigError::new(
+            "server.max_connections",
+            "must be at least 1",
+        ));
+    }
+    for (key, d) in [
+        ("header_timeout", s.header_timeout),
+        ("body_timeout", s.body_timeout),
+        ("idle_timeout", s.idle_timeout),
+    ] {
+        if d.get().is_zero() {
+            errors.push(ConfigError::new(
+                format!("server.{key}"),
+                "must be greater than 0",
+            ));
+        }
     }
     if s.max_body.get() == 0 {
         errors.push(ConfigError::new(

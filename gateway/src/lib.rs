@@ -11,6 +11,7 @@ pub mod admin;
 pub mod calls;
 pub mod client_ip;
 pub mod config;
+pub mod conn;
 pub mod handover;
 pub mod log_window;
 pub mod metrics;
@@ -116,6 +117,11 @@ fn warn_static_changes(old: &Config, new: &Config) {
         ("tls", o.tls != n.tls),
         ("admin_listen", o.admin_listen != n.admin_listen),
         ("threads", o.threads != n.threads),
+        ("max_connections", o.max_connections != n.max_connections),
+        ("header_timeout", o.header_timeout != n.header_timeout),
+        ("body_timeout", o.body_timeout != n.body_timeout),
+        ("body_min_rate", o.body_min_rate != n.body_min_rate),
+        ("idle_timeout", o.idle_timeout != n.idle_timeout),
         ("work_stealing", o.work_stealing != n.work_stealing),
         ("grace_period", o.grace_period != n.grace_period),
         ("access_log", o.access_log != n.access_log),
@@ -249,9 +255,20 @@ pub fn run(shared: Arc<Shared>, options: RunOptions) -> anyhow::Result<()> {
         &server.configuration,
         proxy::Gateway::new(Arc::clone(&shared)),
     );
+    let limits = conn::Limits {
+        max_connections: server_conf.max_connections,
+        header_timeout: server_conf.header_timeout.get(),
+        body_timeout: server_conf.body_timeout.get(),
+        body_min_rate: server_conf.body_min_rate.get(),
+        idle_timeout: server_conf.idle_timeout.get(),
+    };
     let mut proxy = Service::new(
         "sallyport proxy".to_string(),
-        handover::DrainFirstRequests::new(app, handover::FIRST_REQUEST_GRACE),
+        conn::Guard::new(
+            handover::DrainFirstRequests::new(app, handover::FIRST_REQUEST_GRACE),
+            limits,
+            shared.metrics.connections.clone(),
+        ),
     );
     // Pingora's default is a 64 KiB read buffer per client connection, which an allocator
     // that zeroes eagerly keeps resident for every idle keep-alive client.

@@ -4,7 +4,8 @@
 //! set are reported as `OTHER`; endpoints are config addresses.
 
 use prometheus::{
-    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
 };
 
 use crate::snapshot::Snapshot;
@@ -19,6 +20,7 @@ pub struct Metrics {
     pub plugins: std::sync::Arc<sallyport_plugins::PluginMetrics>,
     pub cache_lookups: IntCounterVec,
     pub config_reloads: IntCounterVec,
+    pub connections: crate::conn::ConnMetrics,
 }
 
 /// Latency buckets from 0.5 ms to 10 s.
@@ -78,6 +80,22 @@ impl Metrics {
         for result in ["ok", "error"] {
             config_reloads.with_label_values(&[result]);
         }
+        let connections_open =
+            IntGauge::new("sallyport_connections_open", "Client connections open now.")?;
+        registry.register(Box::new(connections_open.clone()))?;
+        let connections_refused = IntCounter::new(
+            "sallyport_connections_refused_total",
+            "Client connections closed at accept because server.max_connections were open.",
+        )?;
+        registry.register(Box::new(connections_refused.clone()))?;
+        let client_timeouts = counter(
+            "sallyport_client_timeouts_total",
+            "Client connections closed for overrunning a deadline, by phase (header, body, idle).",
+            &["phase"],
+        )?;
+        for phase in ["header", "body", "idle"] {
+            client_timeouts.with_label_values(&[phase]);
+        }
         let plugins = std::sync::Arc::new(sallyport_plugins::PluginMetrics::register(&registry)?);
         Ok(Metrics {
             registry,
@@ -89,6 +107,11 @@ impl Metrics {
             plugins,
             cache_lookups,
             config_reloads,
+            connections: crate::conn::ConnMetrics {
+                open: connections_open,
+                refused: connections_refused,
+                timeouts: client_timeouts,
+            },
         })
     }
 

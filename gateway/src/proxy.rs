@@ -18,6 +18,7 @@ use sallyport_plugins::{request_id, ApiError, ErasedState, Flow, Reply, RequestC
 
 use crate::access_log::AccessRecord;
 use crate::config::ClientIpHeader;
+use crate::conn::{ConnState, Overrun};
 use crate::log_window::{LogWindow, Verdict, ERROR_LOG_INTERVAL};
 use crate::metrics::{method_label, status_label};
 use crate::path::normalize;
@@ -79,6 +80,8 @@ impl Gateway {
 
 /// Per-request state of the gateway.
 pub struct Ctx {
+    /// The client connection's phase (see [`crate::conn`]); `None` for HTTP/2 streams.
+    conn: Option<Arc<ConnState>>,
     snapshot: Option<Arc<Snapshot>>,
     route: Option<Arc<Route>>,
     pub req: RequestCtx,
@@ -182,8 +185,15 @@ impl Gateway {
         if let Some(err) = ctx.pending_error.take() {
             return Some(err);
         }
+        let body_overrun = ctx
+            .conn
+            .as_ref()
+            .is_some_and(|c| c.overrun() == Some(Overrun::Body));
         let status = match e.etype() {
+            _ if body_overrun => 408,
             ErrorType::HTTPStatus(code) => *code,
+            // A client too slow for Pingora's own read timeout: its fault, not a bad request.
+            ErrorType::ReadTimedout if e.esource() == &ErrorSource::Downstream => 408,
             ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout
                 if e.esource() == &ErrorSource::Upstream =>
             {
@@ -202,6 +212,11 @@ impl Gateway {
         };
         Some(match status {
             400 => ApiError::new(400, "bad_request", "the request could not be parsed"),
+            408 => ApiError::new(
+                408,
+                "request_timeout",
+                "the request body was not received in time (server.body_timeout)",
+            ),
             413 => ApiError::new(
                 413,
                 "payload_too_large",
@@ -310,6 +325,7 @@ impl ProxyHttp for Gateway {
 
     fn new_ctx(&self) -> Ctx {
         Ctx {
+            conn: None,
             snapshot: None,
             route: None,
             req: RequestCtx::new(String::new(), Arc::clone(&self.unmatched)),
@@ -324,6 +340,20 @@ impl ProxyHttp for Gateway {
             upstream_started: None,
             upstream_response: None,
         }
+    }
+
+    /// The head is parsed: the client's deadline moves on to the body, if one follows.
+    async fn early_request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<()> {
+        ctx.conn = ConnState::current();
+        if let Some(conn) = &ctx.conn {
+            let headers = &session.req_header().headers;
+            let has_body = headers.contains_key(http::header::TRANSFER_ENCODING)
+                || headers
+                    .get(CONTENT_LENGTH)
+                    .is_some_and(|v| v.as_bytes() != b"0");
+            conn.head_done(has_body);
+        }
+        Ok(())
     }
 
     /// Normalises the path, routes, removes trusted identity headers, enforces `max_body` on
@@ -442,9 +472,14 @@ impl ProxyHttp for Gateway {
         &self,
         _session: &mut Session,
         body: &mut Option<Bytes>,
-        _end_of_stream: bool,
+        end_of_stream: bool,
         ctx: &mut Ctx,
     ) -> Result<()> {
+        if end_of_stream {
+            if let Some(conn) = &ctx.conn {
+                conn.body_done();
+            }
+        }
         if let Some(b) = body {
             ctx.body_bytes += b.len() as u64;
             let max = ctx.snapshot.as_ref().map_or(u64::MAX, |s| s.max_body);
@@ -706,6 +741,9 @@ impl ProxyHttp for Gateway {
 
     /// Runs every plugin's `logging`, then records metrics and one access-log line.
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
+        if let Some(conn) = &ctx.conn {
+            conn.request_done();
+        }
         if let Some(route) = ctx.route.clone() {
             if route.hooks.logging {
                 for (i, entry) in route.chain.iter().enumerate() {
