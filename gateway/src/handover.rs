@@ -117,9 +117,18 @@ impl ShutdownSignalWatch for Signals {
 /// Whether a process listens on the Unix socket at `path`. Read from `/proc/net/unix`
 /// rather than by connecting: the new process accepts exactly one connection there and
 /// expects the sockets on it, so a probe would spoil the upgrade.
+///
+/// `/proc/net/unix` names sockets by the path they were bound to, in whatever mount
+/// namespace: a process with a private `/tmp` (systemd's `PrivateTmp`) could bind the same
+/// name elsewhere. The path must therefore also be a socket as this process sees it.
 pub fn upgrade_taker_waiting(path: &str) -> bool {
+    use std::os::unix::fs::FileTypeExt;
     // __SO_ACCEPTCON in the Flags column: the socket is listening.
     const LISTENING: u32 = 1 << 16;
+    let visible_here = std::fs::metadata(path).is_ok_and(|m| m.file_type().is_socket());
+    if !visible_here {
+        return false;
+    }
     let Ok(table) = std::fs::read_to_string("/proc/net/unix") else {
         return false;
     };

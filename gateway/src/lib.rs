@@ -125,6 +125,7 @@ fn warn_static_changes(old: &Config, new: &Config) {
         ("work_stealing", o.work_stealing != n.work_stealing),
         ("grace_period", o.grace_period != n.grace_period),
         ("access_log", o.access_log != n.access_log),
+        ("run_dir", o.run_dir != n.run_dir),
         ("upgrade_sock", o.upgrade_sock != n.upgrade_sock),
         ("pid_file", o.pid_file != n.pid_file),
     ]

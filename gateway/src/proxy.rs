@@ -17,6 +17,7 @@ use sallyport_plugins::trace::{X_REQUEST_ID, X_REQUEST_ID_NAME};
 use sallyport_plugins::{request_id, ApiError, ErasedState, Flow, Reply, RequestCtx};
 
 use crate::access_log::AccessRecord;
+use crate::client_ip::{FORWARDED, X_FORWARDED_FOR};
 use crate::config::ClientIpHeader;
 use crate::conn::{ConnState, Overrun};
 use crate::log_window::{LogWindow, Verdict, ERROR_LOG_INTERVAL};
@@ -32,7 +33,6 @@ const X_FORWARDED_FOR_NAME: &str = "x-forwarded-for";
 const X_FORWARDED_PROTO_NAME: &str = "x-forwarded-proto";
 const X_FORWARDED_HOST_NAME: &str = "x-forwarded-host";
 const FORWARDED_NAME: &str = "forwarded";
-const X_FORWARDED_FOR: HeaderName = HeaderName::from_static(X_FORWARDED_FOR_NAME);
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static(X_FORWARDED_PROTO_NAME);
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static(X_FORWARDED_HOST_NAME);
 
@@ -277,7 +277,7 @@ impl Gateway {
                 if https { "https" } else { "http" },
                 host,
             );
-            let forwarded = match chain(&crate::client_ip::FORWARDED) {
+            let forwarded = match chain(&FORWARDED) {
                 Some(prev) => format!("{prev}, {hop}"),
                 None => hop,
             };

@@ -98,9 +98,9 @@ impl EndpointHealth {
     }
 }
 
-/// One endpoint of a pool.
+/// One endpoint of a pool; also attached to its `Backend` (`ext`), so a selection reads its
+/// health without a lookup.
 struct Endpoint {
-    backend: Backend,
     addr: SocketAddr,
     /// `ip:port`, the metric label.
     label: String,
@@ -125,8 +125,8 @@ pub struct Pool {
     pub config: UpstreamConfig,
     balancer: Balancer,
     pub hash_key: RequestKey,
-    /// Endpoints in config order.
-    endpoints: Vec<Endpoint>,
+    /// Endpoints in config order, with their backends.
+    endpoints: Vec<(Backend, Arc<Endpoint>)>,
     health: Option<HealthSchedule>,
     /// Rate limit of this pool's request-failure log lines.
     pub error_log: crate::log_window::LogWindow,
@@ -145,25 +145,26 @@ impl Pool {
         let mut endpoints = Vec::with_capacity(config.endpoints.len());
         for e in &config.endpoints {
             let (addr, weight) = parse_endpoint(e)?;
-            let backend = Backend::new_with_weight(&addr.to_string(), weight)
+            let mut backend = Backend::new_with_weight(&addr.to_string(), weight)
                 .map_err(|err| format!("endpoint {e}: {err}"))?;
             let (host, authority) = endpoint_names(e, config.tls);
             let health = previous
                 .filter(|p| checked && p.health.is_some())
-                .and_then(|p| p.endpoints.iter().find(|x| x.addr == addr))
+                .and_then(|p| p.endpoint(&addr))
                 .map(|x| Arc::clone(&x.health))
                 .unwrap_or_else(|| Arc::new(EndpointHealth::new(!checked)));
-            endpoints.push(Endpoint {
-                backend,
+            let endpoint = Arc::new(Endpoint {
                 addr,
                 label: addr.to_string(),
                 host,
                 authority,
                 health,
             });
+            backend.ext.insert(Arc::clone(&endpoint));
+            endpoints.push((backend, endpoint));
         }
         let set: std::collections::BTreeSet<Backend> =
-            endpoints.iter().map(|e| e.backend.clone()).collect();
+            endpoints.iter().map(|(b, _)| b.clone()).collect();
         let make_backends = || Backends::new(Static::new(set.clone()));
         let balancer = match config.balance {
             Balance::RoundRobin => {
@@ -211,19 +212,17 @@ impl Pool {
     /// `None` when no endpoint is left.
     pub fn select(&self, key: Option<&[u8]>, exclude: &[SocketAddr]) -> Option<Backend> {
         self.balancer.select(key, |b| {
-            b.as_inet().is_some_and(|addr| {
-                !exclude.contains(addr)
-                    && self
-                        .endpoints
-                        .iter()
-                        .find(|e| e.addr == *addr)
-                        .is_some_and(|e| e.health.is_healthy())
-            })
+            b.ext
+                .get::<Arc<Endpoint>>()
+                .is_some_and(|e| e.health.is_healthy() && !exclude.contains(&e.addr))
         })
     }
 
     fn endpoint(&self, addr: &SocketAddr) -> Option<&Endpoint> {
-        self.endpoints.iter().find(|e| e.addr == *addr)
+        self.endpoints
+            .iter()
+            .map(|(_, e)| &**e)
+            .find(|e| e.addr == *addr)
     }
 
     /// The `Host` header for requests to this endpoint when `preserve_host = false`: the
@@ -238,8 +237,8 @@ impl Pool {
         let sni = match (&self.config.sni, self.config.tls) {
             (Some(s), _) => s.clone(),
             (None, true) => backend
-                .as_inet()
-                .and_then(|a| self.endpoint(a))
+                .ext
+                .get::<Arc<Endpoint>>()
                 .map(|e| e.host.clone())
                 .unwrap_or_default(),
             (None, false) => String::new(),
@@ -258,7 +257,7 @@ impl Pool {
     pub fn endpoint_health(&self) -> Vec<(&str, bool)> {
         self.endpoints
             .iter()
-            .map(|e| (e.label.as_str(), e.health.is_healthy()))
+            .map(|(_, e)| (e.label.as_str(), e.health.is_healthy()))
             .collect()
     }
 
@@ -268,7 +267,7 @@ impl Pool {
             || self
                 .endpoints
                 .iter()
-                .all(|e| e.health.checked.load(Ordering::Acquire))
+                .all(|(_, e)| e.health.checked.load(Ordering::Acquire))
     }
 
     /// Starts a health-check pass when one is due and none is running. Returns the pass to
@@ -298,9 +297,9 @@ impl Pool {
     async fn run_checks(&self, s: &HealthSchedule) {
         // The connect and read timeouts bound one check; this bounds a check that trickles.
         let limit = s.config.timeout.get() * 2;
-        let checks = self.endpoints.iter().map(|e| async move {
+        let checks = self.endpoints.iter().map(|(backend, e)| async move {
             let ok = matches!(
-                tokio::time::timeout(limit, s.check.check(&e.backend)).await,
+                tokio::time::timeout(limit, s.check.check(backend)).await,
                 Ok(Ok(()))
             );
             if let Some(healthy) = e.health.observe(ok, &s.config) {
