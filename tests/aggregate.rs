@@ -436,3 +436,49 @@ async fn pool_timeouts_count_as_timeouts_and_dot_values_never_climb() {
         users.requests()
     );
 }
+
+/// Calls to a consistent-hash pool hash on the client request's key (here a header), so a
+/// user's aggregate calls land on the endpoint their proxied requests land on; before, every
+/// call hashed an empty key and one endpoint took all of them.
+#[tokio::test]
+async fn calls_to_a_hashing_pool_follow_the_clients_key() {
+    let (a, b, c) = (mock("a").await, mock("b").await, mock("c").await);
+    let config = format!(
+        "{}\n[upstreams.sharded]\nendpoints = [\"{}\", \"{}\", \"{}\"]\nbalance = \"consistent_hash\"\nhash_key = \"header:x-user-id\"\n\
+         [plugins.agg]\ntype = \"aggregate\"\ncalls = [{{ name = \"profile\", upstream = \"sharded\", path = \"/profile\" }}]\n\
+         [[routes]]\nname = \"agg\"\npath = \"/agg\"\nplugins = [\"agg\"]\n\
+         [[routes]]\nname = \"direct\"\npath_prefix = \"/direct\"\nupstream = \"sharded\"\n",
+        server(""),
+        a.addr(),
+        b.addr(),
+        c.addr()
+    );
+    let gw = Gateway::start(&config).await;
+    let cl = client();
+    let mut owners = std::collections::BTreeSet::new();
+    for user in ["u1", "u2", "u3", "u4", "u5", "u6", "u7", "u8"] {
+        let direct = cl
+            .get(gw.url("/direct/x"))
+            .header("x-user-id", user)
+            .send()
+            .await
+            .unwrap();
+        let owner = direct.headers()["x-mock-name"]
+            .to_str()
+            .unwrap()
+            .to_string();
+        for _ in 0..3 {
+            let body = json(
+                cl.get(gw.url("/agg"))
+                    .header("x-user-id", user)
+                    .send()
+                    .await
+                    .unwrap(),
+            )
+            .await;
+            assert_eq!(body["profile"]["service"], owner.as_str(), "{user}: {body}");
+        }
+        owners.insert(owner);
+    }
+    assert!(owners.len() >= 2, "users spread over endpoints: {owners:?}");
+}

@@ -172,14 +172,17 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for DrainFirstRequests<A> {
     }
 }
 
-/// The pid in `pid_file` when it names a live process other than this one.
+/// The pid in `pid_file` when it names a live process other than this one that runs the same
+/// program (a pid left by a killed gateway may since belong to something else).
 pub fn live_instance(pid_file: &Path) -> Option<u32> {
     let pid: u32 = std::fs::read_to_string(pid_file)
         .ok()?
         .trim()
         .parse()
         .ok()?;
-    (pid != std::process::id() && Path::new(&format!("/proc/{pid}")).exists()).then_some(pid)
+    let program = |p: &str| std::fs::read_to_string(format!("/proc/{p}/comm")).ok();
+    let same_program = program(&pid.to_string()).is_some_and(|c| Some(c) == program("self"));
+    (pid != std::process::id() && same_program).then_some(pid)
 }
 
 /// Writes this process's pid (creating the run directory when needed).
@@ -218,6 +221,13 @@ mod tests {
         assert!(!upgrade_taker_waiting(&path_s));
     }
 
+    /// Run only as the "twin" process of `pid_files_name_live_instances`.
+    #[test]
+    #[ignore]
+    fn never_returns() {
+        std::thread::sleep(std::time::Duration::from_secs(60));
+    }
+
     #[test]
     fn pid_files_name_live_instances() {
         let dir = tempfile::tempdir().unwrap();
@@ -230,7 +240,22 @@ mod tests {
             "this process is not another instance"
         );
         std::fs::write(&file, "1\n").unwrap();
-        assert_eq!(live_instance(&file), Some(1), "pid 1 is alive");
+        assert_eq!(
+            live_instance(&file),
+            None,
+            "pid 1 is alive but another program"
+        );
+        // The test binary again, waiting in a test that never ends until killed.
+        let mut twin = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "handover::tests::never_returns", "--ignored"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::fs::write(&file, format!("{}\n", twin.id())).unwrap();
+        let seen = live_instance(&file);
+        let _ = twin.kill();
+        let _ = twin.wait();
+        assert_eq!(seen, Some(twin.id()), "the same program, alive");
         std::fs::write(&file, "4194305\n").unwrap();
         assert_eq!(live_instance(&file), None, "beyond pid_max: dead");
         remove_pid(&file);
