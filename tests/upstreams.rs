@@ -283,6 +283,23 @@ async fn tls_upstream_gets_the_endpoint_host_name_as_sni() {
     assert_eq!(names, [Some("localhost".to_string())]);
 }
 
+/// Active TLS health checks name the endpoint too: each endpoint's check sends its own host
+/// name as SNI.
+#[tokio::test]
+async fn tls_health_checks_send_the_endpoint_host_name_as_sni() {
+    let (addr, seen) = sni_recorder().await;
+    let config = format!(
+        "{}\n[upstreams.tls]\nendpoints = [\"localhost:{}\"]\ntls = true\n[upstreams.tls.health]\ntype = \"tcp\"\ninterval = \"10s\"\n{}",
+        server(""),
+        addr.port(),
+        route("tls")
+    );
+    // Ready after the first pass, which fails: the recorder's certificate is not trusted.
+    let _gw = Gateway::start(&config).await;
+    let names = seen.lock().unwrap().clone();
+    assert_eq!(names, [Some("localhost".to_string())]);
+}
+
 /// A TLS server that records the SNI of every ClientHello and offers a self-signed certificate.
 async fn sni_recorder() -> (
     std::net::SocketAddr,

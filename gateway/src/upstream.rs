@@ -114,7 +114,9 @@ struct Endpoint {
 /// Scheduling state of a pool's active health checks.
 struct HealthSchedule {
     config: HealthConfig,
-    check: Box<dyn HealthCheck + Send + Sync>,
+    /// One check per endpoint, in the pool's endpoint order (each names its endpoint's host
+    /// as SNI when the pool speaks TLS).
+    checks: Vec<Box<dyn HealthCheck + Send + Sync>>,
     next_due: Mutex<Instant>,
     running: AtomicBool,
 }
@@ -190,7 +192,10 @@ impl Pool {
         let health = match &config.health {
             Some(h) => Some(HealthSchedule {
                 config: h.clone(),
-                check: health_check(h, config)?,
+                checks: endpoints
+                    .iter()
+                    .map(|(_, e)| health_check(h, config, config.sni.as_deref().unwrap_or(&e.host)))
+                    .collect::<Result<_, _>>()?,
                 next_due: Mutex::new(Instant::now()),
                 running: AtomicBool::new(false),
             }),
@@ -297,23 +302,27 @@ impl Pool {
     async fn run_checks(&self, s: &HealthSchedule) {
         // The connect and read timeouts bound one check; this bounds a check that trickles.
         let limit = s.config.timeout.get() * 2;
-        let checks = self.endpoints.iter().map(|(backend, e)| async move {
-            let ok = matches!(
-                tokio::time::timeout(limit, s.check.check(backend)).await,
-                Ok(Ok(()))
-            );
-            if let Some(healthy) = e.health.observe(ok, &s.config) {
-                if healthy {
-                    log::info!("upstream {}: endpoint {} is healthy", self.name, e.label);
-                } else {
-                    log::warn!(
-                        "upstream {}: endpoint {} failed its health check",
-                        self.name,
-                        e.label
-                    );
+        let checks = self
+            .endpoints
+            .iter()
+            .zip(&s.checks)
+            .map(|((backend, e), check)| async move {
+                let ok = matches!(
+                    tokio::time::timeout(limit, check.check(backend)).await,
+                    Ok(Ok(()))
+                );
+                if let Some(healthy) = e.health.observe(ok, &s.config) {
+                    if healthy {
+                        log::info!("upstream {}: endpoint {} is healthy", self.name, e.label);
+                    } else {
+                        log::warn!(
+                            "upstream {}: endpoint {} failed its health check",
+                            self.name,
+                            e.label
+                        );
+                    }
                 }
-            }
-        });
+            });
         futures_util::future::join_all(checks).await;
     }
 
@@ -358,15 +367,18 @@ where
     }
 }
 
+/// The active check of one endpoint; `sni` names it in the TLS handshake when `up.tls`.
 fn health_check(
     h: &HealthConfig,
     up: &UpstreamConfig,
+    sni: &str,
 ) -> Result<Box<dyn HealthCheck + Send + Sync>, String> {
     Ok(match h.kind {
         HealthKind::Tcp => {
-            let mut check = match (&up.sni, up.tls) {
-                (Some(sni), true) => TcpHealthCheck::new_tls(sni),
-                _ => TcpHealthCheck::new(),
+            let mut check = if up.tls {
+                TcpHealthCheck::new_tls(sni)
+            } else {
+                TcpHealthCheck::new()
             };
             check.consecutive_success = h.healthy_after;
             check.consecutive_failure = h.unhealthy_after;
@@ -381,8 +393,8 @@ fn health_check(
             check.peer_template.options.connection_timeout = Some(h.timeout.get());
             check.peer_template.options.total_connection_timeout = Some(h.timeout.get());
             check.peer_template.options.read_timeout = Some(h.timeout.get());
-            if let Some(sni) = &up.sni {
-                check.peer_template.sni = sni.clone();
+            if up.tls {
+                check.peer_template.sni = sni.to_string();
             }
             check.req.set_uri(health_path(&h.path)?);
             let expected = h.expected_status.clone();
