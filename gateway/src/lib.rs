@@ -224,8 +224,11 @@ pub fn run(shared: Arc<Shared>, options: RunOptions) -> anyhow::Result<()> {
             );
         }
     }
-    std::fs::create_dir_all(&files.dir)
-        .map_err(|e| anyhow::anyhow!("server.run_dir {}: {e}", files.dir.display()))?;
+    // Only where the files live: with both overridden, run_dir stays unused.
+    if let Some(dir) = Path::new(&files.upgrade_sock).parent() {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| anyhow::anyhow!("upgrade socket directory {}: {e}", dir.display()))?;
+    }
 
     let conf = ServerConf {
         threads: server_conf.threads,
