@@ -1,7 +1,9 @@
 //! The TOML file format: what users write. Read with `deny_unknown_fields` everywhere, then
-//! checked by [`validate`] which reports **every** problem with its path. The runtime model
-//! built from it lives in [`crate::snapshot`]; this file format is never used on the request
-//! path.
+//! checked by [`validate`] which reports **every** problem with its path. This module is a
+//! leaf of the crate: it imports only the path rules (`path`, `router`'s pattern parsers) and
+//! the plugin crate. The runtime model compiled from it is the snapshot; pools keep their
+//! `UpstreamConfig` and read a few of its plain values (retries, balance, preserve_host) per
+//! request.
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
@@ -10,7 +12,9 @@ use std::path::Path;
 
 use serde::Deserialize;
 
+pub use crate::path::EscapedSlashes;
 use sallyport_plugins::conf::{ByteSize, HumanDuration};
+use sallyport_plugins::key::RequestKey;
 use sallyport_plugins::PluginConfig;
 
 /// The whole configuration file.
@@ -170,15 +174,6 @@ pub enum ClientIpHeader {
     XForwardedFor,
     #[serde(rename = "forwarded")]
     Forwarded,
-}
-
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum EscapedSlashes {
-    #[default]
-    Decode,
-    Reject,
-    Keep,
 }
 
 /// `[upstreams.NAME]`: a pool of endpoints.
@@ -721,12 +716,8 @@ fn validate_upstream(path: &str, up: &UpstreamConfig, errors: &mut Vec<ConfigErr
         }
     }
     match (&up.balance, &up.hash_key) {
-        (Balance::ConsistentHash, Some(k)) => match crate::snapshot::RequestKey::parse(k) {
-            Ok(
-                crate::snapshot::RequestKey::Ip
-                | crate::snapshot::RequestKey::Header(_)
-                | crate::snapshot::RequestKey::Claim(_),
-            ) => {}
+        (Balance::ConsistentHash, Some(k)) => match RequestKey::parse(k) {
+            Ok(RequestKey::Ip | RequestKey::Header(_) | RequestKey::Claim(_)) => {}
             Ok(_) => errors.push(ConfigError::new(
                 format!("{path}.hash_key"),
                 "use \"ip\", \"header:NAME\" or \"claim:NAME\"",

@@ -8,7 +8,18 @@
 
 use std::borrow::Cow;
 
-use crate::config::EscapedSlashes;
+/// `server.escaped_slashes`: what `%2F` in a request path means.
+#[derive(Debug, Clone, Copy, Default, serde::Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum EscapedSlashes {
+    /// Treat as `/`, then normalise.
+    #[default]
+    Decode,
+    /// Answer 400.
+    Reject,
+    /// Leave encoded, part of its segment.
+    Keep,
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PathError {

@@ -47,7 +47,7 @@ pub fn config_path(raw: &str) -> Result<String, String> {
     if raw.contains(['?', '#']) {
         return Err(format!("{raw:?} must be a path without query or fragment"));
     }
-    crate::path::normalize(raw, crate::config::EscapedSlashes::Decode)
+    crate::path::normalize(raw, crate::path::EscapedSlashes::Decode)
         .map(|p| p.into_owned())
         .map_err(|e| format!("{raw:?}: {}", e.message()))
 }

@@ -23,7 +23,7 @@ use pingora::upstreams::peer::HttpPeer;
 use crate::config::{
     health_path, parse_endpoint, Balance, HealthConfig, HealthKind, UpstreamConfig,
 };
-use crate::snapshot::RequestKey;
+use sallyport_plugins::key::RequestKey;
 
 /// Bound on the selection walk (Pingora's `max_iterations`).
 const MAX_SELECT_ITERATIONS: usize = 256;
