@@ -344,6 +344,10 @@ async fn bad_tokens_are_refused_with_the_right_reason() {
     wrong_iss["iss"] = json!("https://evil.example/");
     let mut wrong_aud = claims("u");
     wrong_aud["aud"] = json!("someone-else");
+    let mut no_aud = claims("u");
+    no_aud.as_object_mut().unwrap().remove("aud");
+    let mut no_iss = claims("u");
+    no_iss.as_object_mut().unwrap().remove("iss");
     let mut no_exp = claims("u");
     no_exp.as_object_mut().unwrap().remove("exp");
     let valid = rs(&claims("u"));
@@ -376,6 +380,10 @@ async fn bad_tokens_are_refused_with_the_right_reason() {
         ("nbf", rs(&future), "not_yet_valid"),
         ("iss", rs(&wrong_iss), "bad_issuer"),
         ("aud", rs(&wrong_aud), "bad_audience"),
+        // With `audience`/`issuer` configured the token must name them (RFC 7519 4.1.1,
+        // 4.1.3): leaving the claim out must not skip the check.
+        ("no aud", rs(&no_aud), "bad_audience"),
+        ("no iss", rs(&no_iss), "bad_issuer"),
         ("no exp", rs(&no_exp), "missing_claim"),
         ("tampered", tampered, "bad_signature"),
         ("alg none", alg_none, "malformed"),

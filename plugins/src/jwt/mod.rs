@@ -245,6 +245,15 @@ impl Jwt {
                 spec_claims.push(claim.as_str());
             }
         }
+        // A configured issuer or audience must be named by the token: jsonwebtoken checks
+        // `iss`/`aud` only when present unless they are required, so a token without `aud`
+        // would pass an audience check.
+        if c.issuer.is_some() {
+            spec_claims.push("iss");
+        }
+        if !c.audience.is_empty() {
+            spec_claims.push("aud");
+        }
         let validations = c
             .algorithms
             .iter()
@@ -255,10 +264,7 @@ impl Jwt {
                 v.validate_nbf = true;
                 v.validate_exp = true;
                 match &c.issuer {
-                    Some(iss) => {
-                        v.set_issuer(&[iss]);
-                        spec_claims.push("iss");
-                    }
+                    Some(iss) => v.set_issuer(&[iss]),
                     None => v.iss = None,
                 }
                 if c.audience.is_empty() {
@@ -464,6 +470,12 @@ fn decode(
                 "algorithm_not_allowed",
                 "the token's algorithm does not match its key",
             ),
+            ErrorKind::MissingRequiredClaim(claim) if claim == "aud" => {
+                refusal("bad_audience", "the token names no audience")
+            }
+            ErrorKind::MissingRequiredClaim(claim) if claim == "iss" => {
+                refusal("bad_issuer", "the token names no issuer")
+            }
             ErrorKind::MissingRequiredClaim(_) => {
                 refusal("missing_claim", "the token lacks a required claim")
             }
