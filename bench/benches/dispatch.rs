@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::proxy::Session;
-use sallyport_plugins::{DynPlugin, Erased, Flow, Hooks, Plugin, RequestCtx, Result};
+use sallyport_plugins::{DynPlugin, Erased, Flow, Plugin, RequestCtx, Result};
 
 struct NoOp;
 
@@ -96,8 +96,7 @@ fn dispatch(c: &mut Criterion) {
     let mut session = rt.block_on(session());
     let mut g = c.benchmark_group("plugins::dispatch");
     for n in [0usize, 1, 4, 16] {
-        let chain: Vec<Arc<dyn DynPlugin>> =
-            (0..n).map(|_| Erased::into_dyn(NoOp, Hooks::ALL)).collect();
+        let chain: Vec<Arc<dyn DynPlugin>> = (0..n).map(|_| Erased::into_dyn(NoOp)).collect();
         g.bench_with_input(BenchmarkId::new("noop_plugins_all_hooks", n), &n, |b, _| {
             b.iter(|| {
                 rt.block_on(async {

@@ -16,9 +16,7 @@ use pingora::proxy::Session;
 use sallyport_plugins::quota::window::Policy;
 use sallyport_plugins::quota::{LocalStore, RedisStore};
 use sallyport_plugins::upstream::NoUpstreams;
-use sallyport_plugins::{
-    BuildEnv, DynPlugin, Erased, Flow, Hooks, Plugin, PluginConfig, RequestCtx,
-};
+use sallyport_plugins::{BuildEnv, DynPlugin, Erased, Flow, Plugin, PluginConfig, RequestCtx};
 
 const POLICY: Policy = Policy {
     quota: 1_000_000,
@@ -110,7 +108,7 @@ fn whole_plugin(c: &mut Criterion) {
         s
     });
     // The floor: the same calls on a plugin that does nothing (context, state, runtime).
-    let noop = Erased::into_dyn(NoOp, Hooks::ALL);
+    let noop = Erased::into_dyn(NoOp);
     let mut i = 0u32;
     c.bench_function("quota::plugin_request_floor", |b| {
         b.iter(|| {

@@ -154,14 +154,7 @@ impl Snapshot {
                     })
                 })
                 .collect();
-            let hooks = chain.iter().fold(Hooks::default(), |acc, e| Hooks {
-                request_filter: acc.request_filter || e.hooks.request_filter,
-                upstream_peer: acc.upstream_peer || e.hooks.upstream_peer,
-                upstream_request_filter: acc.upstream_request_filter
-                    || e.hooks.upstream_request_filter,
-                response_filter: acc.response_filter || e.hooks.response_filter,
-                logging: acc.logging || e.hooks.logging,
-            });
+            let hooks = chain.iter().fold(Hooks::NONE, |acc, e| acc.union(e.hooks));
             let (exact, raw) = match (&r.path, &r.path_prefix) {
                 (Some(p), _) => (true, p.as_str()),
                 (None, Some(p)) => (false, p.as_str()),

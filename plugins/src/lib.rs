@@ -15,8 +15,9 @@
 //! (also for responses that a plugin or the gateway produced itself), and `logging` for every
 //! plugin of the chain, always, also after an early response or an error.
 //!
-//! Writing a plugin = a module with its config and [`Plugin`] impl, a variant in
-//! [`PluginConfig`], docs in `conf/sallyport.toml` and tests. See README.md.
+//! Writing a plugin = a folder with its config (implementing [`PluginType`]), its [`Plugin`]
+//! impl (with [`Plugin::hooks`]), its docs page and tests, plus one line in
+//! [`plugin_registry!`]. See docs/writing-a-plugin.md.
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
@@ -67,6 +68,14 @@ pub type Result<T> = pingora::Result<T>;
 pub trait Plugin: Send + Sync + 'static {
     /// Typed per-request state, created with `Default` when a request enters the chain.
     type State: Default + Send + Sync + 'static;
+
+    /// The hooks the gateway calls; the others are skipped without a call (each call costs a
+    /// boxed future). Defaults to every hook, so a hook the author wrote is never silently
+    /// skipped: a plugin narrows it here, next to the hooks it implements. Asked once, when
+    /// the plugin is built.
+    fn hooks(&self) -> Hooks {
+        Hooks::ALL
+    }
 
     /// Runs in `request_filter`, in chain order, after routing and after the gateway removed
     /// every trusted identity header from the request. `Ok(Flow::Continue)` passes the request
@@ -139,6 +148,25 @@ pub struct Hooks {
 }
 
 impl Hooks {
+    pub const NONE: Hooks = Hooks {
+        request_filter: false,
+        upstream_peer: false,
+        upstream_request_filter: false,
+        response_filter: false,
+        logging: false,
+    };
+
+    /// The hooks either set runs (a route's chain runs the union of its plugins').
+    pub fn union(self, other: Hooks) -> Hooks {
+        Hooks {
+            request_filter: self.request_filter || other.request_filter,
+            upstream_peer: self.upstream_peer || other.upstream_peer,
+            upstream_request_filter: self.upstream_request_filter || other.upstream_request_filter,
+            response_filter: self.response_filter || other.response_filter,
+            logging: self.logging || other.logging,
+        }
+    }
+
     pub const ALL: Hooks = Hooks {
         request_filter: true,
         upstream_peer: true,
@@ -193,19 +221,20 @@ pub trait DynPlugin: Send + Sync + 'static {
     );
 }
 
-/// Adapts a typed [`Plugin`] to [`DynPlugin`], with the hooks it declares.
+/// Adapts a typed [`Plugin`] to [`DynPlugin`], with the hooks it declares ([`Plugin::hooks`]).
 pub struct Erased<P> {
     plugin: P,
     hooks: Hooks,
 }
 
 impl<P: Plugin> Erased<P> {
-    pub fn new(plugin: P, hooks: Hooks) -> Self {
+    pub fn new(plugin: P) -> Self {
+        let hooks = plugin.hooks();
         Erased { plugin, hooks }
     }
 
-    pub fn into_dyn(plugin: P, hooks: Hooks) -> Arc<dyn DynPlugin> {
-        Arc::new(Self::new(plugin, hooks))
+    pub fn into_dyn(plugin: P) -> Arc<dyn DynPlugin> {
+        Arc::new(Self::new(plugin))
     }
 }
 
@@ -388,13 +417,116 @@ impl BuildError {
     }
 }
 
-/// The closed set of plugin types a `[plugins.NAME]` table can name with `type = "..."`.
-/// Unknown types and unknown keys are errors, never silently skipped. (Variants differ in
-/// size; configs are read once per load, so boxing them would buy nothing.)
-#[allow(clippy::large_enum_variant)]
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(tag = "type", rename_all = "snake_case")]
-pub enum PluginConfig {
+/// A plugin type, implemented by its config struct in the plugin's own folder: everything
+/// the gateway needs to know about the type besides its one line in [`plugin_registry!`].
+pub trait PluginType: Sized + Send + Sync + 'static {
+    /// The `type = "..."` value: the snake_case name of its registry variant (a test checks).
+    const KIND: &'static str;
+    /// Answers every request itself (e.g. `aggregate`): a route with no upstream is valid only
+    /// when one of its plugins responds.
+    const RESPONDS: bool = false;
+    /// The built plugin holds state that must outlive a reload (quota counters, bulkhead slots
+    /// in use): when its config is unchanged, the gateway keeps the built plugin instead of
+    /// building a new one, so a SIGHUP neither resets quotas nor lets a second full bulkhead
+    /// in. Types that read files or hold the snapshot's pools are rebuilt on every load.
+    const KEEPS_STATE: bool = false;
+
+    /// Checks the config without side effects (no network, no background tasks): what
+    /// `sallyport --check` reports. `build` checks the same and more.
+    fn validate(&self) -> Vec<BuildError> {
+        Vec::new()
+    }
+
+    /// Upstream pools the config refers to, as `(path, name)`: `--check` reports unknown ones.
+    fn upstream_refs(&self) -> Vec<(String, String)> {
+        Vec::new()
+    }
+
+    /// Request headers the plugin sets from verified credentials: the gateway removes them
+    /// from every incoming request before any plugin runs, so clients cannot forge them.
+    fn trusted_headers(&self) -> Vec<HeaderName> {
+        Vec::new()
+    }
+
+    /// Validates the config and builds the shared plugin; every problem is reported.
+    fn build(&self, env: &BuildEnv) -> std::result::Result<Arc<dyn DynPlugin>, Vec<BuildError>>;
+}
+
+/// The registry of plugin types: one line per type, `Variant(config type)`, where the
+/// variant's snake_case name is the `type` users write. Generates [`PluginConfig`], the closed
+/// enum a `[plugins.NAME]` table is read into (unknown types and unknown keys are errors, never
+/// silently skipped), and its dispatch to [`PluginType`].
+macro_rules! plugin_registry {
+    ($($variant:ident($config:ty)),* $(,)?) => {
+        /// The closed set of plugin types a `[plugins.NAME]` table can name with
+        /// `type = "..."`. (Variants differ in size; configs are read once per load, so
+        /// boxing them would buy nothing.)
+        #[allow(clippy::large_enum_variant)]
+        #[derive(Debug, Clone, Deserialize, PartialEq)]
+        #[serde(tag = "type", rename_all = "snake_case")]
+        pub enum PluginConfig {
+            $($variant($config),)*
+        }
+
+        impl PluginConfig {
+            /// Every `type` value, in registry order.
+            pub const KINDS: &'static [&'static str] = &[$(<$config as PluginType>::KIND,)*];
+
+            /// The `type` string of this config.
+            pub fn kind(&self) -> &'static str {
+                match self {
+                    $(PluginConfig::$variant(_) => <$config as PluginType>::KIND,)*
+                }
+            }
+
+            /// See [`PluginType::RESPONDS`].
+            pub fn responds(&self) -> bool {
+                match self {
+                    $(PluginConfig::$variant(_) => <$config as PluginType>::RESPONDS,)*
+                }
+            }
+
+            /// See [`PluginType::KEEPS_STATE`].
+            pub fn keeps_state_across_reloads(&self) -> bool {
+                match self {
+                    $(PluginConfig::$variant(_) => <$config as PluginType>::KEEPS_STATE,)*
+                }
+            }
+
+            /// See [`PluginType::validate`].
+            pub fn validate(&self) -> Vec<BuildError> {
+                match self {
+                    $(PluginConfig::$variant(c) => c.validate(),)*
+                }
+            }
+
+            /// See [`PluginType::upstream_refs`].
+            pub fn upstream_refs(&self) -> Vec<(String, String)> {
+                match self {
+                    $(PluginConfig::$variant(c) => c.upstream_refs(),)*
+                }
+            }
+
+            /// Validates the config and builds the shared plugin; every problem is reported.
+            pub fn build(
+                &self,
+                env: &BuildEnv,
+            ) -> std::result::Result<BuiltPlugin, Vec<BuildError>> {
+                let (plugin, trusted_headers) = match self {
+                    $(PluginConfig::$variant(c) => (c.build(env)?, c.trusted_headers()),)*
+                };
+                Ok(BuiltPlugin {
+                    kind: self.kind(),
+                    plugin,
+                    responds: self.responds(),
+                    trusted_headers,
+                })
+            }
+        }
+    };
+}
+
+plugin_registry! {
     Trace(trace::TraceConfig),
     StripHeaders(strip_headers::StripHeadersConfig),
     Quota(quota::QuotaConfig),
@@ -405,102 +537,21 @@ pub enum PluginConfig {
     KeyAuth(key_auth::KeyAuthConfig),
 }
 
-impl PluginConfig {
-    /// The `type` string of this config.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            PluginConfig::Trace(_) => "trace",
-            PluginConfig::StripHeaders(_) => "strip_headers",
-            PluginConfig::Quota(_) => "quota",
-            PluginConfig::Concurrency(_) => "concurrency",
-            PluginConfig::Aggregate(_) => "aggregate",
-            PluginConfig::Jwt(_) => "jwt",
-            PluginConfig::Authorize(_) => "authorize",
-            PluginConfig::KeyAuth(_) => "key_auth",
-        }
-    }
+#[cfg(test)]
+mod registry_tests {
+    use super::*;
 
-    /// True for plugin types that answer every request themselves (no upstream needed).
-    pub fn responds(&self) -> bool {
-        match self {
-            PluginConfig::Trace(_)
-            | PluginConfig::StripHeaders(_)
-            | PluginConfig::Quota(_)
-            | PluginConfig::Concurrency(_)
-            | PluginConfig::Jwt(_)
-            | PluginConfig::Authorize(_)
-            | PluginConfig::KeyAuth(_) => false,
-            PluginConfig::Aggregate(_) => true,
-        }
-    }
-
-    /// True for types whose built plugin holds state that must outlive a reload (quota
-    /// counters, bulkhead slots in use): when such a plugin's config is unchanged, the gateway
-    /// keeps the built plugin instead of building a new one, so a SIGHUP neither resets
-    /// quotas nor lets a second full bulkhead in. Types that read files or hold the
-    /// snapshot's pools are always rebuilt, so a reload picks up new keys and pools.
-    pub fn keeps_state_across_reloads(&self) -> bool {
-        match self {
-            PluginConfig::Quota(_) | PluginConfig::Concurrency(_) => true,
-            PluginConfig::Trace(_)
-            | PluginConfig::StripHeaders(_)
-            | PluginConfig::Aggregate(_)
-            | PluginConfig::Jwt(_)
-            | PluginConfig::Authorize(_)
-            | PluginConfig::KeyAuth(_) => false,
-        }
-    }
-
-    /// Checks the config without side effects (no network, no background tasks): what
-    /// `sallyport --check` reports. `build` checks the same and more.
-    pub fn validate(&self) -> Vec<BuildError> {
-        match self {
-            PluginConfig::Trace(_) => Vec::new(),
-            PluginConfig::StripHeaders(c) => strip_headers::StripHeaders::build(c)
-                .err()
-                .unwrap_or_default(),
-            PluginConfig::Quota(c) => quota::validate(c),
-            PluginConfig::Concurrency(c) => concurrency::validate(c),
-            PluginConfig::Aggregate(c) => aggregate::validate(c),
-            PluginConfig::Jwt(c) => jwt::validate(c),
-            PluginConfig::Authorize(c) => authorize::validate(c),
-            PluginConfig::KeyAuth(c) => key_auth::validate(c),
-        }
-    }
-
-    /// Upstream pools the config refers to, as `(path, name)`: `--check` reports unknown ones.
-    pub fn upstream_refs(&self) -> Vec<(String, String)> {
-        match self {
-            PluginConfig::Aggregate(c) => aggregate::upstream_refs(c),
-            PluginConfig::Trace(_)
-            | PluginConfig::StripHeaders(_)
-            | PluginConfig::Quota(_)
-            | PluginConfig::Concurrency(_)
-            | PluginConfig::Jwt(_)
-            | PluginConfig::Authorize(_)
-            | PluginConfig::KeyAuth(_) => Vec::new(),
-        }
-    }
-
-    /// Validates the config and builds the shared plugin; every problem is reported.
-    pub fn build(&self, env: &BuildEnv) -> std::result::Result<BuiltPlugin, Vec<BuildError>> {
-        let (plugin, trusted_headers) = match self {
-            PluginConfig::Trace(c) => (trace::Trace::build(c)?, Vec::new()),
-            PluginConfig::StripHeaders(c) => (strip_headers::StripHeaders::build(c)?, Vec::new()),
-            PluginConfig::Quota(c) => (quota::Quota::build(c, env)?, Vec::new()),
-            PluginConfig::Concurrency(c) => (concurrency::Concurrency::build(c, env)?, Vec::new()),
-            PluginConfig::Aggregate(c) => (aggregate::Aggregate::build(c, env)?, Vec::new()),
-            PluginConfig::Jwt(c) => (jwt::Jwt::build(c)?, jwt::trusted_headers(c)),
-            PluginConfig::Authorize(c) => (authorize::Authorize::build(c)?, Vec::new()),
-            PluginConfig::KeyAuth(c) => {
-                (key_auth::KeyAuth::build(c)?, key_auth::trusted_headers(c))
+    /// Each type's `KIND` is the `type` value that selects it (the variant's snake_case).
+    #[test]
+    fn every_kind_selects_its_own_variant() {
+        for kind in PluginConfig::KINDS {
+            // A table with only its `type` either parses as that type or fails on a missing
+            // key of it; never on an unknown variant.
+            let text = format!("type = \"{kind}\"\n");
+            match toml::from_str::<PluginConfig>(&text) {
+                Ok(config) => assert_eq!(config.kind(), *kind),
+                Err(e) => assert!(!e.to_string().contains("unknown variant"), "{kind}: {e}"),
             }
-        };
-        Ok(BuiltPlugin {
-            kind: self.kind(),
-            plugin,
-            responds: self.responds(),
-            trusted_headers,
-        })
+        }
     }
 }

@@ -196,26 +196,20 @@ impl Aggregate {
                 })
             })
             .collect();
-        Ok(Erased::into_dyn(
-            Aggregate {
-                calls,
-                timeout: c.timeout.get(),
-                max_body: usize::try_from(c.max_body.get()).unwrap_or(usize::MAX),
-                forward_headers: c
-                    .forward_headers
-                    .iter()
-                    .filter_map(|h| {
-                        HeaderName::from_bytes(h.trim().to_ascii_lowercase().as_bytes()).ok()
-                    })
-                    .collect(),
-                upstreams: Arc::clone(&env.upstreams),
-                metrics: Arc::clone(&env.metrics),
-            },
-            Hooks {
-                request_filter: true,
-                ..Hooks::default()
-            },
-        ))
+        Ok(Erased::into_dyn(Aggregate {
+            calls,
+            timeout: c.timeout.get(),
+            max_body: usize::try_from(c.max_body.get()).unwrap_or(usize::MAX),
+            forward_headers: c
+                .forward_headers
+                .iter()
+                .filter_map(|h| {
+                    HeaderName::from_bytes(h.trim().to_ascii_lowercase().as_bytes()).ok()
+                })
+                .collect(),
+            upstreams: Arc::clone(&env.upstreams),
+            metrics: Arc::clone(&env.metrics),
+        }))
     }
 
     /// The headers every call carries.
@@ -292,6 +286,14 @@ fn classify(
 #[async_trait]
 impl Plugin for Aggregate {
     type State = ();
+
+    /// The hooks this plugin runs in; the gateway skips the others without a call.
+    fn hooks(&self) -> Hooks {
+        Hooks {
+            request_filter: true,
+            ..Hooks::NONE
+        }
+    }
 
     async fn request_filter(
         &self,
@@ -471,4 +473,21 @@ impl Plugin for Aggregate {
 /// Runs futures concurrently and returns their outputs in order.
 async fn futures_join<F: std::future::Future>(futs: impl IntoIterator<Item = F>) -> Vec<F::Output> {
     futures_util::future::join_all(futs).await
+}
+
+impl crate::PluginType for AggregateConfig {
+    const KIND: &'static str = "aggregate";
+    const RESPONDS: bool = true;
+
+    fn validate(&self) -> Vec<BuildError> {
+        validate(self)
+    }
+
+    fn upstream_refs(&self) -> Vec<(String, String)> {
+        upstream_refs(self)
+    }
+
+    fn build(&self, env: &BuildEnv) -> std::result::Result<Arc<dyn DynPlugin>, Vec<BuildError>> {
+        Aggregate::build(self, env)
+    }
 }

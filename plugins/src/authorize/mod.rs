@@ -94,22 +94,24 @@ impl Authorize {
         if !errors.is_empty() {
             return Err(errors);
         }
-        Ok(Erased::into_dyn(
-            Authorize {
-                scopes: c.scopes.clone(),
-                claims: c.claims.clone(),
-            },
-            Hooks {
-                request_filter: true,
-                ..Hooks::default()
-            },
-        ))
+        Ok(Erased::into_dyn(Authorize {
+            scopes: c.scopes.clone(),
+            claims: c.claims.clone(),
+        }))
     }
 }
 
 #[async_trait]
 impl Plugin for Authorize {
     type State = ();
+
+    /// The hooks this plugin runs in; the gateway skips the others without a call.
+    fn hooks(&self) -> Hooks {
+        Hooks {
+            request_filter: true,
+            ..Hooks::NONE
+        }
+    }
 
     async fn request_filter(
         &self,
@@ -165,6 +167,21 @@ impl Plugin for Authorize {
             )));
         }
         Ok(Flow::Continue)
+    }
+}
+
+impl crate::PluginType for AuthorizeConfig {
+    const KIND: &'static str = "authorize";
+
+    fn validate(&self) -> Vec<BuildError> {
+        validate(self)
+    }
+
+    fn build(
+        &self,
+        _env: &crate::BuildEnv,
+    ) -> std::result::Result<Arc<dyn DynPlugin>, Vec<BuildError>> {
+        Authorize::build(self)
     }
 }
 

@@ -102,24 +102,17 @@ impl Concurrency {
         if !errors.is_empty() {
             return Err(errors);
         }
-        Ok(Erased::into_dyn(
-            Concurrency {
-                slots: Arc::new(Semaphore::new(c.limit)),
-                limit: c.limit,
-                queue: c.queue,
-                waiting: AtomicUsize::new(0),
-                queue_timeout: c.queue_timeout.get(),
-                in_flight: env
-                    .metrics
-                    .concurrency_in_flight
-                    .with_label_values(&[&*env.name]),
-            },
-            Hooks {
-                request_filter: true,
-                logging: true,
-                ..Hooks::default()
-            },
-        ))
+        Ok(Erased::into_dyn(Concurrency {
+            slots: Arc::new(Semaphore::new(c.limit)),
+            limit: c.limit,
+            queue: c.queue,
+            waiting: AtomicUsize::new(0),
+            queue_timeout: c.queue_timeout.get(),
+            in_flight: env
+                .metrics
+                .concurrency_in_flight
+                .with_label_values(&[&*env.name]),
+        }))
     }
 
     async fn acquire(&self) -> Option<Slot> {
@@ -149,6 +142,15 @@ impl Concurrency {
 #[async_trait]
 impl Plugin for Concurrency {
     type State = Option<Slot>;
+
+    /// The hooks this plugin runs in; the gateway skips the others without a call.
+    fn hooks(&self) -> Hooks {
+        Hooks {
+            request_filter: true,
+            logging: true,
+            ..Hooks::NONE
+        }
+    }
 
     async fn request_filter(
         &self,
@@ -185,6 +187,19 @@ impl Plugin for Concurrency {
     ) {
         // Give the slot back as soon as the response is done.
         state.take();
+    }
+}
+
+impl crate::PluginType for ConcurrencyConfig {
+    const KIND: &'static str = "concurrency";
+    const KEEPS_STATE: bool = true;
+
+    fn validate(&self) -> Vec<BuildError> {
+        validate(self)
+    }
+
+    fn build(&self, env: &BuildEnv) -> std::result::Result<Arc<dyn DynPlugin>, Vec<BuildError>> {
+        Concurrency::build(self, env)
     }
 }
 

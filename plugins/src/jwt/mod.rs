@@ -203,13 +203,7 @@ pub fn trusted_headers(c: &JwtConfig) -> Vec<HeaderName> {
 
 impl Jwt {
     pub fn build(c: &JwtConfig) -> std::result::Result<Arc<dyn DynPlugin>, Vec<BuildError>> {
-        Ok(Erased::into_dyn(
-            Self::new(c)?,
-            Hooks {
-                request_filter: true,
-                ..Hooks::default()
-            },
-        ))
+        Ok(Erased::into_dyn(Self::new(c)?))
     }
 
     pub fn new(c: &JwtConfig) -> std::result::Result<Jwt, Vec<BuildError>> {
@@ -500,6 +494,14 @@ fn now_secs() -> u64 {
 impl Plugin for Jwt {
     type State = ();
 
+    /// The hooks this plugin runs in; the gateway skips the others without a call.
+    fn hooks(&self) -> Hooks {
+        Hooks {
+            request_filter: true,
+            ..Hooks::NONE
+        }
+    }
+
     async fn request_filter(
         &self,
         session: &mut Session,
@@ -525,5 +527,24 @@ impl Plugin for Jwt {
         let principal = verified.principal.clone();
         ctx.principal = Some(principal);
         Ok(Flow::Continue)
+    }
+}
+
+impl crate::PluginType for JwtConfig {
+    const KIND: &'static str = "jwt";
+
+    fn validate(&self) -> Vec<BuildError> {
+        validate(self)
+    }
+
+    fn trusted_headers(&self) -> Vec<HeaderName> {
+        trusted_headers(self)
+    }
+
+    fn build(
+        &self,
+        _env: &crate::BuildEnv,
+    ) -> std::result::Result<Arc<dyn DynPlugin>, Vec<BuildError>> {
+        Jwt::build(self)
     }
 }

@@ -177,19 +177,12 @@ impl KeyAuth {
         let consumer_header =
             HeaderName::from_bytes(c.consumer_header.to_ascii_lowercase().as_bytes())
                 .map_err(|_| vec![BuildError::new("consumer_header", "invalid")])?;
-        Ok(Erased::into_dyn(
-            KeyAuth {
-                header,
-                query: c.query.clone(),
-                consumer_header,
-                keys,
-            },
-            Hooks {
-                request_filter: true,
-                upstream_request_filter: true,
-                ..Hooks::default()
-            },
-        ))
+        Ok(Erased::into_dyn(KeyAuth {
+            header,
+            query: c.query.clone(),
+            consumer_header,
+            keys,
+        }))
     }
 
     fn presented(&self, req: &RequestHeader) -> Option<String> {
@@ -223,6 +216,15 @@ impl KeyAuth {
 #[async_trait]
 impl Plugin for KeyAuth {
     type State = ();
+
+    /// The hooks this plugin runs in; the gateway skips the others without a call.
+    fn hooks(&self) -> Hooks {
+        Hooks {
+            request_filter: true,
+            upstream_request_filter: true,
+            ..Hooks::NONE
+        }
+    }
 
     async fn request_filter(
         &self,
@@ -288,5 +290,24 @@ impl Plugin for KeyAuth {
             upstream_request.set_uri(uri);
         }
         Ok(())
+    }
+}
+
+impl crate::PluginType for KeyAuthConfig {
+    const KIND: &'static str = "key_auth";
+
+    fn validate(&self) -> Vec<BuildError> {
+        validate(self)
+    }
+
+    fn trusted_headers(&self) -> Vec<HeaderName> {
+        trusted_headers(self)
+    }
+
+    fn build(
+        &self,
+        _env: &crate::BuildEnv,
+    ) -> std::result::Result<Arc<dyn DynPlugin>, Vec<BuildError>> {
+        KeyAuth::build(self)
     }
 }

@@ -144,14 +144,7 @@ impl Quota {
         c: &QuotaConfig,
         env: &BuildEnv,
     ) -> std::result::Result<Arc<dyn DynPlugin>, Vec<BuildError>> {
-        Ok(Erased::into_dyn(
-            Self::new(c, env)?,
-            Hooks {
-                request_filter: true,
-                response_filter: true,
-                ..Hooks::default()
-            },
-        ))
+        Ok(Erased::into_dyn(Self::new(c, env)?))
     }
 
     pub fn new(c: &QuotaConfig, env: &BuildEnv) -> std::result::Result<Quota, Vec<BuildError>> {
@@ -337,6 +330,15 @@ fn tighter_legacy_present(response: &ResponseHeader, remaining: u64) -> bool {
 impl Plugin for Quota {
     type State = Option<Decision>;
 
+    /// The hooks this plugin runs in; the gateway skips the others without a call.
+    fn hooks(&self) -> Hooks {
+        Hooks {
+            request_filter: true,
+            response_filter: true,
+            ..Hooks::NONE
+        }
+    }
+
     async fn request_filter(
         &self,
         session: &mut Session,
@@ -422,6 +424,19 @@ impl Plugin for Quota {
             response.insert_header(X_RESET, reset.to_string())?;
         }
         Ok(())
+    }
+}
+
+impl crate::PluginType for QuotaConfig {
+    const KIND: &'static str = "quota";
+    const KEEPS_STATE: bool = true;
+
+    fn validate(&self) -> Vec<BuildError> {
+        validate(self)
+    }
+
+    fn build(&self, env: &BuildEnv) -> std::result::Result<Arc<dyn DynPlugin>, Vec<BuildError>> {
+        Quota::build(self, env)
     }
 }
 

@@ -134,18 +134,22 @@ impl StripHeaders {
                 return Err(errors);
             }
         };
-        let hooks = Hooks {
-            request_filter: !request.is_empty(),
-            response_filter: !response.is_empty(),
-            ..Hooks::default()
-        };
-        Ok(Erased::into_dyn(StripHeaders { request, response }, hooks))
+        Ok(Erased::into_dyn(StripHeaders { request, response }))
     }
 }
 
 #[async_trait]
 impl Plugin for StripHeaders {
     type State = ();
+
+    /// The hooks this plugin runs in; the gateway skips the others without a call.
+    fn hooks(&self) -> Hooks {
+        Hooks {
+            request_filter: !self.request.is_empty(),
+            response_filter: !self.response.is_empty(),
+            ..Hooks::NONE
+        }
+    }
 
     async fn request_filter(
         &self,
@@ -171,6 +175,21 @@ impl Plugin for StripHeaders {
             response.remove_header(&name);
         }
         Ok(())
+    }
+}
+
+impl crate::PluginType for StripHeadersConfig {
+    const KIND: &'static str = "strip_headers";
+
+    fn validate(&self) -> Vec<BuildError> {
+        StripHeaders::build(self).err().unwrap_or_default()
+    }
+
+    fn build(
+        &self,
+        _env: &crate::BuildEnv,
+    ) -> std::result::Result<Arc<dyn DynPlugin>, Vec<BuildError>> {
+        StripHeaders::build(self)
     }
 }
 

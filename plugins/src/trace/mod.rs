@@ -63,15 +63,7 @@ impl Trace {
             sample_new: config.sample_new,
             echo: config.echo,
         };
-        Ok(Erased::into_dyn(
-            plugin,
-            Hooks {
-                request_filter: true,
-                upstream_request_filter: true,
-                response_filter: config.echo,
-                ..Hooks::default()
-            },
-        ))
+        Ok(Erased::into_dyn(plugin))
     }
 
     /// The trace context for a request with these headers.
@@ -139,6 +131,16 @@ fn tracestate(req: &RequestHeader) -> Option<String> {
 impl Plugin for Trace {
     type State = ();
 
+    /// The hooks this plugin runs in; the gateway skips the others without a call.
+    fn hooks(&self) -> Hooks {
+        Hooks {
+            request_filter: true,
+            upstream_request_filter: true,
+            response_filter: self.echo,
+            ..Hooks::NONE
+        }
+    }
+
     async fn request_filter(
         &self,
         session: &mut Session,
@@ -184,6 +186,17 @@ impl Plugin for Trace {
             response.insert_header(TRACEPARENT_NAME, trace.traceparent())?;
         }
         Ok(())
+    }
+}
+
+impl crate::PluginType for TraceConfig {
+    const KIND: &'static str = "trace";
+
+    fn build(
+        &self,
+        _env: &crate::BuildEnv,
+    ) -> std::result::Result<Arc<dyn DynPlugin>, Vec<BuildError>> {
+        Trace::build(self)
     }
 }
 
