@@ -21,22 +21,15 @@
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
-pub mod aggregate;
-pub mod authorize;
-pub mod concurrency;
 pub mod conf;
 mod context;
-pub mod jwt;
 pub mod key;
-pub mod key_auth;
 pub mod metrics;
 mod reply;
 pub mod request_id;
 pub mod upstream;
 
-pub mod quota;
-pub mod strip_headers;
-pub mod trace;
+pub mod testkit;
 
 use std::any::Any;
 use std::future::Future;
@@ -452,12 +445,15 @@ pub trait PluginType: Sized + Send + Sync + 'static {
     fn build(&self, env: &BuildEnv) -> std::result::Result<Arc<dyn DynPlugin>, Vec<BuildError>>;
 }
 
-/// The registry of plugin types: one line per type, `Variant(config type)`, where the
-/// variant's snake_case name is the `type` users write. Generates [`PluginConfig`], the closed
+/// The registry of plugin types: one line per type, `folder => Variant(ConfigType)`, which
+/// declares the plugin's module (`plugins/src/<folder>/`) and its variant, whose snake_case
+/// name is the `type` users write. Generates [`PluginConfig`], the closed
 /// enum a `[plugins.NAME]` table is read into (unknown types and unknown keys are errors, never
 /// silently skipped), and its dispatch to [`PluginType`].
 macro_rules! plugin_registry {
-    ($($variant:ident($config:ty)),* $(,)?) => {
+    ($($module:ident => $variant:ident($config:ident)),* $(,)?) => {
+        $(pub mod $module;)*
+
         /// The closed set of plugin types a `[plugins.NAME]` table can name with
         /// `type = "..."`. (Variants differ in size; configs are read once per load, so
         /// boxing them would buy nothing.)
@@ -465,31 +461,31 @@ macro_rules! plugin_registry {
         #[derive(Debug, Clone, Deserialize, PartialEq)]
         #[serde(tag = "type", rename_all = "snake_case")]
         pub enum PluginConfig {
-            $($variant($config),)*
+            $($variant($module::$config),)*
         }
 
         impl PluginConfig {
             /// Every `type` value, in registry order.
-            pub const KINDS: &'static [&'static str] = &[$(<$config as PluginType>::KIND,)*];
+            pub const KINDS: &'static [&'static str] = &[$(<$module::$config as PluginType>::KIND,)*];
 
             /// The `type` string of this config.
             pub fn kind(&self) -> &'static str {
                 match self {
-                    $(PluginConfig::$variant(_) => <$config as PluginType>::KIND,)*
+                    $(PluginConfig::$variant(_) => <$module::$config as PluginType>::KIND,)*
                 }
             }
 
             /// See [`PluginType::RESPONDS`].
             pub fn responds(&self) -> bool {
                 match self {
-                    $(PluginConfig::$variant(_) => <$config as PluginType>::RESPONDS,)*
+                    $(PluginConfig::$variant(_) => <$module::$config as PluginType>::RESPONDS,)*
                 }
             }
 
             /// See [`PluginType::KEEPS_STATE`].
             pub fn keeps_state_across_reloads(&self) -> bool {
                 match self {
-                    $(PluginConfig::$variant(_) => <$config as PluginType>::KEEPS_STATE,)*
+                    $(PluginConfig::$variant(_) => <$module::$config as PluginType>::KEEPS_STATE,)*
                 }
             }
 
@@ -527,14 +523,14 @@ macro_rules! plugin_registry {
 }
 
 plugin_registry! {
-    Trace(trace::TraceConfig),
-    StripHeaders(strip_headers::StripHeadersConfig),
-    Quota(quota::QuotaConfig),
-    Concurrency(concurrency::ConcurrencyConfig),
-    Aggregate(aggregate::AggregateConfig),
-    Jwt(jwt::JwtConfig),
-    Authorize(authorize::AuthorizeConfig),
-    KeyAuth(key_auth::KeyAuthConfig),
+    trace => Trace(TraceConfig),
+    strip_headers => StripHeaders(StripHeadersConfig),
+    quota => Quota(QuotaConfig),
+    concurrency => Concurrency(ConcurrencyConfig),
+    aggregate => Aggregate(AggregateConfig),
+    jwt => Jwt(JwtConfig),
+    authorize => Authorize(AuthorizeConfig),
+    key_auth => KeyAuth(KeyAuthConfig),
 }
 
 #[cfg(test)]
