@@ -531,6 +531,7 @@ plugin_registry! {
     jwt => Jwt(JwtConfig),
     authorize => Authorize(AuthorizeConfig),
     key_auth => KeyAuth(KeyAuthConfig),
+    example_header => ExampleHeader(ExampleHeaderConfig),
 }
 
 #[cfg(test)]

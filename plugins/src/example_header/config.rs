@@ -1,0 +1,26 @@
+//! `[plugins.NAME]` with `type = "example_header"`.
+
+use serde::Deserialize;
+
+/// Sets one header on every response (or on every request sent upstream).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ExampleHeaderConfig {
+    /// The header name, e.g. `"x-served-by"`.
+    pub name: String,
+    /// Its value; visible ASCII and spaces.
+    pub value: String,
+    /// Where the header goes: `"response"` (to the client, the default) or `"upstream"` (on
+    /// the request sent to the route's pool).
+    #[serde(default)]
+    pub on: Direction,
+}
+
+/// `on`.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    #[default]
+    Response,
+    Upstream,
+}
