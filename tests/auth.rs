@@ -462,6 +462,12 @@ async fn jwks_url_refetches_unknown_kids_once_and_survives_the_idp_going_down() 
     jwks.set_up(false);
     jwks.set_body("{}".into());
     assert_eq!(get(&e.gw, "/remote/c", Some(&good)).await.status(), 200);
+    // A reload while the IdP is down keeps the plugin (its config did not change) and with it
+    // the keys: no refetch, no refused tokens, no reload blocked on the IdP.
+    let hits = jwks.hits();
+    assert_eq!(e.gw.reload().await, "ok");
+    assert_eq!(get(&e.gw, "/remote/d", Some(&good)).await.status(), 200);
+    assert_eq!(jwks.hits(), hits, "the reload fetched nothing");
 }
 
 #[tokio::test]

@@ -418,11 +418,6 @@ pub trait PluginType: Sized + Send + Sync + 'static {
     /// Answers every request itself (e.g. `aggregate`): a route with no upstream is valid only
     /// when one of its plugins responds.
     const RESPONDS: bool = false;
-    /// The built plugin holds state that must outlive a reload (quota counters, bulkhead slots
-    /// in use): when its config is unchanged, the gateway keeps the built plugin instead of
-    /// building a new one, so a SIGHUP neither resets quotas nor lets a second full bulkhead
-    /// in. Types that read files or hold the snapshot's pools are rebuilt on every load.
-    const KEEPS_STATE: bool = false;
 
     /// Checks the config without side effects (no network, no background tasks): what
     /// `sallyport --check` reports. `build` checks the same and more.
@@ -433,6 +428,15 @@ pub trait PluginType: Sized + Send + Sync + 'static {
     /// Upstream pools the config refers to, as `(path, name)`: `--check` reports unknown ones.
     fn upstream_refs(&self) -> Vec<(String, String)> {
         Vec::new()
+    }
+
+    /// The built plugin holds state that must outlive a reload (quota counters, bulkhead slots
+    /// in use, keys fetched from an identity provider): when this config is unchanged, the
+    /// gateway keeps the built plugin instead of building a new one, so a SIGHUP neither
+    /// resets quotas, nor lets a second full bulkhead in, nor depends on the IdP being up.
+    /// Plugins that read files or hold the snapshot's pools are rebuilt on every load.
+    fn keeps_state_across_reloads(&self) -> bool {
+        false
     }
 
     /// Request headers the plugin sets from verified credentials: the gateway removes them
@@ -482,10 +486,10 @@ macro_rules! plugin_registry {
                 }
             }
 
-            /// See [`PluginType::KEEPS_STATE`].
+            /// See [`PluginType::keeps_state_across_reloads`].
             pub fn keeps_state_across_reloads(&self) -> bool {
                 match self {
-                    $(PluginConfig::$variant(_) => <$module::$config as PluginType>::KEEPS_STATE,)*
+                    $(PluginConfig::$variant(c) => c.keeps_state_across_reloads(),)*
                 }
             }
 

@@ -192,10 +192,13 @@ impl Plugin for Concurrency {
 
 impl crate::PluginType for ConcurrencyConfig {
     const KIND: &'static str = "concurrency";
-    const KEEPS_STATE: bool = true;
 
     fn validate(&self) -> Vec<BuildError> {
         validate(self)
+    }
+
+    fn keeps_state_across_reloads(&self) -> bool {
+        true
     }
 
     fn build(&self, env: &BuildEnv) -> std::result::Result<Arc<dyn DynPlugin>, Vec<BuildError>> {

@@ -541,6 +541,13 @@ impl crate::PluginType for JwtConfig {
         trusted_headers(self)
     }
 
+    /// Keys fetched from `jwks_url` survive a reload that leaves this config unchanged: a
+    /// rebuilt plugin would start without keys and refuse every token while the IdP is down.
+    /// Keys from a file or a secret are re-read on every load.
+    fn keeps_state_across_reloads(&self) -> bool {
+        self.jwks_url.is_some()
+    }
+
     fn build(
         &self,
         _env: &crate::BuildEnv,

@@ -429,10 +429,13 @@ impl Plugin for Quota {
 
 impl crate::PluginType for QuotaConfig {
     const KIND: &'static str = "quota";
-    const KEEPS_STATE: bool = true;
 
     fn validate(&self) -> Vec<BuildError> {
         validate(self)
+    }
+
+    fn keeps_state_across_reloads(&self) -> bool {
+        true
     }
 
     fn build(&self, env: &BuildEnv) -> std::result::Result<Arc<dyn DynPlugin>, Vec<BuildError>> {
