@@ -537,6 +537,68 @@ async fn an_upstream_outage_logs_once_not_once_per_request() {
     );
 }
 
+/// The `upstream_failure` and `upstream_response` hooks, seen by the test-only `probe`
+/// plugin through real sockets: a refused connect is reported (retrying) before the retry's
+/// response, with the endpoint and attempt number; a read timeout is reported as final.
+#[tokio::test]
+async fn upstream_failure_and_response_hooks_run_per_attempt() {
+    let a = mock("a").await;
+    let dead = format!("127.0.0.1:{}", free_port());
+    let config = format!(
+        "{}\n[upstreams.pool]\nendpoints = [\"{dead}\", \"{}\"]\nretries = 1\nread_timeout = \"300ms\"\n\
+         [plugins.probe]\ntype = \"probe\"\n\
+         [[routes]]\nname = \"r\"\npath_prefix = \"/\"\nupstream = \"pool\"\nplugins = [\"probe\"]\n",
+        server(""),
+        a.addr(),
+    );
+    let gw = Gateway::start(&config).await;
+    let c = client();
+    let mut seen = Vec::new();
+    for i in 0..2 {
+        let r = c.get(gw.url(&format!("/x/{i}"))).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        seen.push(r.headers()["x-probe-hooks"].to_str().unwrap().to_string());
+    }
+    let live = a.addr();
+    let direct = format!(
+        "request_filter upstream_request_filter upstream_response(200,pool#1@{live}) response_filter"
+    );
+    let retried = format!(
+        "request_filter upstream_failure(connect_error,pool#1@{dead},retrying) \
+         upstream_request_filter upstream_response(200,pool#2@{live}) response_filter"
+    );
+    assert!(
+        seen.iter().all(|s| *s == direct || *s == retried),
+        "{seen:#?}"
+    );
+    assert!(seen.contains(&retried), "{seen:#?}");
+
+    // A read timeout after connecting: reported once, final (a fresh connection is not
+    // retried), and the 504 still passes the response hook.
+    let mut timed_out = None;
+    for i in 0..2 {
+        let r = c
+            .get(gw.url(&format!("/slow/{i}")))
+            .header("x-mock-delay", "2s")
+            .send()
+            .await
+            .unwrap();
+        let hooks = r.headers()["x-probe-hooks"].to_str().unwrap().to_string();
+        if hooks.contains("timeout") {
+            assert_eq!(r.status(), 504);
+            timed_out = Some(hooks);
+        }
+    }
+    let hooks = timed_out.expect("one of two requests reached the live, slow endpoint");
+    assert!(
+        hooks.ends_with(&format!(
+            "upstream_request_filter upstream_failure(timeout,pool#{}@{live},final) response_filter",
+            if hooks.contains("connect_error") { 2 } else { 1 }
+        )),
+        "{hooks}"
+    );
+}
+
 /// Polls a condition every 20 ms for up to 10 s.
 async fn wait_for<F, Fut>(mut cond: F)
 where

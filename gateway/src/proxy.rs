@@ -14,7 +14,9 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorSource, ErrorType, Result};
 use sallyport_plugins::trace::{X_REQUEST_ID, X_REQUEST_ID_NAME};
-use sallyport_plugins::{request_id, ApiError, ErasedState, Flow, Reply, RequestCtx};
+use sallyport_plugins::{
+    request_id, ApiError, Attempt, ErasedState, Flow, Reply, RequestCtx, UpstreamFailure,
+};
 
 use crate::access_log::AccessRecord;
 use crate::client_ip::{FORWARDED, X_FORWARDED_FOR};
@@ -308,6 +310,41 @@ impl Gateway {
         Ok(())
     }
 
+    /// The try that is under way: the route's pool, the endpoint last picked, its number.
+    fn attempt(ctx: &Ctx) -> Option<Attempt> {
+        let pool = ctx.route.as_ref()?.upstream.as_ref()?;
+        Some(Attempt {
+            upstream: Arc::clone(&pool.name),
+            endpoint: *ctx.tried.last()?,
+            number: ctx.tried.len(),
+        })
+    }
+
+    /// Tells the chain's `upstream_failure` hooks about a failed try.
+    fn failure_hooks(ctx: &mut Ctx, failure: UpstreamFailure, retrying: bool) {
+        let Some(route) = ctx.route.clone() else {
+            return;
+        };
+        if !route.hooks.upstream_failure {
+            return;
+        }
+        let Some(attempt) = Self::attempt(ctx) else {
+            return;
+        };
+        for i in 0..ctx.ran.min(route.chain.len()) {
+            let entry = &route.chain[i];
+            if entry.hooks.upstream_failure {
+                entry.plugin.upstream_failure(
+                    &attempt,
+                    failure,
+                    retrying,
+                    &mut ctx.req,
+                    &mut ctx.states[i],
+                );
+            }
+        }
+    }
+
     fn upstream_outcome(&self, ctx: &Ctx, outcome: &str) {
         if let Some(pool) = ctx.route.as_ref().and_then(|r| r.upstream.as_ref()) {
             self.shared
@@ -413,6 +450,9 @@ impl ProxyHttp for Gateway {
         ctx.req.path = path;
         ctx.route = Some(Arc::clone(&route));
 
+        // Every plugin of the chain gets its `logging`, also for a request refused below.
+        ctx.states = route.chain.iter().map(|e| e.plugin.new_state()).collect();
+
         if !snapshot.trusted_headers.is_empty() {
             let req = session.req_header_mut();
             for name in snapshot.trusted_headers.present_in(&req.headers) {
@@ -436,7 +476,6 @@ impl ProxyHttp for Gateway {
             return Ok(true);
         }
 
-        ctx.states = route.chain.iter().map(|e| e.plugin.new_state()).collect();
         for (i, entry) in route.chain.iter().enumerate() {
             ctx.ran = i + 1;
             if !entry.hooks.request_filter {
@@ -569,8 +608,44 @@ impl ProxyHttp for Gateway {
             .as_ref()
             .and_then(|r| r.upstream.as_ref())
             .map_or(0, |p| p.config.retries);
-        if ctx.tried.len() <= retries {
+        let retrying = ctx.tried.len() <= retries;
+        if retrying {
             e.set_retry(true);
+        }
+        let failure = if matches!(e.etype(), ErrorType::ConnectTimedout) {
+            UpstreamFailure::ConnectTimeout
+        } else {
+            UpstreamFailure::ConnectError
+        };
+        Self::failure_hooks(ctx, failure, retrying);
+        e
+    }
+
+    /// Pingora's retry policy for errors after connecting (idempotent requests whose body is
+    /// still buffered, on a reused connection only), then the chain's `upstream_failure`
+    /// hooks for upstream errors.
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut Ctx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        if !session.req_header().method.is_idempotent() || session.as_ref().retry_buffer_truncated()
+        {
+            e.set_retry(false);
+        } else {
+            e.retry.decide_reuse(client_reused);
+        }
+        if e.esource() == &ErrorSource::Upstream {
+            let failure = match e.etype() {
+                ErrorType::ReadTimedout | ErrorType::WriteTimedout => UpstreamFailure::Timeout,
+                _ => UpstreamFailure::Error,
+            };
+            let retrying = matches!(e.retry, pingora::RetryType::Decided(true));
+            Self::failure_hooks(ctx, failure, retrying);
         }
         e
     }
@@ -643,9 +718,10 @@ impl ProxyHttp for Gateway {
         Ok(())
     }
 
+    /// Counts the outcome, then runs the chain's `upstream_response` hooks.
     async fn upstream_response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         upstream_response: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
@@ -658,6 +734,28 @@ impl ProxyHttp for Gateway {
             _ => "5xx",
         };
         self.upstream_outcome(ctx, class);
+        let Some(route) = ctx.route.clone() else {
+            return Ok(());
+        };
+        if route.hooks.upstream_response {
+            if let Some(attempt) = Self::attempt(ctx) {
+                for i in 0..ctx.ran.min(route.chain.len()) {
+                    let entry = &route.chain[i];
+                    if entry.hooks.upstream_response {
+                        entry
+                            .plugin
+                            .upstream_response(
+                                session,
+                                upstream_response,
+                                &attempt,
+                                &mut ctx.req,
+                                &mut ctx.states[i],
+                            )
+                            .await?;
+                    }
+                }
+            }
+        }
         Ok(())
     }
 

@@ -11,9 +11,11 @@
 //! The gateway hosts an ordered chain of plugins in Pingora's `ProxyHttp` phases:
 //! `request_filter` in chain order (the first [`Flow::Respond`] ends the chain and is sent),
 //! `upstream_peer` and `upstream_request_filter` in chain order before the request goes
-//! upstream, `response_filter` in reverse order for every plugin whose `request_filter` ran
-//! (also for responses that a plugin or the gateway produced itself), and `logging` for every
-//! plugin of the chain, always, also after an early response or an error.
+//! upstream, `upstream_failure` for every failed try and `upstream_response` on the
+//! endpoint's response head (both in chain order), `response_filter` in reverse order for
+//! every plugin the chain reached (also for responses that a plugin or the gateway produced
+//! itself), and `logging` for every plugin of the chain, always, also after an early
+//! response or an error.
 //!
 //! Writing a plugin = a folder with its config (implementing [`PluginType`]), its [`Plugin`]
 //! impl (with [`Plugin::hooks`]), its docs page and tests, plus one line in
@@ -106,8 +108,39 @@ pub trait Plugin: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Runs in chain order on the upstream's response head, before `response_filter`, for every
+    /// plugin whose `request_filter` ran: only for responses that came from an endpoint (not
+    /// for answers of the gateway or a plugin). `attempt` says which endpoint answered and on
+    /// which try. The place to observe an endpoint's health or latency, or adjust the head
+    /// before anything else sees it.
+    async fn upstream_response(
+        &self,
+        _session: &mut Session,
+        _response: &mut ResponseHeader,
+        _attempt: &Attempt,
+        _ctx: &mut RequestCtx,
+        _state: &mut Self::State,
+    ) -> Result<()> {
+        Ok(())
+    }
+
+    /// Called once for every failed try to reach an endpoint, in chain order, for every plugin
+    /// whose `request_filter` ran: a refused or timed-out connect, or an upstream error or
+    /// timeout after connecting. `retrying` tells whether the gateway tries another endpoint.
+    /// Synchronous (Pingora decides retries synchronously): record, do not wait.
+    fn upstream_failure(
+        &self,
+        _attempt: &Attempt,
+        _failure: UpstreamFailure,
+        _retrying: bool,
+        _ctx: &mut RequestCtx,
+        _state: &mut Self::State,
+    ) {
+    }
+
     /// Runs in reverse chain order on every response to the client, proxied or produced by a
-    /// plugin or the gateway (errors included), for every plugin whose `request_filter` ran.
+    /// plugin or the gateway (errors included), for every plugin the chain reached: those
+    /// before and including the one that answered, all of them for a proxied request.
     async fn response_filter(
         &self,
         _session: &mut Session,
@@ -136,6 +169,8 @@ pub struct Hooks {
     pub request_filter: bool,
     pub upstream_peer: bool,
     pub upstream_request_filter: bool,
+    pub upstream_response: bool,
+    pub upstream_failure: bool,
     pub response_filter: bool,
     pub logging: bool,
 }
@@ -145,6 +180,8 @@ impl Hooks {
         request_filter: false,
         upstream_peer: false,
         upstream_request_filter: false,
+        upstream_response: false,
+        upstream_failure: false,
         response_filter: false,
         logging: false,
     };
@@ -155,6 +192,8 @@ impl Hooks {
             request_filter: self.request_filter || other.request_filter,
             upstream_peer: self.upstream_peer || other.upstream_peer,
             upstream_request_filter: self.upstream_request_filter || other.upstream_request_filter,
+            upstream_response: self.upstream_response || other.upstream_response,
+            upstream_failure: self.upstream_failure || other.upstream_failure,
             response_filter: self.response_filter || other.response_filter,
             logging: self.logging || other.logging,
         }
@@ -164,9 +203,52 @@ impl Hooks {
         request_filter: true,
         upstream_peer: true,
         upstream_request_filter: true,
+        upstream_response: true,
+        upstream_failure: true,
         response_filter: true,
         logging: true,
     };
+}
+
+/// One try to reach an endpoint of the route's pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attempt {
+    /// The pool (`[upstreams.NAME]`).
+    pub upstream: Arc<str>,
+    /// The endpoint tried.
+    pub endpoint: std::net::SocketAddr,
+    /// 1 for the first try, 2 for the first retry, and so on.
+    pub number: usize,
+}
+
+/// Why a try to reach an endpoint failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamFailure {
+    /// The connection was refused or could not be made (nothing was sent).
+    ConnectError,
+    /// Connecting took longer than the pool's `connect_timeout` (nothing was sent).
+    ConnectTimeout,
+    /// Connected, then no (complete) answer within the pool's read or write timeout.
+    Timeout,
+    /// Connected, then the endpoint failed: reset, closed, or answered something unreadable.
+    Error,
+}
+
+impl UpstreamFailure {
+    /// A bounded label (`connect_error`, `connect_timeout`, `timeout`, `error`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpstreamFailure::ConnectError => "connect_error",
+            UpstreamFailure::ConnectTimeout => "connect_timeout",
+            UpstreamFailure::Timeout => "timeout",
+            UpstreamFailure::Error => "error",
+        }
+    }
+
+    /// Whether the request may have reached the endpoint.
+    pub fn after_connect(self) -> bool {
+        matches!(self, UpstreamFailure::Timeout | UpstreamFailure::Error)
+    }
 }
 
 /// Per-request state of one plugin, type-erased so a chain can hold plugins of any type.
@@ -198,6 +280,22 @@ pub trait DynPlugin: Send + Sync + 'static {
         ctx: &mut RequestCtx,
         state: &mut ErasedState,
     ) -> Result<()>;
+    async fn upstream_response(
+        &self,
+        session: &mut Session,
+        response: &mut ResponseHeader,
+        attempt: &Attempt,
+        ctx: &mut RequestCtx,
+        state: &mut ErasedState,
+    ) -> Result<()>;
+    fn upstream_failure(
+        &self,
+        attempt: &Attempt,
+        failure: UpstreamFailure,
+        retrying: bool,
+        ctx: &mut RequestCtx,
+        state: &mut ErasedState,
+    );
     async fn response_filter(
         &self,
         session: &mut Session,
@@ -316,6 +414,45 @@ impl<P: Plugin> DynPlugin for Erased<P> {
                 .plugin
                 .upstream_request_filter(session, upstream_request, ctx, state),
             Err(e) => Box::pin(std::future::ready(Err(e))),
+        }
+    }
+
+    fn upstream_response<'a, 's, 'r, 'at, 'c, 'st, 'f>(
+        &'a self,
+        session: &'s mut Session,
+        response: &'r mut ResponseHeader,
+        attempt: &'at Attempt,
+        ctx: &'c mut RequestCtx,
+        state: &'st mut ErasedState,
+    ) -> HookFuture<'f, Result<()>>
+    where
+        'a: 'f,
+        's: 'f,
+        'r: 'f,
+        'at: 'f,
+        'c: 'f,
+        'st: 'f,
+        Self: 'f,
+    {
+        match typed(state) {
+            Ok(state) => self
+                .plugin
+                .upstream_response(session, response, attempt, ctx, state),
+            Err(e) => Box::pin(std::future::ready(Err(e))),
+        }
+    }
+
+    fn upstream_failure(
+        &self,
+        attempt: &Attempt,
+        failure: UpstreamFailure,
+        retrying: bool,
+        ctx: &mut RequestCtx,
+        state: &mut ErasedState,
+    ) {
+        if let Ok(state) = typed(state) {
+            self.plugin
+                .upstream_failure(attempt, failure, retrying, ctx, state);
         }
     }
 
@@ -455,8 +592,8 @@ pub trait PluginType: Sized + Send + Sync + 'static {
 /// enum a `[plugins.NAME]` table is read into (unknown types and unknown keys are errors, never
 /// silently skipped), and its dispatch to [`PluginType`].
 macro_rules! plugin_registry {
-    ($($module:ident => $variant:ident($config:ident)),* $(,)?) => {
-        $(pub mod $module;)*
+    ($($(#[$meta:meta])* $module:ident => $variant:ident($config:ident)),* $(,)?) => {
+        $($(#[$meta])* pub mod $module;)*
 
         /// The closed set of plugin types a `[plugins.NAME]` table can name with
         /// `type = "..."`. (Variants differ in size; configs are read once per load, so
@@ -465,45 +602,52 @@ macro_rules! plugin_registry {
         #[derive(Debug, Clone, Deserialize, PartialEq)]
         #[serde(tag = "type", rename_all = "snake_case")]
         pub enum PluginConfig {
-            $($variant($module::$config),)*
+            $($(#[$meta])* $variant($module::$config),)*
         }
 
         impl PluginConfig {
             /// Every `type` value, in registry order.
-            pub const KINDS: &'static [&'static str] = &[$(<$module::$config as PluginType>::KIND,)*];
+            // One push per line: a registry line may be `#[cfg]`-gated, which `vec![..]`
+            // elements cannot be.
+            #[allow(clippy::vec_init_then_push)]
+            pub fn kinds() -> Vec<&'static str> {
+                let mut kinds = Vec::new();
+                $($(#[$meta])* kinds.push(<$module::$config as PluginType>::KIND);)*
+                kinds
+            }
 
             /// The `type` string of this config.
             pub fn kind(&self) -> &'static str {
                 match self {
-                    $(PluginConfig::$variant(_) => <$module::$config as PluginType>::KIND,)*
+                    $($(#[$meta])* PluginConfig::$variant(_) => <$module::$config as PluginType>::KIND,)*
                 }
             }
 
             /// See [`PluginType::RESPONDS`].
             pub fn responds(&self) -> bool {
                 match self {
-                    $(PluginConfig::$variant(_) => <$module::$config as PluginType>::RESPONDS,)*
+                    $($(#[$meta])* PluginConfig::$variant(_) => <$module::$config as PluginType>::RESPONDS,)*
                 }
             }
 
             /// See [`PluginType::keeps_state_across_reloads`].
             pub fn keeps_state_across_reloads(&self) -> bool {
                 match self {
-                    $(PluginConfig::$variant(c) => c.keeps_state_across_reloads(),)*
+                    $($(#[$meta])* PluginConfig::$variant(c) => c.keeps_state_across_reloads(),)*
                 }
             }
 
             /// See [`PluginType::validate`].
             pub fn validate(&self) -> Vec<BuildError> {
                 match self {
-                    $(PluginConfig::$variant(c) => c.validate(),)*
+                    $($(#[$meta])* PluginConfig::$variant(c) => c.validate(),)*
                 }
             }
 
             /// See [`PluginType::upstream_refs`].
             pub fn upstream_refs(&self) -> Vec<(String, String)> {
                 match self {
-                    $(PluginConfig::$variant(c) => c.upstream_refs(),)*
+                    $($(#[$meta])* PluginConfig::$variant(c) => c.upstream_refs(),)*
                 }
             }
 
@@ -513,7 +657,7 @@ macro_rules! plugin_registry {
                 env: &BuildEnv,
             ) -> std::result::Result<BuiltPlugin, Vec<BuildError>> {
                 let (plugin, trusted_headers) = match self {
-                    $(PluginConfig::$variant(c) => (c.build(env)?, c.trusted_headers()),)*
+                    $($(#[$meta])* PluginConfig::$variant(c) => (c.build(env)?, c.trusted_headers()),)*
                 };
                 Ok(BuiltPlugin {
                     kind: self.kind(),
@@ -536,6 +680,9 @@ plugin_registry! {
     authorize => Authorize(AuthorizeConfig),
     key_auth => KeyAuth(KeyAuthConfig),
     example_header => ExampleHeader(ExampleHeaderConfig),
+    // Test builds only (feature `testing`): records the hooks it sees in a response header.
+    #[cfg(feature = "testing")]
+    probe => Probe(ProbeConfig),
 }
 
 #[cfg(test)]
@@ -545,7 +692,7 @@ mod registry_tests {
     /// Each type's `KIND` is the `type` value that selects it (the variant's snake_case).
     #[test]
     fn every_kind_selects_its_own_variant() {
-        for kind in PluginConfig::KINDS {
+        for kind in &PluginConfig::kinds() {
             // A table with only its `type` either parses as that type or fails on a missing
             // key of it; never on an unknown variant.
             let text = format!("type = \"{kind}\"\n");

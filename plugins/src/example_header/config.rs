@@ -8,7 +8,7 @@ use serde::Deserialize;
 pub struct ExampleHeaderConfig {
     /// The header name, e.g. `"x-served-by"`.
     pub name: String,
-    /// Its value; visible ASCII and spaces.
+    /// Its value: visible US-ASCII characters, spaces and tabs (RFC 9110 5.5).
     pub value: String,
     /// Where the header goes: `"response"` (to the client, the default) or `"upstream"` (on
     /// the request sent to the route's pool).

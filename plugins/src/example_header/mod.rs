@@ -64,7 +64,7 @@ fn parse(c: &ExampleHeaderConfig) -> std::result::Result<ExampleHeader, Vec<Buil
         _ => {
             errors.push(BuildError::new(
                 "value",
-                "must be visible ASCII characters and spaces",
+                "must be visible US-ASCII characters, spaces and tabs",
             ));
             None
         }
