@@ -561,11 +561,11 @@ async fn upstream_failure_and_response_hooks_run_per_attempt() {
     }
     let live = a.addr();
     let direct = format!(
-        "request_filter upstream_request_filter upstream_response(200,pool#1@{live}) response_filter"
+        "request_filter upstream_request_filter request_body(0) upstream_response(200,pool#1@{live}) response_filter"
     );
     let retried = format!(
         "request_filter upstream_failure(connect_error,pool#1@{dead},retrying) \
-         upstream_request_filter upstream_response(200,pool#2@{live}) response_filter"
+         upstream_request_filter request_body(0) upstream_response(200,pool#2@{live}) response_filter"
     );
     assert!(
         seen.iter().all(|s| *s == direct || *s == retried),
@@ -592,11 +592,49 @@ async fn upstream_failure_and_response_hooks_run_per_attempt() {
     let hooks = timed_out.expect("one of two requests reached the live, slow endpoint");
     assert!(
         hooks.ends_with(&format!(
-            "upstream_request_filter upstream_failure(timeout,pool#{}@{live},final) response_filter",
+            "upstream_request_filter request_body(0) upstream_failure(timeout,pool#{}@{live},final) response_filter",
             if hooks.contains("connect_error") { 2 } else { 1 }
         )),
         "{hooks}"
     );
+}
+
+/// The body hooks, seen by the `probe` plugin: `request_body` gets the request body on its way
+/// upstream (the upstream still receives it whole), `response_body` the endpoint's body on its
+/// way to the client, and may change it (then the response goes out chunked).
+#[tokio::test]
+async fn body_hooks_see_and_may_change_bodies() {
+    let a = mock("a").await;
+    let config = format!(
+        "{}\n[upstreams.pool]\nendpoints = [\"{}\"]\n[plugins.probe]\ntype = \"probe\"\n\
+         [[routes]]\nname = \"r\"\npath_prefix = \"/\"\nupstream = \"pool\"\nplugins = [\"probe\"]\n",
+        server(""),
+        a.addr(),
+    );
+    let gw = Gateway::start(&config).await;
+    let resp = client()
+        .post(gw.url("/upload"))
+        .header("x-probe-body", "append")
+        .body("hello probe")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(resp.headers().get("content-length").is_none());
+    let hooks = resp.headers()["x-probe-hooks"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(hooks.contains("request_body(11)"), "{hooks}");
+    let body = resp.text().await.unwrap();
+    let (json_part, tail) = body.rsplit_once('\n').unwrap();
+    assert_eq!(
+        tail,
+        format!("[probe] response_body bytes={}", json_part.len())
+    );
+    let doc: serde_json::Value = serde_json::from_str(json_part).unwrap();
+    assert_eq!(doc["body_bytes"], 11);
+    assert_eq!(a.requests()[0].body, b"hello probe");
 }
 
 /// Polls a condition every 20 ms for up to 10 s.

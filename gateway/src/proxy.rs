@@ -506,10 +506,11 @@ impl ProxyHttp for Gateway {
         Ok(false)
     }
 
-    /// Counts body bytes and stops a body that grows past `max_body` (413).
+    /// Counts body bytes and stops a body that grows past `max_body` (413), then runs the
+    /// chain's `request_body` hooks.
     async fn request_body_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         body: &mut Option<Bytes>,
         end_of_stream: bool,
         ctx: &mut Ctx,
@@ -531,7 +532,55 @@ impl ProxyHttp for Gateway {
                 return Error::e_explain(ErrorType::HTTPStatus(413), "request body too large");
             }
         }
+        let Some(route) = ctx.route.clone() else {
+            return Ok(());
+        };
+        if route.hooks.request_body {
+            for i in 0..ctx.ran.min(route.chain.len()) {
+                let entry = &route.chain[i];
+                if entry.hooks.request_body {
+                    entry
+                        .plugin
+                        .request_body(
+                            session,
+                            body,
+                            end_of_stream,
+                            &mut ctx.req,
+                            &mut ctx.states[i],
+                        )
+                        .await?;
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// Runs the chain's `response_body` hooks (reverse chain order) on body chunks from an
+    /// endpoint.
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<Option<std::time::Duration>> {
+        let Some(route) = ctx.route.clone() else {
+            return Ok(None);
+        };
+        if route.hooks.response_body {
+            for i in (0..ctx.ran.min(route.chain.len())).rev() {
+                let entry = &route.chain[i];
+                if entry.hooks.response_body {
+                    entry.plugin.response_body(
+                        body,
+                        end_of_stream,
+                        &mut ctx.req,
+                        &mut ctx.states[i],
+                    )?;
+                }
+            }
+        }
+        Ok(None)
     }
 
     /// Picks a healthy endpoint the request has not tried yet; 503 when none is healthy.

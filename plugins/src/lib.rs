@@ -11,7 +11,10 @@
 //! The gateway hosts an ordered chain of plugins in Pingora's `ProxyHttp` phases:
 //! `request_filter` in chain order (the first [`Flow::Respond`] ends the chain and is sent),
 //! `upstream_peer` and `upstream_request_filter` in chain order before the request goes
-//! upstream, `upstream_failure` for every failed try and `upstream_response` on the
+//! upstream, `request_body` for each chunk of the request body (chain order) and
+//! `response_body` for each chunk of an endpoint's body (reverse order; `BodyBuffer` holds a
+//! body back until it is whole), `upstream_failure` for every failed try and
+//! `upstream_response` on the
 //! endpoint's response head (both in chain order), `response_filter` in reverse order for
 //! every plugin the chain reached (also for responses that a plugin or the gateway produced
 //! itself), and `logging` for every plugin of the chain, always, also after an early
@@ -23,6 +26,7 @@
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
+mod body;
 pub mod conf;
 mod context;
 pub mod key;
@@ -44,6 +48,7 @@ use pingora::proxy::Session;
 use pingora::upstreams::peer::HttpPeer;
 use serde::Deserialize;
 
+pub use body::{BodyBuffer, BodyTooLarge};
 pub use context::{Principal, RequestCtx, TraceContext};
 pub use http::HeaderName;
 pub use metrics::PluginMetrics;
@@ -102,6 +107,37 @@ pub trait Plugin: Send + Sync + 'static {
         &self,
         _session: &mut Session,
         _upstream_request: &mut RequestHeader,
+        _ctx: &mut RequestCtx,
+        _state: &mut Self::State,
+    ) -> Result<()> {
+        Ok(())
+    }
+
+    /// Runs in chain order for every chunk of the request body on its way upstream (after the
+    /// gateway counted it against `server.max_body`). A plugin may replace or hold back a
+    /// chunk (`*body = None` sends nothing now; see [`BodyBuffer`]); `end_of_stream` marks the
+    /// last call. Changing the body's length means the upstream must not rely on the client's
+    /// `Content-Length`: remove it in `upstream_request_filter`.
+    async fn request_body(
+        &self,
+        _session: &mut Session,
+        _body: &mut Option<bytes::Bytes>,
+        _end_of_stream: bool,
+        _ctx: &mut RequestCtx,
+        _state: &mut Self::State,
+    ) -> Result<()> {
+        Ok(())
+    }
+
+    /// Runs in reverse chain order for every chunk of a response body that came from an
+    /// endpoint, on its way to the client (not for answers of the gateway or a plugin, which
+    /// are complete when made). Replace or hold back chunks as in `request_body`; a plugin that
+    /// changes the length removes `Content-Length` in `response_filter` (the response is then
+    /// sent chunked). Synchronous, as Pingora's body filter is.
+    fn response_body(
+        &self,
+        _body: &mut Option<bytes::Bytes>,
+        _end_of_stream: bool,
         _ctx: &mut RequestCtx,
         _state: &mut Self::State,
     ) -> Result<()> {
@@ -169,6 +205,8 @@ pub struct Hooks {
     pub request_filter: bool,
     pub upstream_peer: bool,
     pub upstream_request_filter: bool,
+    pub request_body: bool,
+    pub response_body: bool,
     pub upstream_response: bool,
     pub upstream_failure: bool,
     pub response_filter: bool,
@@ -180,6 +218,8 @@ impl Hooks {
         request_filter: false,
         upstream_peer: false,
         upstream_request_filter: false,
+        request_body: false,
+        response_body: false,
         upstream_response: false,
         upstream_failure: false,
         response_filter: false,
@@ -192,6 +232,8 @@ impl Hooks {
             request_filter: self.request_filter || other.request_filter,
             upstream_peer: self.upstream_peer || other.upstream_peer,
             upstream_request_filter: self.upstream_request_filter || other.upstream_request_filter,
+            request_body: self.request_body || other.request_body,
+            response_body: self.response_body || other.response_body,
             upstream_response: self.upstream_response || other.upstream_response,
             upstream_failure: self.upstream_failure || other.upstream_failure,
             response_filter: self.response_filter || other.response_filter,
@@ -203,6 +245,8 @@ impl Hooks {
         request_filter: true,
         upstream_peer: true,
         upstream_request_filter: true,
+        request_body: true,
+        response_body: true,
         upstream_response: true,
         upstream_failure: true,
         response_filter: true,
@@ -277,6 +321,21 @@ pub trait DynPlugin: Send + Sync + 'static {
         &self,
         session: &mut Session,
         upstream_request: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+        state: &mut ErasedState,
+    ) -> Result<()>;
+    async fn request_body(
+        &self,
+        session: &mut Session,
+        body: &mut Option<bytes::Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+        state: &mut ErasedState,
+    ) -> Result<()>;
+    fn response_body(
+        &self,
+        body: &mut Option<bytes::Bytes>,
+        end_of_stream: bool,
         ctx: &mut RequestCtx,
         state: &mut ErasedState,
     ) -> Result<()>;
@@ -415,6 +474,41 @@ impl<P: Plugin> DynPlugin for Erased<P> {
                 .upstream_request_filter(session, upstream_request, ctx, state),
             Err(e) => Box::pin(std::future::ready(Err(e))),
         }
+    }
+
+    fn request_body<'a, 's, 'b, 'c, 'st, 'f>(
+        &'a self,
+        session: &'s mut Session,
+        body: &'b mut Option<bytes::Bytes>,
+        end_of_stream: bool,
+        ctx: &'c mut RequestCtx,
+        state: &'st mut ErasedState,
+    ) -> HookFuture<'f, Result<()>>
+    where
+        'a: 'f,
+        's: 'f,
+        'b: 'f,
+        'c: 'f,
+        'st: 'f,
+        Self: 'f,
+    {
+        match typed(state) {
+            Ok(state) => self
+                .plugin
+                .request_body(session, body, end_of_stream, ctx, state),
+            Err(e) => Box::pin(std::future::ready(Err(e))),
+        }
+    }
+
+    fn response_body(
+        &self,
+        body: &mut Option<bytes::Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+        state: &mut ErasedState,
+    ) -> Result<()> {
+        self.plugin
+            .response_body(body, end_of_stream, ctx, typed(state)?)
     }
 
     fn upstream_response<'a, 's, 'r, 'at, 'c, 'st, 'f>(

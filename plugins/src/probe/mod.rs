@@ -1,6 +1,8 @@
 //! `probe` (test builds only, feature `testing`): records every hook the gateway calls on it
 //! for a request, in order, and reports them to the client in `x-probe-hooks`, so integration
-//! tests can prove through real sockets when each hook runs and with what.
+//! tests can prove through real sockets when each hook runs and with what. With the request
+//! header `x-probe-body: append` it also appends `\n[probe] response_body bytes=N` to a
+//! proxied response body (sent chunked: it removes `Content-Length`).
 //!
 //! ```toml
 //! [plugins.probe]
@@ -37,22 +39,35 @@ impl PluginType for ProbeConfig {
 
 pub struct Probe;
 
+/// What one request showed the probe.
+#[derive(Default)]
+pub struct Seen {
+    hooks: Vec<String>,
+    request_bytes: usize,
+    response_bytes: usize,
+    append: bool,
+}
+
 fn attempt_str(a: &Attempt) -> String {
     format!("{}#{}@{}", a.upstream, a.number, a.endpoint)
 }
 
 #[async_trait]
 impl Plugin for Probe {
-    /// The hooks seen so far, in order.
-    type State = Vec<String>;
+    type State = Seen;
 
     async fn request_filter(
         &self,
         _s: &mut Session,
         _c: &mut RequestCtx,
-        seen: &mut Vec<String>,
+        seen: &mut Seen,
     ) -> Result<Flow> {
-        seen.push("request_filter".into());
+        seen.hooks.push("request_filter".into());
+        seen.append = _s
+            .req_header()
+            .headers
+            .get("x-probe-body")
+            .is_some_and(|v| v == "append");
         Ok(Flow::Continue)
     }
 
@@ -61,9 +76,9 @@ impl Plugin for Probe {
         _s: &mut Session,
         _r: &mut RequestHeader,
         _c: &mut RequestCtx,
-        seen: &mut Vec<String>,
+        seen: &mut Seen,
     ) -> Result<()> {
-        seen.push("upstream_request_filter".into());
+        seen.hooks.push("upstream_request_filter".into());
         Ok(())
     }
 
@@ -73,9 +88,9 @@ impl Plugin for Probe {
         response: &mut ResponseHeader,
         attempt: &Attempt,
         _c: &mut RequestCtx,
-        seen: &mut Vec<String>,
+        seen: &mut Seen,
     ) -> Result<()> {
-        seen.push(format!(
+        seen.hooks.push(format!(
             "upstream_response({},{})",
             response.status.as_u16(),
             attempt_str(attempt)
@@ -89,9 +104,9 @@ impl Plugin for Probe {
         failure: UpstreamFailure,
         retrying: bool,
         _c: &mut RequestCtx,
-        seen: &mut Vec<String>,
+        seen: &mut Seen,
     ) {
-        seen.push(format!(
+        seen.hooks.push(format!(
             "upstream_failure({},{},{})",
             failure.as_str(),
             attempt_str(attempt),
@@ -99,14 +114,49 @@ impl Plugin for Probe {
         ));
     }
 
+    async fn request_body(
+        &self,
+        _s: &mut Session,
+        body: &mut Option<bytes::Bytes>,
+        end_of_stream: bool,
+        _c: &mut RequestCtx,
+        seen: &mut Seen,
+    ) -> Result<()> {
+        seen.request_bytes += body.as_ref().map_or(0, |b| b.len());
+        if end_of_stream {
+            seen.hooks.push(format!("request_body({})", seen.request_bytes));
+        }
+        Ok(())
+    }
+
+    fn response_body(
+        &self,
+        body: &mut Option<bytes::Bytes>,
+        end_of_stream: bool,
+        _c: &mut RequestCtx,
+        seen: &mut Seen,
+    ) -> Result<()> {
+        seen.response_bytes += body.as_ref().map_or(0, |b| b.len());
+        if end_of_stream && seen.append {
+            let tail = format!("\n[probe] response_body bytes={}", seen.response_bytes);
+            let mut out = body.take().map(|b| b.to_vec()).unwrap_or_default();
+            out.extend_from_slice(tail.as_bytes());
+            *body = Some(bytes::Bytes::from(out));
+        }
+        Ok(())
+    }
+
     async fn response_filter(
         &self,
         _s: &mut Session,
         response: &mut ResponseHeader,
         _c: &mut RequestCtx,
-        seen: &mut Vec<String>,
+        seen: &mut Seen,
     ) -> Result<()> {
-        seen.push("response_filter".into());
-        response.insert_header(HEADER, seen.join(" "))
+        seen.hooks.push("response_filter".into());
+        if seen.append {
+            response.remove_header(&http::header::CONTENT_LENGTH);
+        }
+        response.insert_header(HEADER, seen.hooks.join(" "))
     }
 }
