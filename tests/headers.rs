@@ -295,3 +295,39 @@ async fn forwarded_header_names_the_client_when_configured() {
     assert_eq!(code, 1);
     assert!(err.contains("server.client_ip_header"), "{err}");
 }
+
+/// The worked example plugin through the real gateway: the header reaches the client, and the
+/// metric it registers for itself (`BuildEnv::registry`) keeps counting across a reload that
+/// builds the plugin again.
+#[tokio::test]
+async fn example_header_sets_its_header_and_counts_across_reloads() {
+    let up = mock("app").await;
+    let config = format!(
+        "{}\n[upstreams.app]\nendpoints = [\"{}\"]\n\
+         [plugins.served-by]\ntype = \"example_header\"\nname = \"x-served-by\"\nvalue = \"edge-1\"\n\
+         [plugins.to-upstream]\ntype = \"example_header\"\nname = \"x-gateway\"\nvalue = \"sallyport\"\non = \"upstream\"\n\
+         [[routes]]\nname = \"app\"\npath_prefix = \"/\"\nupstream = \"app\"\nplugins = [\"served-by\", \"to-upstream\"]\n",
+        server(""),
+        up.addr()
+    );
+    let gw = Gateway::start(&config).await;
+    let c = client();
+    for i in 0..3 {
+        let r = c.get(gw.url(&format!("/x/{i}"))).send().await.unwrap();
+        assert_eq!(r.headers()["x-served-by"], "edge-1");
+        assert!(r.headers().get("x-gateway").is_none());
+    }
+    assert!(up
+        .requests()
+        .iter()
+        .all(|r| r.header("x-gateway") == Some("sallyport")));
+    assert_eq!(gw.reload().await, "ok");
+    c.get(gw.url("/after")).send().await.unwrap();
+    let series = "sallyport_example_header_set_total{plugin=\"served-by\"}";
+    assert_eq!(gw.metric_value(series).await, 4.0);
+    assert_eq!(
+        gw.metric_value("sallyport_example_header_set_total{plugin=\"to-upstream\"}")
+            .await,
+        4.0
+    );
+}

@@ -69,10 +69,12 @@ impl Plugin for NoOp {
 
 fn plugin(toml: &str) -> Arc<dyn DynPlugin> {
     let config: PluginConfig = toml::from_str(toml).unwrap();
+    let metrics = sallyport::metrics::Metrics::new().unwrap();
     let env = BuildEnv {
         name: Arc::from("bench-quota"),
         upstreams: Arc::new(NoUpstreams),
-        metrics: sallyport::metrics::Metrics::new().unwrap().plugins,
+        registry: metrics.plugin_registry.for_type(config.kind()),
+        metrics: metrics.plugins,
     };
     config.build(&env).unwrap().plugin
 }

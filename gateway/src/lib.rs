@@ -66,6 +66,7 @@ impl Shared {
         let services = Services {
             connector: Arc::new(pingora::connectors::http::Connector::new(None)),
             plugin_metrics: Arc::clone(&metrics.plugins),
+            plugin_registry: metrics.plugin_registry.clone(),
         };
         let snapshot = Snapshot::compile(config, None, &services)?;
         Ok(Arc::new(Shared {

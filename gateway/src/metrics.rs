@@ -21,6 +21,8 @@ pub struct Metrics {
     pub cache_lookups: IntCounterVec,
     pub config_reloads: IntCounterVec,
     pub connections: crate::conn::ConnMetrics,
+    /// Where plugin types register their own metrics.
+    pub plugin_registry: sallyport_plugins::MetricsRegistry,
 }
 
 /// Latency buckets from 0.5 ms to 10 s.
@@ -98,6 +100,7 @@ impl Metrics {
         }
         let plugins = std::sync::Arc::new(sallyport_plugins::PluginMetrics::register(&registry)?);
         Ok(Metrics {
+            plugin_registry: sallyport_plugins::MetricsRegistry::new(registry.clone()),
             registry,
             requests,
             request_duration,

@@ -59,6 +59,7 @@ impl Rewrite {
 pub struct Services {
     pub connector: Arc<pingora::connectors::http::Connector>,
     pub plugin_metrics: Arc<PluginMetrics>,
+    pub plugin_registry: sallyport_plugins::MetricsRegistry,
 }
 
 /// Everything a request needs, compiled from one config file.
@@ -114,6 +115,7 @@ impl Snapshot {
                 name: Arc::from(name.as_str()),
                 upstreams: Arc::clone(&upstreams),
                 metrics: Arc::clone(&services.plugin_metrics),
+                registry: services.plugin_registry.for_type(pc.kind()),
             };
             let kept = previous
                 .filter(|p| {

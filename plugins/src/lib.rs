@@ -51,7 +51,7 @@ use serde::Deserialize;
 pub use body::{BodyBuffer, BodyTooLarge};
 pub use context::{Principal, RequestCtx, TraceContext};
 pub use http::HeaderName;
-pub use metrics::PluginMetrics;
+pub use metrics::{MetricsRegistry, PluginMetrics, TypeMetrics};
 pub use reply::{ApiError, Flow, Reply};
 pub use upstream::{CallError, UpstreamRequest, UpstreamResponse, Upstreams};
 
@@ -621,6 +621,9 @@ pub struct BuildEnv {
     pub upstreams: Arc<dyn Upstreams>,
     /// The gateway's plugin metrics (one instance for the process lifetime).
     pub metrics: Arc<PluginMetrics>,
+    /// This plugin type's own metrics, `sallyport_<type>_<name>`, in the gateway's registry
+    /// (see [`metrics::TypeMetrics`]): register what the plugin counts here.
+    pub registry: metrics::TypeMetrics,
 }
 
 /// An error found while building a plugin from its config; `path` is relative to the

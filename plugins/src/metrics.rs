@@ -78,3 +78,181 @@ impl PluginMetrics {
         })
     }
 }
+
+/// The gateway's registry as plugins see it: one for the process lifetime, shared by every
+/// build. A plugin gets a view named after its type ([`TypeMetrics`]) in
+/// [`crate::BuildEnv::registry`] and registers its own collectors there, without editing a
+/// shared struct.
+#[derive(Clone)]
+pub struct MetricsRegistry {
+    registry: Registry,
+    /// Collectors registered so far, by full name: a reload builds plugins again, and asking
+    /// for a name again must return the collector that holds the counts.
+    known: std::sync::Arc<parking_lot::Mutex<std::collections::HashMap<String, Known>>>,
+}
+
+#[derive(Clone)]
+enum Known {
+    Counter(IntCounterVec, Vec<String>),
+    Gauge(IntGaugeVec, Vec<String>),
+    Histogram(HistogramVec, Vec<String>),
+}
+
+impl MetricsRegistry {
+    pub fn new(registry: Registry) -> Self {
+        MetricsRegistry {
+            registry,
+            known: Default::default(),
+        }
+    }
+
+    /// The view of one plugin type: its metrics are named `sallyport_<kind>_<name>`.
+    pub fn for_type(&self, kind: &'static str) -> TypeMetrics {
+        TypeMetrics {
+            registry: self.clone(),
+            prefix: format!("sallyport_{kind}_"),
+        }
+    }
+
+    fn get_or_register(
+        &self,
+        name: String,
+        labels: &[&str],
+        make: impl FnOnce(&str) -> Result<Known, prometheus::Error>,
+    ) -> Result<Known, crate::BuildError> {
+        let fail = |m: String| crate::BuildError::new("", format!("metric {name}: {m}"));
+        let mut known = self.known.lock();
+        if let Some(k) = known.get(&name) {
+            let same_labels =
+                |l: &Vec<String>| l.iter().map(String::as_str).eq(labels.iter().copied());
+            let matches = match k {
+                Known::Counter(_, l) | Known::Gauge(_, l) | Known::Histogram(_, l) => {
+                    same_labels(l)
+                }
+            };
+            return if matches {
+                Ok(k.clone())
+            } else {
+                Err(fail("registered before with other labels".into()))
+            };
+        }
+        let k = make(&name).map_err(|e| fail(e.to_string()))?;
+        let collector: Box<dyn prometheus::core::Collector> = match &k {
+            Known::Counter(c, _) => Box::new(c.clone()),
+            Known::Gauge(g, _) => Box::new(g.clone()),
+            Known::Histogram(h, _) => Box::new(h.clone()),
+        };
+        self.registry
+            .register(collector)
+            .map_err(|e| fail(e.to_string()))?;
+        known.insert(name, k.clone());
+        Ok(k)
+    }
+}
+
+/// One plugin type's metrics (`sallyport_<kind>_<name>`), from [`MetricsRegistry::for_type`].
+/// Asking again for a name returns the same collector (reloads keep counting); the same name
+/// with other labels or of another kind is a build error. Label values must stay bounded.
+#[derive(Clone)]
+pub struct TypeMetrics {
+    registry: MetricsRegistry,
+    prefix: String,
+}
+
+impl TypeMetrics {
+    /// A counter family `sallyport_<kind>_<name>`.
+    pub fn counter(
+        &self,
+        name: &str,
+        help: &str,
+        labels: &[&str],
+    ) -> Result<IntCounterVec, crate::BuildError> {
+        let owned = labels.iter().map(|l| l.to_string()).collect();
+        match self
+            .registry
+            .get_or_register(format!("{}{name}", self.prefix), labels, |full| {
+                IntCounterVec::new(Opts::new(full, help), labels).map(|c| Known::Counter(c, owned))
+            })? {
+            Known::Counter(c, _) => Ok(c),
+            _ => Err(crate::BuildError::new(
+                "",
+                format!("metric {name} is not a counter"),
+            )),
+        }
+    }
+
+    /// A gauge family `sallyport_<kind>_<name>`.
+    pub fn gauge(
+        &self,
+        name: &str,
+        help: &str,
+        labels: &[&str],
+    ) -> Result<IntGaugeVec, crate::BuildError> {
+        let owned = labels.iter().map(|l| l.to_string()).collect();
+        match self
+            .registry
+            .get_or_register(format!("{}{name}", self.prefix), labels, |full| {
+                IntGaugeVec::new(Opts::new(full, help), labels).map(|g| Known::Gauge(g, owned))
+            })? {
+            Known::Gauge(g, _) => Ok(g),
+            _ => Err(crate::BuildError::new(
+                "",
+                format!("metric {name} is not a gauge"),
+            )),
+        }
+    }
+
+    /// A histogram family `sallyport_<kind>_<name>` with these bucket bounds.
+    pub fn histogram(
+        &self,
+        name: &str,
+        help: &str,
+        labels: &[&str],
+        buckets: &[f64],
+    ) -> Result<HistogramVec, crate::BuildError> {
+        let owned = labels.iter().map(|l| l.to_string()).collect();
+        match self
+            .registry
+            .get_or_register(format!("{}{name}", self.prefix), labels, |full| {
+                HistogramVec::new(
+                    HistogramOpts::new(full, help).buckets(buckets.to_vec()),
+                    labels,
+                )
+                .map(|h| Known::Histogram(h, owned))
+            })? {
+            Known::Histogram(h, _) => Ok(h),
+            _ => Err(crate::BuildError::new(
+                "",
+                format!("metric {name} is not a histogram"),
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod registry_tests {
+    use super::*;
+
+    #[test]
+    fn names_are_namespaced_and_asking_again_returns_the_same_collector() {
+        let registry = Registry::new();
+        let metrics = MetricsRegistry::new(registry.clone());
+        let a = metrics.for_type("example_header");
+        let first = a.counter("set_total", "Headers set.", &["plugin"]).unwrap();
+        first.with_label_values(&["p"]).inc();
+        // A reload builds the plugin again: the counter carries on.
+        let again = a.counter("set_total", "Headers set.", &["plugin"]).unwrap();
+        again.with_label_values(&["p"]).inc();
+        let families = registry.gather();
+        assert_eq!(families.len(), 1);
+        assert_eq!(families[0].name(), "sallyport_example_header_set_total");
+        assert_eq!(first.with_label_values(&["p"]).get(), 2);
+        // Other labels or another kind under the same name are refused.
+        assert!(a.counter("set_total", "x", &["route"]).is_err());
+        assert!(a.gauge("set_total", "x", &["plugin"]).is_err());
+        assert!(a.counter("bad name", "x", &[]).is_err());
+        // Another type's view cannot collide with it.
+        let b = metrics.for_type("other");
+        assert!(b.counter("set_total", "x", &["route"]).is_ok());
+    }
+}

@@ -53,8 +53,9 @@ pub async fn session(raw: &[u8]) -> Result<(Session, Client)> {
 }
 
 /// A [`BuildEnv`] for tests: no upstream pools, metrics in a registry of its own.
-pub fn build_env(name: &str) -> BuildEnv {
+pub fn build_env(name: &str, kind: &'static str) -> BuildEnv {
     BuildEnv {
+        registry: crate::MetricsRegistry::new(prometheus::Registry::new()).for_type(kind),
         name: Arc::from(name),
         upstreams: Arc::new(crate::upstream::NoUpstreams),
         metrics: Arc::new(
@@ -77,7 +78,7 @@ impl Harness {
     pub fn build(table: &str) -> std::result::Result<Harness, Vec<BuildError>> {
         let config: PluginConfig =
             toml::from_str(table).map_err(|e| vec![BuildError::new("", e.to_string())])?;
-        let built = config.build(&build_env("test"))?;
+        let built = config.build(&build_env("test", config.kind()))?;
         let state = built.plugin.new_state();
         Ok(Harness {
             built,

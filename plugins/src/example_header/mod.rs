@@ -14,7 +14,8 @@
 //! ```
 //! Errors at load: `name` not a header name, `value` not a header value, or a name the
 //! gateway owns (`host`, `content-length`, `transfer-encoding`, `connection`).
-//! Metrics: none of its own.
+//! Metrics: `sallyport_example_header_set_total{plugin}`, headers set, registered through
+//! `BuildEnv::registry` (the plugin's own, without editing a shared struct).
 
 mod config;
 
@@ -24,6 +25,7 @@ use async_trait::async_trait;
 use http::{HeaderName, HeaderValue};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::proxy::Session;
+use prometheus::IntCounter;
 
 pub use config::{Direction, ExampleHeaderConfig};
 
@@ -33,15 +35,18 @@ use crate::{BuildEnv, BuildError, DynPlugin, Erased, Hooks, Plugin, PluginType, 
 const OWNED_BY_THE_GATEWAY: [&str; 4] = ["host", "content-length", "transfer-encoding", "connection"];
 
 /// The built plugin: the header, parsed once.
-#[derive(Debug)]
 pub struct ExampleHeader {
     name: HeaderName,
     value: HeaderValue,
     on: Direction,
+    /// `sallyport_example_header_set_total{plugin="NAME"}`.
+    set: IntCounter,
 }
 
-/// Parses the config into the built plugin, reporting every problem with its key.
-fn parse(c: &ExampleHeaderConfig) -> std::result::Result<ExampleHeader, Vec<BuildError>> {
+/// Parses the config into the header it sets, reporting every problem with its key.
+fn parse(
+    c: &ExampleHeaderConfig,
+) -> std::result::Result<(HeaderName, HeaderValue), Vec<BuildError>> {
     let mut errors = Vec::new();
     let name = match HeaderName::from_bytes(c.name.trim().to_ascii_lowercase().as_bytes()) {
         Ok(n) if OWNED_BY_THE_GATEWAY.contains(&n.as_str()) => {
@@ -70,11 +75,7 @@ fn parse(c: &ExampleHeaderConfig) -> std::result::Result<ExampleHeader, Vec<Buil
         }
     };
     match (name, value) {
-        (Some(name), Some(value)) if errors.is_empty() => Ok(ExampleHeader {
-            name,
-            value,
-            on: c.on,
-        }),
+        (Some(name), Some(value)) if errors.is_empty() => Ok((name, value)),
         _ => Err(errors),
     }
 }
@@ -86,8 +87,19 @@ impl PluginType for ExampleHeaderConfig {
         parse(self).err().unwrap_or_default()
     }
 
-    fn build(&self, _env: &BuildEnv) -> std::result::Result<Arc<dyn DynPlugin>, Vec<BuildError>> {
-        Ok(Erased::into_dyn(parse(self)?))
+    fn build(&self, env: &BuildEnv) -> std::result::Result<Arc<dyn DynPlugin>, Vec<BuildError>> {
+        let (name, value) = parse(self)?;
+        let set = env
+            .registry
+            .counter("set_total", "Headers the example_header plugin set.", &["plugin"])
+            .map_err(|e| vec![e])?
+            .with_label_values(&[&*env.name]);
+        Ok(Erased::into_dyn(ExampleHeader {
+            name,
+            value,
+            on: self.on,
+            set,
+        }))
     }
 }
 
@@ -110,6 +122,7 @@ impl Plugin for ExampleHeader {
         _ctx: &mut RequestCtx,
         _state: &mut (),
     ) -> Result<()> {
+        self.set.inc();
         upstream_request.insert_header(self.name.clone(), self.value.clone())
     }
 
@@ -120,6 +133,7 @@ impl Plugin for ExampleHeader {
         _ctx: &mut RequestCtx,
         _state: &mut (),
     ) -> Result<()> {
+        self.set.inc();
         response.insert_header(self.name.clone(), self.value.clone())
     }
 }
