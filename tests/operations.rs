@@ -548,3 +548,55 @@ async fn sighup_during_start_up_does_not_kill_the_gateway() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// Plugin lifecycle through a real process (the test-only `probe` plugin counts its calls):
+/// `start` runs before the config serves (at start-up `/readyz` waits for it), a reload starts
+/// the plugins it built before swapping them in and stops the ones it replaced.
+#[tokio::test]
+async fn plugins_start_before_serving_and_stop_when_replaced() {
+    let up = mock("app").await;
+    let with_probe = |label: &str| {
+        format!(
+            "{}\n[upstreams.app]\nendpoints = [\"{}\"]\n[plugins.probe]\ntype = \"probe\"\nlabel = \"{label}\"\n\
+             [[routes]]\nname = \"app\"\nupstream = \"app\"\nplugins = [\"probe\"]\n",
+            server(""),
+            up.addr()
+        )
+    };
+    let gw = Gateway::start(&with_probe("a")).await;
+    let count = |event: &'static str| {
+        let gw = &gw;
+        async move {
+            gw.metric_value(&format!(
+                "sallyport_probe_lifecycle_total{{event=\"{event}\"}}"
+            ))
+            .await
+        }
+    };
+    assert_eq!(
+        count("start").await,
+        1.0,
+        "started before /readyz said ready"
+    );
+    assert_eq!(count("stop").await, 0.0);
+    gw.write_config(&with_probe("b"));
+    assert_eq!(gw.reload().await, "ok");
+    // The reload is counted after the new plugin started; the old one stops right after.
+    assert_eq!(count("start").await, 2.0);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while count("stop").await < 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the replaced plugin was never stopped"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        client().get(gw.url("/x")).send().await.unwrap().status(),
+        200
+    );
+    // A reload that fails builds nothing that runs: nothing starts or stops.
+    gw.write_config("[server]\nlisten = []\n");
+    assert_eq!(gw.reload().await, "error");
+    assert_eq!((count("start").await, count("stop").await), (2.0, 1.0));
+}

@@ -55,10 +55,15 @@ impl ServeHttp for Admin {
                     .filter(|(_, p)| !p.is_ready())
                     .map(|(n, _)| n.as_str())
                     .collect();
-                if pending.is_empty() {
+                let starting = !snapshot.started.load(std::sync::atomic::Ordering::Acquire);
+                if pending.is_empty() && !starting {
                     reply(StatusCode::OK, "application/json", br#"{"ready":true}"#.to_vec())
                 } else {
-                    let body = serde_json::json!({"ready": false, "waiting_for_health_checks": pending});
+                    let body = serde_json::json!({
+                        "ready": false,
+                        "waiting_for_health_checks": pending,
+                        "starting_plugins": starting,
+                    });
                     reply(
                         StatusCode::SERVICE_UNAVAILABLE,
                         "application/json",

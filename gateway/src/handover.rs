@@ -218,7 +218,16 @@ mod tests {
         assert!(upgrade_taker_waiting(&path_s));
         drop(listener);
         assert!(path.exists(), "the file stays behind");
-        assert!(!upgrade_taker_waiting(&path_s));
+        // A process forked by a concurrent test holds a copy of the descriptor until it
+        // execs (close-on-exec): the socket stops listening once that copy is gone too.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while upgrade_taker_waiting(&path_s) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "still listening after close"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
     }
 
     /// Run only as the "twin" process of `pid_files_name_live_instances`.

@@ -27,7 +27,6 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
-use parking_lot::Mutex;
 use pingora::listeners::tls::TlsSettings;
 use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::server::configuration::{Opt, ServerConf};
@@ -47,7 +46,7 @@ pub struct Shared {
     pub metrics: Metrics,
     pub access_log: AccessLog,
     pub services: Services,
-    reload_lock: Mutex<()>,
+    reload_lock: tokio::sync::Mutex<()>,
 }
 
 impl Shared {
@@ -75,24 +74,39 @@ impl Shared {
             metrics,
             access_log,
             services,
-            reload_lock: Mutex::new(()),
+            reload_lock: tokio::sync::Mutex::new(()),
         }))
     }
 
-    /// Re-reads the config file and swaps in the new snapshot. A bad file keeps the running
-    /// snapshot; the outcome is logged and counted in `sallyport_config_reloads_total`.
-    pub fn reload(&self) -> Result<(), ConfigErrors> {
-        let _one_at_a_time = self.reload_lock.lock();
-        let result = config::load(&self.config_path).and_then(|config| {
-            let current = self.snapshot.load();
-            warn_static_changes(&current.config, &config);
-            Snapshot::compile(config, Some(&current), &self.services)
+    /// Re-reads the config file and swaps in the new snapshot: compiled on a blocking thread
+    /// (it is synchronous work), its freshly built plugins started, then swapped in, and the
+    /// plugins it replaced stopped. A bad file keeps the running snapshot; the outcome is
+    /// logged and counted in `sallyport_config_reloads_total`.
+    pub async fn reload(self: &Arc<Self>) -> Result<(), ConfigErrors> {
+        let _one_at_a_time = self.reload_lock.lock().await;
+        let me = Arc::clone(self);
+        let result = tokio::task::spawn_blocking(move || {
+            config::load(&me.config_path).and_then(|config| {
+                let current = me.snapshot.load();
+                warn_static_changes(&current.config, &config);
+                Snapshot::compile(config, Some(&current), &me.services)
+            })
+        })
+        .await
+        .unwrap_or_else(|e| {
+            Err(ConfigErrors::from(config::ConfigError::new(
+                "",
+                format!("compiling the config failed: {e}"),
+            )))
         });
         match result {
             Ok(snapshot) => {
-                self.snapshot.store(Arc::new(snapshot));
+                snapshot.start_plugins().await;
+                let next = Arc::new(snapshot);
+                let replaced = self.snapshot.swap(Arc::clone(&next));
                 self.metrics.config_reloads.with_label_values(&["ok"]).inc();
                 log::info!("config reloaded from {}", self.config_path.display());
+                replaced.stop_plugins_not_in(Some(&next)).await;
                 Ok(())
             }
             Err(errors) => {
@@ -167,6 +181,25 @@ impl BackgroundService for HealthChecker {
     }
 }
 
+/// Starts the plugins of the config loaded at start-up (`/readyz` waits for it), and stops the
+/// running config's plugins at shutdown.
+struct PluginLifecycle {
+    shared: Arc<Shared>,
+}
+
+#[async_trait]
+impl BackgroundService for PluginLifecycle {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        self.shared.snapshot.load_full().start_plugins().await;
+        let _ = shutdown.changed().await;
+        self.shared
+            .snapshot
+            .load_full()
+            .stop_plugins_not_in(None)
+            .await;
+    }
+}
+
 /// Reloads the config on SIGHUP.
 struct ReloadOnHangup {
     shared: Arc<Shared>,
@@ -189,9 +222,7 @@ impl BackgroundService for ReloadOnHangup {
                     if got.is_none() {
                         return;
                     }
-                    let shared = Arc::clone(&self.shared);
-                    // Compiling a config is synchronous work: keep it off the async workers.
-                    let _ = tokio::task::spawn_blocking(move || shared.reload()).await;
+                    let _ = self.shared.reload().await;
                 }
                 _ = shutdown.changed() => return,
             }
@@ -310,6 +341,14 @@ pub fn run(shared: Arc<Shared>, options: RunOptions) -> anyhow::Result<()> {
     );
     health.threads = Some(1);
     server.add_service(health);
+    let mut lifecycle = background_service(
+        "sallyport plugin lifecycle",
+        PluginLifecycle {
+            shared: Arc::clone(&shared),
+        },
+    );
+    lifecycle.threads = Some(1);
+    server.add_service(lifecycle);
     let mut reload = background_service("sallyport reload", ReloadOnHangup { shared });
     reload.threads = Some(1);
     server.add_service(reload);

@@ -70,6 +70,11 @@ pub struct Snapshot {
     pub pools: BTreeMap<String, Arc<Pool>>,
     /// Built plugins by name; stateful ones are taken over by the next reload when unchanged.
     pub plugins: BTreeMap<String, BuiltPlugin>,
+    /// The plugins this compile built (not taken over): they are started before the snapshot
+    /// takes requests.
+    pub fresh: Vec<Arc<dyn DynPlugin>>,
+    /// Every fresh plugin's `start` finished.
+    pub started: std::sync::atomic::AtomicBool,
     /// Headers that plugins set from verified credentials: removed from every request.
     pub trusted_headers: HeaderSet,
     pub trusted_proxies: Vec<IpNet>,
@@ -109,6 +114,7 @@ impl Snapshot {
             Arc::clone(&services.connector),
         ));
         let mut plugins = BTreeMap::new();
+        let mut fresh = Vec::new();
         let mut trusted: Vec<HeaderName> = Vec::new();
         for (name, pc) in &config.plugins {
             let env = BuildEnv {
@@ -123,8 +129,12 @@ impl Snapshot {
                 })
                 .and_then(|p| p.plugins.get(name))
                 .cloned();
+            let was_kept = kept.is_some();
             match kept.map(Ok).unwrap_or_else(|| pc.build(&env)) {
                 Ok(built) => {
+                    if !was_kept {
+                        fresh.push(Arc::clone(&built.plugin));
+                    }
                     for h in &built.trusted_headers {
                         if !trusted.contains(h) {
                             trusted.push(h.clone());
@@ -222,6 +232,8 @@ impl Snapshot {
             routes,
             pools,
             plugins,
+            started: std::sync::atomic::AtomicBool::new(fresh.is_empty()),
+            fresh,
             trusted_headers: HeaderSet::from_names(trusted),
             trusted_proxies,
             client_ip_header: config.server.client_ip_header,
@@ -238,6 +250,28 @@ impl Snapshot {
 
     /// All pools ready (first health-check pass done).
     pub fn is_ready(&self) -> bool {
-        self.pools.values().all(|p| p.is_ready())
+        self.started.load(std::sync::atomic::Ordering::Acquire)
+            && self.pools.values().all(|p| p.is_ready())
+    }
+
+    /// Starts the plugins this compile built (each plugin's `start`, concurrently).
+    pub async fn start_plugins(&self) {
+        futures_util::future::join_all(self.fresh.iter().map(|p| p.start())).await;
+        self.started
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Stops this snapshot's plugins that `next` does not carry over (all of them when
+    /// `next` is `None`, at shutdown).
+    pub async fn stop_plugins_not_in(&self, next: Option<&Snapshot>) {
+        let carried = |p: &Arc<dyn DynPlugin>| {
+            next.is_some_and(|n| n.plugins.values().any(|b| Arc::ptr_eq(&b.plugin, p)))
+        };
+        let gone = self
+            .plugins
+            .values()
+            .map(|b| &b.plugin)
+            .filter(|p| !carried(p));
+        futures_util::future::join_all(gone.map(|p| p.stop())).await;
     }
 }

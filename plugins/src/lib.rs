@@ -77,6 +77,17 @@ pub trait Plugin: Send + Sync + 'static {
         Hooks::ALL
     }
 
+    /// Runs once on the gateway's runtime after the plugin was built and before the config
+    /// that built it takes requests: at start-up (`/readyz` waits for it) and on a reload
+    /// (the new config is swapped in after it). The place for background work and first
+    /// fetches; `build` stays synchronous and side-effect free. Not called for a plugin a
+    /// reload kept (see `PluginType::keeps_state_across_reloads`).
+    async fn start(&self) {}
+
+    /// Runs once when a reload replaced the plugin (and at shutdown): stop background work.
+    /// Requests that started before the swap may still be using the plugin.
+    async fn stop(&self) {}
+
     /// Runs in `request_filter`, in chain order, after routing and after the gateway removed
     /// every trusted identity header from the request. `Ok(Flow::Continue)` passes the request
     /// on to the next plugin; `Ok(Flow::Respond(..))` answers the client and ends the chain.
@@ -304,6 +315,8 @@ pub type ErasedState = Box<dyn Any + Send + Sync>;
 pub trait DynPlugin: Send + Sync + 'static {
     fn new_state(&self) -> ErasedState;
     fn hooks(&self) -> Hooks;
+    async fn start(&self);
+    async fn stop(&self);
     async fn request_filter(
         &self,
         session: &mut Session,
@@ -411,6 +424,22 @@ impl<P: Plugin> DynPlugin for Erased<P> {
 
     fn hooks(&self) -> Hooks {
         self.hooks
+    }
+
+    fn start<'a, 'f>(&'a self) -> HookFuture<'f, ()>
+    where
+        'a: 'f,
+        Self: 'f,
+    {
+        self.plugin.start()
+    }
+
+    fn stop<'a, 'f>(&'a self) -> HookFuture<'f, ()>
+    where
+        'a: 'f,
+        Self: 'f,
+    {
+        self.plugin.stop()
     }
 
     fn request_filter<'a, 's, 'c, 'st, 'f>(
@@ -610,9 +639,9 @@ pub struct BuiltPlugin {
 /// What the gateway hands to a plugin's `build`.
 ///
 /// `build` is synchronous and may run outside any async runtime (at start-up) or on a blocking
-/// thread (on reload). A plugin that needs background work (e.g. refreshing keys) starts it
-/// lazily from a request hook with `tokio::spawn`, or on a thread of its own, and stops it when
-/// the built plugin is dropped (a reload drops the old snapshot's plugins).
+/// thread (on reload): it validates and constructs, nothing more. Background work and first
+/// fetches belong in [`Plugin::start`] (on the gateway's runtime, before the config serves),
+/// and end in [`Plugin::stop`].
 #[derive(Clone)]
 pub struct BuildEnv {
     /// The plugin's config name (`[plugins.NAME]`), e.g. for metric labels.

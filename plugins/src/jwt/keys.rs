@@ -163,25 +163,18 @@ impl RemoteKeys {
             refreshing: AtomicBool::new(false),
             fetch_lock: tokio::sync::Mutex::new(()),
         });
-        // The first fetch happens now, on a thread of its own (a build may run outside any
-        // runtime); an unreachable IdP does not stop the gateway: keys come with a refetch.
-        let first = Arc::clone(&remote);
-        let joined = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .ok()?;
-            Some(rt.block_on(first.fetch_now()))
-        })
-        .join();
-        match joined {
-            Ok(Some(Ok(()))) => {}
-            Ok(Some(Err(e))) => {
-                log::warn!("JWKS {url}: first fetch failed ({e}); will retry on demand")
-            }
-            _ => log::warn!("JWKS {url}: first fetch could not run; will retry on demand"),
-        }
         Ok(remote)
+    }
+
+    /// The first fetch, when the plugin starts (on the gateway's runtime). An unreachable IdP
+    /// does not stop the gateway: keys come with a refresh or an unknown-`kid` refetch.
+    pub async fn first_fetch(&self) {
+        if let Err(e) = self.fetch_now().await {
+            log::warn!(
+                "JWKS {}: first fetch failed ({e}); will retry on demand",
+                self.url
+            );
+        }
     }
 
     /// Fetches and, when the document is good, replaces the key set.

@@ -494,6 +494,13 @@ fn now_secs() -> u64 {
 impl Plugin for Jwt {
     type State = ();
 
+    /// Fetches the JWKS of a `jwks_url` once before the plugin takes requests.
+    async fn start(&self) {
+        if let Keys::Remote(remote) = &self.keys {
+            remote.first_fetch().await;
+        }
+    }
+
     /// The hooks this plugin runs in; the gateway skips the others without a call.
     fn hooks(&self) -> Hooks {
         Hooks {

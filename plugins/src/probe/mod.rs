@@ -27,17 +27,28 @@ pub const HEADER: &str = "x-probe-hooks";
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
-pub struct ProbeConfig {}
+pub struct ProbeConfig {
+    /// Anything: changing it makes a reload build the plugin again.
+    #[serde(default)]
+    pub label: String,
+}
 
 impl PluginType for ProbeConfig {
     const KIND: &'static str = "probe";
 
-    fn build(&self, _env: &BuildEnv) -> std::result::Result<Arc<dyn DynPlugin>, Vec<BuildError>> {
-        Ok(Erased::into_dyn(Probe))
+    fn build(&self, env: &BuildEnv) -> std::result::Result<Arc<dyn DynPlugin>, Vec<BuildError>> {
+        let lifecycle = env
+            .registry
+            .counter("lifecycle_total", "Probe plugin starts and stops.", &["event"])
+            .map_err(|e| vec![e])?;
+        Ok(Erased::into_dyn(Probe { lifecycle }))
     }
 }
 
-pub struct Probe;
+/// `sallyport_probe_lifecycle_total{event="start"|"stop"}` counts `start` and `stop` calls.
+pub struct Probe {
+    lifecycle: prometheus::IntCounterVec,
+}
 
 /// What one request showed the probe.
 #[derive(Default)]
@@ -55,6 +66,14 @@ fn attempt_str(a: &Attempt) -> String {
 #[async_trait]
 impl Plugin for Probe {
     type State = Seen;
+
+    async fn start(&self) {
+        self.lifecycle.with_label_values(&["start"]).inc();
+    }
+
+    async fn stop(&self) {
+        self.lifecycle.with_label_values(&["stop"]).inc();
+    }
 
     async fn request_filter(
         &self,
