@@ -244,7 +244,8 @@ pub struct Guarded {
     inner: Stream,
     state: Arc<ConnState>,
     limits: Limits,
-    /// The pending deadline's timer, re-armed when the deadline moves.
+    /// The connection's one timer, allocated at the first pending read and re-armed (not
+    /// reallocated) when the deadline moves: `(deadline it is armed for, timer)`.
     timer: Option<(Instant, Pin<Box<Sleep>>)>,
     _slot: Slot,
     timeouts: IntCounterVec,
@@ -348,29 +349,29 @@ impl AsyncRead for Guarded {
                 if n > 0 {
                     this.saw_bytes(n);
                 }
-                this.timer = None;
                 Poll::Ready(Ok(()))
             }
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
             Poll::Pending => {
                 let Some((deadline, what)) = this.deadline() else {
-                    this.timer = None;
                     return Poll::Pending;
                 };
                 let timer = match &mut this.timer {
-                    Some((at, sleep)) if *at == deadline => sleep,
-                    slot => {
-                        let sleep = &mut slot
-                            .insert((deadline, Box::pin(tokio::time::sleep_until(deadline))))
-                            .1;
+                    Some((at, sleep)) => {
+                        if *at != deadline {
+                            sleep.as_mut().reset(deadline);
+                            *at = deadline;
+                        }
                         sleep
+                    }
+                    slot => {
+                        &mut slot
+                            .insert((deadline, Box::pin(tokio::time::sleep_until(deadline))))
+                            .1
                     }
                 };
                 match timer.as_mut().poll(cx) {
-                    Poll::Ready(()) => {
-                        this.timer = None;
-                        this.overran(cx, what)
-                    }
+                    Poll::Ready(()) => this.overran(cx, what),
                     Poll::Pending => Poll::Pending,
                 }
             }
