@@ -152,14 +152,12 @@ impl Gateway {
         if !route.hooks.response_filter {
             return Ok(());
         }
-        for i in (0..ctx.ran.min(route.chain.len())).rev() {
+        for i in route.entries_running(ctx.ran, |h| h.response_filter).rev() {
             let entry = &route.chain[i];
-            if entry.hooks.response_filter {
-                entry
-                    .plugin
-                    .response_filter(session, header, &mut ctx.req, &mut ctx.states[i])
-                    .await?;
-            }
+            entry
+                .plugin
+                .response_filter(session, header, &mut ctx.req, &mut ctx.states[i])
+                .await?;
         }
         Ok(())
     }
@@ -331,17 +329,15 @@ impl Gateway {
         let Some(attempt) = Self::attempt(ctx) else {
             return;
         };
-        for i in 0..ctx.ran.min(route.chain.len()) {
+        for i in route.entries_running(ctx.ran, |h| h.upstream_failure) {
             let entry = &route.chain[i];
-            if entry.hooks.upstream_failure {
-                entry.plugin.upstream_failure(
-                    &attempt,
-                    failure,
-                    retrying,
-                    &mut ctx.req,
-                    &mut ctx.states[i],
-                );
-            }
+            entry.plugin.upstream_failure(
+                &attempt,
+                failure,
+                retrying,
+                &mut ctx.req,
+                &mut ctx.states[i],
+            );
         }
     }
 
@@ -536,20 +532,18 @@ impl ProxyHttp for Gateway {
             return Ok(());
         };
         if route.hooks.request_body {
-            for i in 0..ctx.ran.min(route.chain.len()) {
+            for i in route.entries_running(ctx.ran, |h| h.request_body) {
                 let entry = &route.chain[i];
-                if entry.hooks.request_body {
-                    entry
-                        .plugin
-                        .request_body(
-                            session,
-                            body,
-                            end_of_stream,
-                            &mut ctx.req,
-                            &mut ctx.states[i],
-                        )
-                        .await?;
-                }
+                entry
+                    .plugin
+                    .request_body(
+                        session,
+                        body,
+                        end_of_stream,
+                        &mut ctx.req,
+                        &mut ctx.states[i],
+                    )
+                    .await?;
             }
         }
         Ok(())
@@ -568,16 +562,14 @@ impl ProxyHttp for Gateway {
             return Ok(None);
         };
         if route.hooks.response_body {
-            for i in (0..ctx.ran.min(route.chain.len())).rev() {
+            for i in route.entries_running(ctx.ran, |h| h.response_body).rev() {
                 let entry = &route.chain[i];
-                if entry.hooks.response_body {
-                    entry.plugin.response_body(
-                        body,
-                        end_of_stream,
-                        &mut ctx.req,
-                        &mut ctx.states[i],
-                    )?;
-                }
+                entry.plugin.response_body(
+                    body,
+                    end_of_stream,
+                    &mut ctx.req,
+                    &mut ctx.states[i],
+                )?;
             }
         }
         Ok(None)
@@ -788,20 +780,18 @@ impl ProxyHttp for Gateway {
         };
         if route.hooks.upstream_response {
             if let Some(attempt) = Self::attempt(ctx) {
-                for i in 0..ctx.ran.min(route.chain.len()) {
+                for i in route.entries_running(ctx.ran, |h| h.upstream_response) {
                     let entry = &route.chain[i];
-                    if entry.hooks.upstream_response {
-                        entry
-                            .plugin
-                            .upstream_response(
-                                session,
-                                upstream_response,
-                                &attempt,
-                                &mut ctx.req,
-                                &mut ctx.states[i],
-                            )
-                            .await?;
-                    }
+                    entry
+                        .plugin
+                        .upstream_response(
+                            session,
+                            upstream_response,
+                            &attempt,
+                            &mut ctx.req,
+                            &mut ctx.states[i],
+                        )
+                        .await?;
                 }
             }
         }

@@ -38,6 +38,18 @@ pub struct Route {
     pub hooks: Hooks,
 }
 
+impl Route {
+    /// Indices of the chain entries a request reached (the first `reached`) whose plugin runs
+    /// the hook `wants` picks, in chain order (`.rev()` for the response direction).
+    pub fn entries_running(
+        &self,
+        reached: usize,
+        wants: fn(&Hooks) -> bool,
+    ) -> impl DoubleEndedIterator<Item = usize> + '_ {
+        (0..reached.min(self.chain.len())).filter(move |&i| wants(&self.chain[i].hooks))
+    }
+}
+
 /// `rewrite_prefix`: replaces the matched prefix, or the whole path of an exact route.
 pub struct Rewrite {
     /// The matched prefix; `None` for exact (and template) routes.
