@@ -2,7 +2,7 @@
 //! keep-alive connections close, and `server.max_connections` caps what one gateway holds.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
+use crate::support;
 
 use std::time::{Duration, Instant};
 

@@ -2,7 +2,7 @@
 //! received and what the client got.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
+use crate::support;
 
 use support::*;
 

@@ -2,7 +2,7 @@
 //! admin endpoints and metrics, access-log hygiene, graceful shutdown and upgrade.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
+use crate::support;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;

@@ -1,7 +1,7 @@
 //! The `quota` and `concurrency` plugins through the real gateway, local store.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
+use crate::support;
 
 use support::*;
 

@@ -2,7 +2,7 @@
 //! hosts, methods, rewrites, path normalisation and the JSON error shape.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 

@@ -2,7 +2,7 @@
 //! learns the original scheme from X-Forwarded-Proto.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
+use crate::support;
 
 use support::*;
 

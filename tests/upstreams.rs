@@ -2,7 +2,7 @@
 //! endpoints, retry on connect failure, and the 502/503/504 answers.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
+use crate::support;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};

@@ -1,0 +1,17 @@
+//! Integration tests: the real `sallyport` binary, real upstreams, real clients, all on
+//! loopback. One test binary with a module per area, so `support` and the dependencies are
+//! compiled and linked once instead of once per file.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+mod aggregate;
+mod auth;
+mod clients;
+mod headers;
+mod operations;
+mod quota;
+mod quota_redis;
+mod routing;
+mod tls;
+mod upstreams;
