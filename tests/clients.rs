@@ -203,17 +203,20 @@ async fn max_connections_caps_open_connections() {
     assert!(m.contains("sallyport_connections_refused_total 1"), "{m}");
     assert!(m.contains("sallyport_connections_open 3"), "{m}");
     drop(held.pop());
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        // Until the gateway has seen the close, a new connection may still be refused.
-        let mut s = TcpStream::connect(gw.addr).await.unwrap();
-        let _ = s
-            .write_all(b"GET /again HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-            .await;
-        if read_until_closed(&mut s).await.starts_with("HTTP/1.1 200") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the freed slot was never reused");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    // Until the gateway has seen the close, a new connection may still be refused.
+    eventually(
+        Duration::from_secs(5),
+        "the freed slot is reused",
+        || async {
+            let mut s = TcpStream::connect(gw.addr).await.ok()?;
+            s.write_all(b"GET /again HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                .await
+                .ok()?;
+            read_until_closed(&mut s)
+                .await
+                .starts_with("HTTP/1.1 200")
+                .then_some(())
+        },
+    )
+    .await;
 }

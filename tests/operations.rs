@@ -122,20 +122,12 @@ async fn sighup_reload_under_traffic_never_fails_a_request() {
     }
     let wait_uri = |want: &'static str| {
         let up = &up;
-        async move {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                if up
-                    .requests()
-                    .last()
-                    .is_some_and(|r| r.uri.starts_with(want))
-                {
-                    return;
-                }
-                assert!(Instant::now() < deadline, "never saw {want}");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        }
+        eventually(Duration::from_secs(10), want, move || async move {
+            up.requests()
+                .last()
+                .is_some_and(|r| r.uri.starts_with(want))
+                .then_some(())
+        })
     };
     wait_uri("/v1/").await;
     gw.write_config(&config(&up, "/v2"));
@@ -287,11 +279,12 @@ async fn sigterm_lets_in_flight_requests_finish() {
             .map(|r| r.status().as_u16())
     });
     // Wait until the request reached the upstream, then ask the gateway to stop.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while up.requests().is_empty() {
-        assert!(Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    eventually(
+        Duration::from_secs(5),
+        "the request reached the upstream",
+        || async { (!up.requests().is_empty()).then_some(()) },
+    )
+    .await;
     gw.signal("TERM");
     assert_eq!(in_flight.await.unwrap().unwrap(), 200);
     let status = gw.wait_exit(Duration::from_secs(15)).await;
@@ -357,14 +350,12 @@ async fn upgrade_hands_over_listeners_without_refusing_connections() {
         wait_for_taker(&mut next, &sock).await;
         current.signal("QUIT");
         // The new process stops listening on the upgrade socket once it has the listeners.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while sallyport::handover::upgrade_taker_waiting(&sock) {
-            assert!(
-                Instant::now() < deadline,
-                "the listeners were never handed over"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        eventually(
+            Duration::from_secs(10),
+            "the listeners are handed over",
+            || async { (!sallyport::handover::upgrade_taker_waiting(&sock)).then_some(()) },
+        )
+        .await;
         retired.push(std::mem::replace(&mut current, next));
     }
     let served_by_new = client()
@@ -583,14 +574,12 @@ async fn plugins_start_before_serving_and_stop_when_replaced() {
     assert_eq!(gw.reload().await, "ok");
     // The reload is counted after the new plugin started; the old one stops right after.
     assert_eq!(count("start").await, 2.0);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while count("stop").await < 1.0 {
-        assert!(
-            Instant::now() < deadline,
-            "the replaced plugin was never stopped"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually(
+        Duration::from_secs(5),
+        "the replaced plugin stops",
+        || async { (count("stop").await >= 1.0).then_some(()) },
+    )
+    .await;
     assert_eq!(
         client().get(gw.url("/x")).send().await.unwrap().status(),
         200

@@ -96,21 +96,18 @@ async fn redis_down_follows_on_store_error_and_recovers() {
 
     // Redis comes back (empty): both gateways reconnect by themselves and share again.
     let _redis = RedisServer::start_on(port).await;
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let (a, b) = (
-            status(&c, &allow, "fresh").await,
-            status(&c, &deny, "fresh").await,
-        );
-        if a.1 && b.1 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "gateways did not reconnect to Redis"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    eventually(
+        Duration::from_secs(15),
+        "gateways reconnect to Redis",
+        || async {
+            let (a, b) = (
+                status(&c, &allow, "fresh").await,
+                status(&c, &deny, "fresh").await,
+            );
+            (a.1 && b.1).then_some(())
+        },
+    )
+    .await;
     // "fresh" has used 2 of its 3 (one per gateway) once both reconnected; the loop may have
     // counted a few more on one side, so count what is left across both.
     let mut allowed_after = 0;
@@ -177,15 +174,13 @@ async fn slow_redis_is_a_store_error_not_a_stall() {
 
     // When Redis answers again, counting resumes on the same connection.
     assert_eq!(redis.command(&["CLIENT", "UNPAUSE"]).await, "+OK\r\n");
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while status(&c, &deny, "k").await != (200, true) {
-        assert!(Instant::now() < deadline, "did not resume after the pause");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while status(&c, &allow, "k").await != (200, true) {
-        assert!(Instant::now() < deadline, "did not resume after the pause");
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    for gw in [&deny, &allow] {
+        eventually(
+            Duration::from_secs(15),
+            "counting resumes after the pause",
+            || async { (status(&c, gw, "k").await == (200, true)).then_some(()) },
+        )
+        .await;
     }
     // One warning for the outage and one note for the recovery, not one line per request.
     let log = deny.stderr();
@@ -232,36 +227,39 @@ async fn local_fallback_while_redis_is_away_then_shared_under_the_key_prefix() {
 
     // Redis appears: both gateways connect by themselves and count there, under key_prefix.
     let redis = RedisServer::start_on(port).await;
-    let deadline = Instant::now() + Duration::from_secs(15);
-    let mut probe = 0;
-    while redis.keys("acme:rl:fleet:*").await.is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "gateways did not connect to Redis"
-        );
-        probe += 1;
-        status(&c, &a, &format!("probe-{probe}")).await;
-        status(&c, &b, &format!("probe-{probe}")).await;
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let probe = std::cell::Cell::new(0);
+    eventually(
+        Duration::from_secs(15),
+        "gateways connect to Redis",
+        || async {
+            if !redis.keys("acme:rl:fleet:*").await.is_empty() {
+                return Some(());
+            }
+            probe.set(probe.get() + 1);
+            status(&c, &a, &format!("probe-{}", probe.get())).await;
+            status(&c, &b, &format!("probe-{}", probe.get())).await;
+            None
+        },
+    )
+    .await;
     // Let both settle: a request whose key shows up in Redis proves that gateway counts there.
     for (i, gw) in [&a, &b].into_iter().enumerate() {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        let mut n = 0;
-        loop {
-            n += 1;
-            let key = format!("settle-{i}-{n}");
-            status(&c, gw, &key).await;
-            if !redis
-                .keys(&format!("acme:rl:fleet:{{*{key}}}:*"))
-                .await
-                .is_empty()
-            {
-                break;
-            }
-            assert!(Instant::now() < deadline, "gateway {i} did not reach Redis");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let n = std::cell::Cell::new(0);
+        eventually(
+            Duration::from_secs(15),
+            "each gateway counts in Redis",
+            || async {
+                n.set(n.get() + 1);
+                let key = format!("settle-{i}-{}", n.get());
+                status(&c, gw, &key).await;
+                (!redis
+                    .keys(&format!("acme:rl:fleet:{{*{key}}}:*"))
+                    .await
+                    .is_empty())
+                .then_some(())
+            },
+        )
+        .await;
     }
     // Shared again: 3 in total across both gateways.
     let mut allowed = 0;

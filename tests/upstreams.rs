@@ -107,7 +107,10 @@ async fn health_checks_eject_and_readmit_an_endpoint() {
 
     // Kill b: the checks eject it and every request goes to a.
     b.stop().await;
-    wait_for(|| async { gw.metric_value(&healthy_b).await == 0.0 }).await;
+    eventually(Duration::from_secs(10), "endpoint ejected", || async {
+        (gw.metric_value(&healthy_b).await == 0.0).then_some(())
+    })
+    .await;
     let seen = spread(&gw, 10, None).await;
     assert_eq!(seen.get("a"), Some(&10), "{seen:?}");
 
@@ -121,7 +124,10 @@ async fn health_checks_eject_and_readmit_an_endpoint() {
     )
     .await
     .unwrap();
-    wait_for(|| async { gw.metric_value(&healthy_b).await == 1.0 }).await;
+    eventually(Duration::from_secs(10), "endpoint healthy", || async {
+        (gw.metric_value(&healthy_b).await == 1.0).then_some(())
+    })
+    .await;
     let seen = spread(&gw, 10, None).await;
     assert_eq!(seen.get("b"), Some(&5), "{seen:?}");
     drop(b);
@@ -142,13 +148,19 @@ async fn failing_health_status_ejects_and_all_down_is_503() {
         "sallyport_upstream_endpoint_healthy{{endpoint=\"{}\",upstream=\"pool\"}}",
         a.addr()
     );
-    wait_for(|| async { gw.metric_value(&series).await == 0.0 }).await;
+    eventually(Duration::from_secs(10), "endpoint ejected", || async {
+        (gw.metric_value(&series).await == 0.0).then_some(())
+    })
+    .await;
     let resp = client().get(gw.url("/x")).send().await.unwrap();
     assert_eq!(resp.status(), 503);
     let body = json(resp).await;
     assert_eq!(body["error"]["code"], "unavailable");
     a.set_healthy(true);
-    wait_for(|| async { gw.metric_value(&series).await == 1.0 }).await;
+    eventually(Duration::from_secs(10), "endpoint healthy", || async {
+        (gw.metric_value(&series).await == 1.0).then_some(())
+    })
+    .await;
     assert_eq!(
         client().get(gw.url("/x")).send().await.unwrap().status(),
         200
@@ -447,13 +459,9 @@ async fn readyz_waits_for_the_first_health_check() {
         "an endpoint that never passed gets no request"
     );
     a.set_healthy(true);
-    wait_for(|| async {
-        client()
-            .get(gw.url("/x"))
-            .send()
-            .await
-            .map(|r| r.status() == 200)
-            .unwrap_or(false)
+    eventually(Duration::from_secs(10), "served once healthy", || async {
+        let r = client().get(gw.url("/x")).send().await.ok()?;
+        (r.status() == 200).then_some(())
     })
     .await;
 }
@@ -635,17 +643,4 @@ async fn body_hooks_see_and_may_change_bodies() {
     let doc: serde_json::Value = serde_json::from_str(json_part).unwrap();
     assert_eq!(doc["body_bytes"], 11);
     assert_eq!(a.requests()[0].body, b"hello probe");
-}
-
-/// Polls a condition every 20 ms for up to 10 s.
-async fn wait_for<F, Fut>(mut cond: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !cond().await {
-        assert!(Instant::now() < deadline, "condition not reached in 10 s");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }

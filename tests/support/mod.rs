@@ -11,6 +11,24 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 pub use sallyport_mock::{MockConfig, MockServer, Recorded};
 
+/// Polls `check` every 10 ms until it yields `Some(value)`, and returns the value; panics
+/// naming `what` when `within` passes first. The one way these tests wait for something that
+/// has no signal to await (a metric moving, a process leaving a socket).
+pub async fn eventually<T, F, Fut>(within: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "not within {within:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// The path of the gateway binary under test.
 pub fn gateway_bin() -> &'static str {
     env!("CARGO_BIN_EXE_sallyport")
@@ -146,8 +164,7 @@ impl Gateway {
                 .await,
         );
         self.signal("HUP");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
+        eventually(Duration::from_secs(10), "the reload is counted", || async {
             let ok = self
                 .metric_value("sallyport_config_reloads_total{result=\"ok\"}")
                 .await;
@@ -155,14 +172,14 @@ impl Gateway {
                 .metric_value("sallyport_config_reloads_total{result=\"error\"}")
                 .await;
             if ok > before.0 {
-                return "ok";
+                Some("ok")
+            } else if err > before.1 {
+                Some("error")
+            } else {
+                None
             }
-            if err > before.1 {
-                return "error";
-            }
-            assert!(Instant::now() < deadline, "reload not observed");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        })
+        .await
     }
 
     /// Whether the process has exited (and its status).
@@ -463,21 +480,20 @@ impl RedisServer {
     }
 
     async fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", self.port)).await {
+        eventually(
+            Duration::from_secs(10),
+            "redis-server answers PING",
+            || async {
+                let mut s = tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+                    .await
+                    .ok()?;
+                s.write_all(b"PING\r\n").await.ok()?;
                 let mut buf = [0u8; 16];
-                if s.write_all(b"PING\r\n").await.is_ok() {
-                    if let Ok(n) = s.read(&mut buf).await {
-                        if buf[..n].starts_with(b"+PONG") {
-                            return;
-                        }
-                    }
-                }
-            }
-            assert!(Instant::now() < deadline, "redis-server not ready");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+                let n = s.read(&mut buf).await.ok()?;
+                buf[..n].starts_with(b"+PONG").then_some(())
+            },
+        )
+        .await
     }
 
     /// Kills the server and waits until the port refuses connections.
