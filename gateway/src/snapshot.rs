@@ -164,20 +164,33 @@ impl Snapshot {
         let mut routes = Vec::new();
         let mut matches = Vec::new();
         for (i, r) in config.routes.iter().enumerate() {
-            let chain: Vec<ChainEntry> = config
+            let names = config
                 .server
                 .plugins
                 .iter()
-                .chain(r.plugins.iter())
-                .filter_map(|n| {
-                    plugins.get(n).map(|b| ChainEntry {
+                .enumerate()
+                .map(|(j, n)| (format!("server.plugins[{j}]"), n))
+                .chain(
+                    r.plugins
+                        .iter()
+                        .enumerate()
+                        .map(|(j, n)| (format!("routes[{i}].plugins[{j}]"), n)),
+                );
+            let chain: Vec<ChainEntry> = every_or_errors(
+                names.map(|(path, n)| {
+                    let entry = plugins.get(n).map(|b| ChainEntry {
                         name: Arc::from(n.as_str()),
                         kind: b.kind,
                         plugin: Arc::clone(&b.plugin),
                         hooks: b.plugin.hooks(),
-                    })
-                })
-                .collect();
+                    });
+                    (
+                        path,
+                        entry.ok_or_else(|| format!("plugin {n:?} was not built")),
+                    )
+                }),
+                &mut errors,
+            );
             let hooks = chain.iter().fold(Hooks::NONE, |acc, e| acc.union(e.hooks));
             let (exact, raw) = match (&r.path, &r.path_prefix) {
                 (Some(p), _) => (true, p.as_str()),
@@ -196,25 +209,53 @@ impl Snapshot {
             } else {
                 path.trim_end_matches('/').to_string()
             };
-            let rewrite = r
-                .rewrite_prefix
-                .as_ref()
-                .and_then(|to| config_path(to).ok())
-                .map(|to| Rewrite {
-                    prefix: (!exact).then_some(matched),
-                    to,
-                });
-            let hosts: Vec<HostPattern> = r
-                .host
-                .iter()
-                .chain(r.hosts.iter())
-                .filter_map(|h| HostPattern::parse(h).ok())
-                .collect();
-            let methods: Vec<Method> = r
-                .methods
-                .iter()
-                .filter_map(|m| Method::from_bytes(m.trim().to_ascii_uppercase().as_bytes()).ok())
-                .collect();
+            let rewrite = every_or_errors(
+                r.rewrite_prefix
+                    .iter()
+                    .map(|to| (format!("routes[{i}].rewrite_prefix"), config_path(to))),
+                &mut errors,
+            )
+            .pop()
+            .map(|to| Rewrite {
+                prefix: (!exact).then_some(matched),
+                to,
+            });
+            let hosts: Vec<HostPattern> = every_or_errors(
+                r.host
+                    .iter()
+                    .map(|h| (format!("routes[{i}].host"), h))
+                    .chain(
+                        r.hosts
+                            .iter()
+                            .enumerate()
+                            .map(|(j, h)| (format!("routes[{i}].hosts[{j}]"), h)),
+                    )
+                    .map(|(path, h)| (path, HostPattern::parse(h))),
+                &mut errors,
+            );
+            let methods: Vec<Method> = every_or_errors(
+                r.methods.iter().enumerate().map(|(j, m)| {
+                    (
+                        format!("routes[{i}].methods[{j}]"),
+                        Method::from_bytes(m.trim().to_ascii_uppercase().as_bytes())
+                            .map_err(|_| format!("{m:?} is not an HTTP method")),
+                    )
+                }),
+                &mut errors,
+            );
+            let upstream = every_or_errors(
+                r.upstream.iter().map(|u| {
+                    (
+                        format!("routes[{i}].upstream"),
+                        pools
+                            .get(u)
+                            .cloned()
+                            .ok_or_else(|| format!("unknown upstream {u:?}")),
+                    )
+                }),
+                &mut errors,
+            )
+            .pop();
             matches.push(RouteMatch {
                 hosts,
                 exact,
@@ -223,22 +264,30 @@ impl Snapshot {
             });
             routes.push(Arc::new(Route {
                 name: Arc::from(r.name.as_str()),
-                upstream: r.upstream.as_ref().and_then(|u| pools.get(u).cloned()),
+                upstream,
                 rewrite,
                 chain,
                 hooks,
             }));
         }
 
+        let trusted_proxies = every_or_errors(
+            config
+                .server
+                .trusted_proxies
+                .iter()
+                .enumerate()
+                .map(|(j, p)| {
+                    (
+                        format!("server.trusted_proxies[{j}]"),
+                        parse_net(p).ok_or_else(|| format!("{p:?} is not a CIDR or an address")),
+                    )
+                }),
+            &mut errors,
+        );
         if !errors.is_empty() {
             return Err(ConfigErrors(errors));
         }
-        let trusted_proxies = config
-            .server
-            .trusted_proxies
-            .iter()
-            .filter_map(|p| parse_net(p))
-            .collect();
         Ok(Snapshot {
             router: Router::new(&matches),
             routes,
@@ -285,5 +334,79 @@ impl Snapshot {
             .map(|b| &b.plugin)
             .filter(|p| !carried(p));
         futures_util::future::join_all(gone.map(|p| p.stop())).await;
+    }
+}
+
+/// Every value parsed, in order; a value that does not parse is an error at its path. The
+/// compile step never drops what it cannot read: a dropped host pattern would be a route
+/// that matches every host, a dropped plugin a route without its authentication.
+/// (`validate` reports these first; this keeps compile honest on its own.)
+fn every_or_errors<T, E: std::fmt::Display>(
+    items: impl Iterator<Item = (String, Result<T, E>)>,
+    errors: &mut Vec<ConfigError>,
+) -> Vec<T> {
+    let mut out = Vec::new();
+    for (path, item) in items {
+        match item {
+            Ok(v) => out.push(v),
+            Err(e) => errors.push(ConfigError::new(path, e.to_string())),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn services() -> Services {
+        let registry = prometheus::Registry::new();
+        Services {
+            connector: Arc::new(pingora::connectors::http::Connector::new(None)),
+            plugin_metrics: Arc::new(PluginMetrics::register(&registry).unwrap()),
+            plugin_registry: sallyport_plugins::MetricsRegistry::new(registry),
+        }
+    }
+
+    /// Fed a config that skipped `validate`, compile reports every value it cannot read at its
+    /// path instead of dropping it (a dropped host would match every host, a dropped plugin
+    /// would leave a route without it).
+    #[test]
+    fn compile_reports_what_it_cannot_read() {
+        let config = crate::config::parse(
+            r#"
+            [server]
+            listen = ["127.0.0.1:8080"]
+            trusted_proxies = ["nope"]
+            [upstreams.a]
+            endpoints = ["127.0.0.1:1"]
+            [[routes]]
+            name = "r"
+            hosts = ["ok.example", "bad host!"]
+            methods = ["G E T"]
+            plugins = ["ghost"]
+            upstream = "gone"
+            rewrite_prefix = "no-slash"
+            "#,
+        )
+        .unwrap();
+        let errors = match Snapshot::compile(config, None, &services()) {
+            Ok(_) => panic!("compiled a config it cannot read"),
+            Err(e) => e.0,
+        };
+        let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
+        for expected in [
+            "routes[0].hosts[1]",
+            "routes[0].methods[0]",
+            "routes[0].plugins[0]",
+            "routes[0].upstream",
+            "routes[0].rewrite_prefix",
+            "server.trusted_proxies[0]",
+        ] {
+            assert!(
+                paths.contains(&expected),
+                "missing {expected} in {errors:?}"
+            );
+        }
     }
 }
