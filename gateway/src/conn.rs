@@ -338,7 +338,10 @@ impl AsyncRead for Guarded {
     ) -> Poll<std::io::Result<()>> {
         let this = &mut *self;
         let before = buf.filled().len();
-        if let Some((deadline, what)) = this.deadline() {
+        // Read once per poll: the phase moves only when bytes arrive, and then this poll
+        // returns before the deadline is needed again.
+        let limit = this.deadline();
+        if let Some((deadline, what)) = limit {
             if Instant::now() >= deadline {
                 return this.overran(cx, what);
             }
@@ -353,7 +356,7 @@ impl AsyncRead for Guarded {
             }
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
             Poll::Pending => {
-                let Some((deadline, what)) = this.deadline() else {
+                let Some((deadline, what)) = limit else {
                     return Poll::Pending;
                 };
                 let timer = match &mut this.timer {
