@@ -54,6 +54,10 @@ pub struct Limits {
     /// Bytes per second that extend the body deadline; 0: the deadline is fixed.
     pub body_min_rate: u64,
     pub idle_timeout: Duration,
+    /// After the listeners close (shutdown, upgrade), how long Pingora's cleanup waits: it
+    /// drops every connection whose request head was not read yet, so one accepted at the
+    /// last moment gets this long to deliver it and be served.
+    pub drain_grace: Duration,
 }
 
 /// Where a connection is in its request cycle.
@@ -156,7 +160,8 @@ pub struct ConnMetrics {
     pub timeouts: IntCounterVec,
 }
 
-/// Wraps the proxy app: admits connections up to `max_connections` and guards each one.
+/// Wraps the proxy app: admits connections up to `max_connections`, guards each one, and
+/// delays the app's cleanup by `drain_grace` after the listeners closed.
 pub struct Guard<A> {
     inner: Arc<A>,
     limits: Limits,
@@ -221,6 +226,7 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Guard<A> {
     }
 
     async fn cleanup(&self) {
+        tokio::time::sleep(self.limits.drain_grace).await;
         self.inner.cleanup().await;
     }
 }

@@ -8,8 +8,9 @@
 //!   listening. Without a taker the signal is logged and the process keeps serving.
 //! - **Last-moment connections**: once the listeners close, Pingora drops every connection
 //!   whose request head it has not read yet. A client that connected just before (its
-//!   request in flight) would see the connection close without an answer; [`DrainFirstRequests`]
-//!   gives such connections [`FIRST_REQUEST_GRACE`] to deliver their head first.
+//!   request in flight) would see the connection close without an answer; the connection
+//!   guard ([`crate::conn::Guard`]) gives such connections [`FIRST_REQUEST_GRACE`] to deliver
+//!   their head first, by delaying Pingora's cleanup.
 //! - **Run files**: the pid file names the live instance; a second one with the same run
 //!   directory refuses to start (a `-u` process is the expected exception).
 
@@ -19,9 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use pingora::apps::ServerApp;
-use pingora::protocols::Stream;
-use pingora::server::{ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
+use pingora::server::{ShutdownSignal, ShutdownSignalWatch};
 
 /// How long a connection accepted before the listeners closed may take to deliver its first
 /// request head before shutdown closes it.
@@ -138,38 +137,6 @@ pub fn upgrade_taker_waiting(path: &str) -> bool {
             && fields[7] == path
             && u32::from_str_radix(fields[3], 16).is_ok_and(|f| f & LISTENING != 0)
     })
-}
-
-/// Wraps the proxy app: delays Pingora's cleanup (which drops connections whose request head
-/// was not read yet) by [`FIRST_REQUEST_GRACE`] after the listeners closed.
-pub struct DrainFirstRequests<A> {
-    inner: Arc<A>,
-    grace: Duration,
-}
-
-impl<A> DrainFirstRequests<A> {
-    pub fn new(inner: A, grace: Duration) -> Self {
-        DrainFirstRequests {
-            inner: Arc::new(inner),
-            grace,
-        }
-    }
-}
-
-#[async_trait]
-impl<A: ServerApp + Send + Sync + 'static> ServerApp for DrainFirstRequests<A> {
-    async fn process_new(
-        self: &Arc<Self>,
-        session: Stream,
-        shutdown: &ShutdownWatch,
-    ) -> Option<Stream> {
-        self.inner.process_new(session, shutdown).await
-    }
-
-    async fn cleanup(&self) {
-        tokio::time::sleep(self.grace).await;
-        self.inner.cleanup().await;
-    }
 }
 
 /// The pid in `pid_file` when it names a live process other than this one that runs the same

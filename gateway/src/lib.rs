@@ -297,14 +297,11 @@ pub fn run(shared: Arc<Shared>, options: RunOptions) -> anyhow::Result<()> {
         body_timeout: server_conf.body_timeout.get(),
         body_min_rate: server_conf.body_min_rate.get(),
         idle_timeout: server_conf.idle_timeout.get(),
+        drain_grace: handover::FIRST_REQUEST_GRACE,
     };
     let mut proxy = Service::new(
         "sallyport proxy".to_string(),
-        conn::Guard::new(
-            handover::DrainFirstRequests::new(app, handover::FIRST_REQUEST_GRACE),
-            limits,
-            shared.metrics.connections.clone(),
-        ),
+        conn::Guard::new(app, limits, shared.metrics.connections.clone()),
     );
     // Pingora's default is a 64 KiB read buffer per client connection, which an allocator
     // that zeroes eagerly keeps resident for every idle keep-alive client.
