@@ -115,7 +115,6 @@ pub struct ServerConfig {
 /// Where one instance keeps its upgrade socket and pid file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunFiles {
-    pub dir: std::path::PathBuf,
     pub upgrade_sock: String,
     pub pid_file: String,
 }
@@ -144,7 +143,6 @@ impl RunFiles {
                 .pid_file
                 .clone()
                 .unwrap_or_else(|| in_dir("sallyport.pid")),
-            dir,
         }
     }
 }
