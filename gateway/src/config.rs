@@ -1,5 +1,7 @@
-//! The TOML file format: what users write. Read with `deny_unknown_fields` everywhere, then
-//! checked by [`validate`] which reports **every** problem with its path. This module is a
+//! The TOML file format: what users write. Read with `deny_unknown_fields` everywhere; every
+//! value with a syntax of its own (addresses, CIDRs, endpoints, host patterns, paths, methods,
+//! request keys, header names, durations, sizes) becomes a typed value as the file is read
+//! ([`Parsed`]), and [`validate`] reports **every** problem with its path. This module is a
 //! leaf of the crate: it imports only the path rules (`path`, `router`'s pattern parsers) and
 //! the plugin crate. The runtime model compiled from it is the snapshot; pools keep their
 //! `UpstreamConfig` and read a few of its plain values (retries, balance, preserve_host) per
@@ -10,10 +12,14 @@ use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::Path;
 
+use http::Method;
+use ipnet::IpNet;
 use serde::Deserialize;
 
 pub use crate::path::EscapedSlashes;
+use crate::router::{HostPattern, RoutePath};
 use sallyport_plugins::conf::{ByteSize, HumanDuration};
+pub use sallyport_plugins::conf::{ConfigStr, Parsed};
 use sallyport_plugins::key::RequestKey;
 use sallyport_plugins::PluginConfig;
 
@@ -35,14 +41,14 @@ pub struct Config {
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
     /// Plain HTTP listeners, `"ip:port"`.
-    pub listen: Vec<String>,
+    pub listen: Vec<Parsed<SocketAddr>>,
     /// TLS listeners: `[[server.tls]] listen = "..", cert = "..", key = ".."`.
     #[serde(default)]
     pub tls: Vec<TlsListener>,
     /// The admin listener (`/metrics`, `/healthz`, `/readyz`) as `"ip:port"`; `"off"` disables
     /// it.
     #[serde(default = "default_admin_listen")]
-    pub admin_listen: String,
+    pub admin_listen: Parsed<AdminListen>,
     /// Worker threads of the proxy service.
     #[serde(default = "default_threads")]
     pub threads: usize,
@@ -81,7 +87,7 @@ pub struct ServerConfig {
     pub read_buffer: ByteSize,
     /// Peers whose `X-Forwarded-For` (or `Forwarded`) is believed, as CIDRs or addresses.
     #[serde(default)]
-    pub trusted_proxies: Vec<String>,
+    pub trusted_proxies: Vec<Parsed<IpNet>>,
     /// Which header names the client behind `trusted_proxies`: `"x-forwarded-for"` or the
     /// RFC 7239 `"forwarded"`. Only this one is read, never both.
     #[serde(default)]
@@ -92,7 +98,7 @@ pub struct ServerConfig {
     /// Where access-log lines go: `"stdout"`, `"off"`, or a file path containing a `/`
     /// (`"/var/log/sallyport/access.log"`, `"./access.log"`), appended to.
     #[serde(default = "default_access_log")]
-    pub access_log: String,
+    pub access_log: Parsed<AccessLogTarget>,
     /// What to do with `%2F` in request paths: `"decode"` (treat as `/`, then normalise),
     /// `"reject"` (400), or `"keep"` (leave encoded, part of the segment).
     #[serde(default)]
@@ -159,7 +165,7 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct TlsListener {
-    pub listen: String,
+    pub listen: Parsed<SocketAddr>,
     pub cert: String,
     pub key: String,
 }
@@ -179,12 +185,12 @@ pub enum ClientIpHeader {
 #[serde(deny_unknown_fields)]
 pub struct UpstreamConfig {
     /// `"host:port"`, optionally weighted: `"host:port@3"`.
-    pub endpoints: Vec<String>,
+    pub endpoints: Vec<Parsed<EndpointSpec>>,
     #[serde(default)]
     pub balance: Balance,
     /// For `consistent_hash`: `ip`, `header:NAME` or `claim:NAME`.
     #[serde(default)]
-    pub hash_key: Option<String>,
+    pub hash_key: Option<Parsed<RequestKey>>,
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout: HumanDuration,
     #[serde(default = "default_read_timeout")]
@@ -230,7 +236,7 @@ pub struct HealthConfig {
     pub kind: HealthKind,
     /// Path requested by HTTP checks.
     #[serde(default = "default_health_path")]
-    pub path: String,
+    pub path: Parsed<HealthPath>,
     /// `Host` header of HTTP checks.
     #[serde(default = "default_health_host")]
     pub host: String,
@@ -265,33 +271,149 @@ pub struct RouteConfig {
     pub name: String,
     /// One host pattern: exact (`api.example.com`) or wildcard (`*.example.com`).
     #[serde(default)]
-    pub host: Option<String>,
+    pub host: Option<Parsed<HostPattern>>,
     /// Several host patterns.
     #[serde(default)]
-    pub hosts: Vec<String>,
+    pub hosts: Vec<Parsed<HostPattern>>,
     /// Matches this path and everything below it (on segment boundaries).
     #[serde(default)]
-    pub path_prefix: Option<String>,
+    pub path_prefix: Option<Parsed<RoutePath>>,
     /// Matches exactly this path.
     #[serde(default)]
-    pub path: Option<String>,
+    pub path: Option<Parsed<RoutePath>>,
     /// Accepted methods; empty accepts any.
     #[serde(default)]
-    pub methods: Vec<String>,
+    pub methods: Vec<Parsed<Method>>,
     #[serde(default)]
     pub upstream: Option<String>,
     /// Replaces the matched prefix (or exact path) before proxying.
     #[serde(default)]
-    pub rewrite_prefix: Option<String>,
+    pub rewrite_prefix: Option<Parsed<RoutePath>>,
     #[serde(default)]
     pub plugins: Vec<String>,
+}
+
+impl RouteConfig {
+    /// The route's host patterns, each with its path (`host`, or `hosts[i]`).
+    pub fn host_patterns(&self) -> impl Iterator<Item = (String, &Parsed<HostPattern>)> {
+        self.host.iter().map(|h| ("host".to_string(), h)).chain(
+            self.hosts
+                .iter()
+                .enumerate()
+                .map(|(j, h)| (format!("hosts[{j}]"), h)),
+        )
+    }
+
+    /// What the route's path matches. The one place that reads `path` and `path_prefix`:
+    /// validation and the router both take it from here.
+    pub fn path_rule(&self) -> Result<PathRule, ConfigError> {
+        let (exact, key, written) = match (&self.path, &self.path_prefix) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::new(
+                    "path",
+                    "set either path or path_prefix, not both",
+                ))
+            }
+            (Some(p), None) => (true, "path", Some(p)),
+            (None, Some(p)) => (false, "path_prefix", Some(p)),
+            (None, None) => (false, "path_prefix", None),
+        };
+        let path = match written.map(Parsed::value) {
+            None => "/".to_string(),
+            Some(Ok(p)) => p.0.clone(),
+            Some(Err(m)) => return Err(ConfigError::new(key, m)),
+        };
+        if crate::router::is_template(&path) {
+            if !exact {
+                return Err(ConfigError::new(
+                    key,
+                    "{name} parameters are only allowed in an exact path",
+                ));
+            }
+            crate::router::check_template(&path).map_err(|m| ConfigError::new(key, m))?;
+        }
+        Ok(PathRule { exact, path })
+    }
+}
+
+/// A route's path match: an exact path, or a prefix matched on segment boundaries.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PathRule {
+    pub exact: bool,
+    /// Normalised (`/a/./b/` is `/a/b/`).
+    pub path: String,
+}
+
+impl PathRule {
+    /// The path as matched: a prefix loses its trailing slash (`/api/` matches what `/api`
+    /// does), except the root `/`.
+    pub fn matched(&self) -> &str {
+        if self.exact || self.path == "/" {
+            &self.path
+        } else {
+            self.path.trim_end_matches('/')
+        }
+    }
+}
+
+/// `server.admin_listen`: an address, or `"off"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdminListen {
+    Off,
+    At(SocketAddr),
+}
+
+impl ConfigStr for AdminListen {
+    fn parse_config(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "" => Err("write \"off\" to disable the admin listener, or an address like \"127.0.0.1:9090\"".into()),
+            ADMIN_OFF => Ok(AdminListen::Off),
+            _ => SocketAddr::parse_config(s).map(AdminListen::At),
+        }
+    }
+}
+
+/// An upstream endpoint as written (`"host:port"` or `"host:port@weight"`), resolved to an
+/// address when the file is read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointSpec {
+    /// `host:port` as written, without the weight.
+    pub hostport: String,
+    pub addr: SocketAddr,
+    pub weight: usize,
+}
+
+impl ConfigStr for EndpointSpec {
+    fn parse_config(s: &str) -> Result<Self, String> {
+        parse_endpoint(s).map(|(addr, weight)| EndpointSpec {
+            hostport: s.rsplit_once('@').map_or(s, |(a, _)| a).trim().to_string(),
+            addr,
+            weight,
+        })
+    }
+}
+
+/// An HTTP health-check path as the request target it becomes: starts with `/` and is a
+/// valid URI (`/healthz`, `/status?full=1`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthPath(pub http::Uri);
+
+impl ConfigStr for HealthPath {
+    fn parse_config(path: &str) -> Result<Self, String> {
+        if !path.starts_with('/') {
+            return Err(format!("{path:?} must start with /"));
+        }
+        path.parse::<http::Uri>()
+            .map(HealthPath)
+            .map_err(|e| format!("{path:?} is not a valid request path: {e}"))
+    }
 }
 
 fn default_true() -> bool {
     true
 }
-fn default_admin_listen() -> String {
-    "127.0.0.1:9090".into()
+fn default_admin_listen() -> Parsed<AdminListen> {
+    Parsed::new("127.0.0.1:9090")
 }
 fn default_threads() -> usize {
     std::thread::available_parallelism()
@@ -322,8 +444,8 @@ fn default_client_idle_timeout() -> HumanDuration {
 fn default_read_buffer() -> ByteSize {
     ByteSize(0)
 }
-fn default_access_log() -> String {
-    "stdout".into()
+fn default_access_log() -> Parsed<AccessLogTarget> {
+    Parsed::new("stdout")
 }
 fn default_connect_timeout() -> HumanDuration {
     HumanDuration::from_secs(1)
@@ -337,8 +459,8 @@ fn default_idle_timeout() -> HumanDuration {
 fn default_retries() -> usize {
     1
 }
-fn default_health_path() -> String {
-    "/".into()
+fn default_health_path() -> Parsed<HealthPath> {
+    Parsed::new("/")
 }
 fn default_health_host() -> String {
     "localhost".into()
@@ -512,17 +634,19 @@ fn validate_server(config: &Config, errors: &mut Vec<ConfigError>) {
             }
         }
     }
-    if s.admin_listen.is_empty() {
-        errors.push(ConfigError::new(
-            "server.admin_listen",
-            "write \"off\" to disable the admin listener, or an address like \"127.0.0.1:9090\"",
-        ));
-    } else if s.admin_listen != ADMIN_OFF {
-        check_listen_addr("server.admin_listen", &s.admin_listen, &mut seen, errors);
+    match s.admin_listen.value() {
+        Ok(AdminListen::At(addr)) => {
+            if !seen.insert(*addr) {
+                errors.push(ConfigError::new(
+                    "server.admin_listen",
+                    format!("{addr} is used twice"),
+                ));
+            }
+        }
+        Ok(AdminListen::Off) => {}
+        Err(m) => errors.push(ConfigError::new("server.admin_listen", m)),
     }
-    if let Err(m) = access_log_target(&s.access_log) {
-        errors.push(ConfigError::new("server.access_log", m));
-    }
+    report("server.access_log", &s.access_log, errors);
     if s.threads == 0 {
         errors.push(ConfigError::new("server.threads", "must be at least 1"));
     }
@@ -557,12 +681,7 @@ fn validate_server(config: &Config, errors: &mut Vec<ConfigError>) {
         ));
     }
     for (i, p) in s.trusted_proxies.iter().enumerate() {
-        if parse_net(p).is_none() {
-            errors.push(ConfigError::new(
-                format!("server.trusted_proxies[{i}]"),
-                format!("{p:?} is not a CIDR (\"10.0.0.0/8\") or an IP address"),
-            ));
-        }
+        report(&format!("server.trusted_proxies[{i}]"), p, errors);
     }
     for (i, p) in s.plugins.iter().enumerate() {
         if !config.plugins.contains_key(p) {
@@ -583,22 +702,26 @@ fn validate_server(config: &Config, errors: &mut Vec<ConfigError>) {
     }
 }
 
+/// Reports a value that did not parse, at `path`.
+fn report<T>(path: &str, value: &Parsed<T>, errors: &mut Vec<ConfigError>) {
+    if let Some(m) = value.error() {
+        errors.push(ConfigError::new(path, m));
+    }
+}
+
 fn check_listen_addr(
     path: &str,
-    addr: &str,
+    addr: &Parsed<SocketAddr>,
     seen: &mut HashSet<SocketAddr>,
     errors: &mut Vec<ConfigError>,
 ) {
-    match addr.parse::<SocketAddr>() {
+    match addr.value() {
         Ok(a) => {
-            if !seen.insert(a) {
-                errors.push(ConfigError::new(path, format!("{addr} is used twice")));
+            if !seen.insert(*a) {
+                errors.push(ConfigError::new(path, format!("{a} is used twice")));
             }
         }
-        Err(_) => errors.push(ConfigError::new(
-            path,
-            format!("{addr:?} is not an ip:port address, e.g. \"127.0.0.1:8080\" or \"[::]:8080\""),
-        )),
+        Err(m) => errors.push(ConfigError::new(path, m)),
     }
 }
 
@@ -613,44 +736,29 @@ pub enum AccessLogTarget {
     File(std::path::PathBuf),
 }
 
-/// Reads `server.access_log`: `"stdout"`, `"off"`, or a file path with a `/` in it whose
-/// directory exists (so a typo such as `"stdot"` is an error, not a file of that name).
-pub fn access_log_target(value: &str) -> Result<AccessLogTarget, String> {
-    match value {
-        "off" => Ok(AccessLogTarget::Off),
-        "stdout" => Ok(AccessLogTarget::Stdout),
-        path if path.contains('/') => {
-            let p = Path::new(path);
-            let dir = p.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-            if p.file_name().is_none() {
-                Err(format!("{path:?} names a directory, not a file"))
-            } else if !dir.is_dir() {
-                Err(format!("the directory of {path:?} does not exist"))
-            } else {
-                Ok(AccessLogTarget::File(p.to_path_buf()))
+/// `server.access_log`: `"stdout"`, `"off"`, or a file path with a `/` in it whose directory
+/// exists (so a typo such as `"stdot"` is an error, not a file of that name).
+impl ConfigStr for AccessLogTarget {
+    fn parse_config(value: &str) -> Result<Self, String> {
+        match value {
+            "off" => Ok(AccessLogTarget::Off),
+            "stdout" => Ok(AccessLogTarget::Stdout),
+            path if path.contains('/') => {
+                let p = Path::new(path);
+                let dir = p.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+                if p.file_name().is_none() {
+                    Err(format!("{path:?} names a directory, not a file"))
+                } else if !dir.is_dir() {
+                    Err(format!("the directory of {path:?} does not exist"))
+                } else {
+                    Ok(AccessLogTarget::File(p.to_path_buf()))
+                }
             }
+            other => Err(format!(
+                "{other:?} is not \"stdout\", \"off\" or a file path (a path contains a /, e.g. \"./access.log\")"
+            )),
         }
-        other => Err(format!(
-            "{other:?} is not \"stdout\", \"off\" or a file path (a path contains a /, e.g. \"./access.log\")"
-        )),
     }
-}
-
-/// An HTTP health-check path as the request target it becomes: starts with `/` and is a
-/// valid URI (`/healthz`, `/status?full=1`).
-pub fn health_path(path: &str) -> Result<http::Uri, String> {
-    if !path.starts_with('/') {
-        return Err(format!("{path:?} must start with /"));
-    }
-    path.parse::<http::Uri>()
-        .map_err(|e| format!("{path:?} is not a valid request path: {e}"))
-}
-
-/// Parses a CIDR or a bare address (as a /32 or /128).
-pub fn parse_net(s: &str) -> Option<ipnet::IpNet> {
-    s.parse::<ipnet::IpNet>()
-        .ok()
-        .or_else(|| s.parse::<std::net::IpAddr>().ok().map(ipnet::IpNet::from))
 }
 
 fn unknown_plugin(path: &str, name: &str, config: &Config) -> ConfigError {
@@ -665,7 +773,7 @@ fn unknown_plugin(path: &str, name: &str, config: &Config) -> ConfigError {
 }
 
 /// An endpoint `"host:port"` or `"host:port@weight"`, resolved to an address.
-pub fn parse_endpoint(s: &str) -> Result<(SocketAddr, usize), String> {
+fn parse_endpoint(s: &str) -> Result<(SocketAddr, usize), String> {
     let (addr, weight) = match s.rsplit_once('@') {
         Some((a, w)) => {
             let w: usize = w
@@ -701,12 +809,12 @@ fn validate_upstream(path: &str, up: &UpstreamConfig, errors: &mut Vec<ConfigErr
     }
     let mut seen = HashSet::new();
     for (i, e) in up.endpoints.iter().enumerate() {
-        match parse_endpoint(e) {
-            Ok((addr, _)) => {
-                if !seen.insert(addr) {
+        match e.value() {
+            Ok(spec) => {
+                if !seen.insert(spec.addr) {
                     errors.push(ConfigError::new(
                         format!("{path}.endpoints[{i}]"),
-                        format!("{e} is listed twice"),
+                        format!("{} is listed twice", e.text()),
                     ));
                 }
             }
@@ -714,7 +822,7 @@ fn validate_upstream(path: &str, up: &UpstreamConfig, errors: &mut Vec<ConfigErr
         }
     }
     match (&up.balance, &up.hash_key) {
-        (Balance::ConsistentHash, Some(k)) => match RequestKey::parse(k) {
+        (Balance::ConsistentHash, Some(k)) => match k.value() {
             Ok(RequestKey::Ip | RequestKey::Header(_) | RequestKey::Claim(_)) => {}
             Ok(_) => errors.push(ConfigError::new(
                 format!("{path}.hash_key"),
@@ -775,9 +883,7 @@ fn validate_upstream(path: &str, up: &UpstreamConfig, errors: &mut Vec<ConfigErr
             ));
         }
         if h.kind == HealthKind::Http {
-            if let Err(m) = health_path(&h.path) {
-                errors.push(ConfigError::new(format!("{hp}.path"), m));
-            }
+            report(&format!("{hp}.path"), &h.path, errors);
         }
         for (i, s) in h.expected_status.iter().enumerate() {
             if !(100..=599).contains(s) {
@@ -793,14 +899,14 @@ fn validate_upstream(path: &str, up: &UpstreamConfig, errors: &mut Vec<ConfigErr
 /// The normalised identity of a route's match, for finding routes that can never match.
 #[derive(PartialEq, Eq, Hash)]
 struct MatchKey {
-    hosts: Vec<String>,
+    hosts: Vec<HostPattern>,
     exact: bool,
     path: String,
 }
 
 fn validate_routes(config: &Config, responders: &HashSet<&str>, errors: &mut Vec<ConfigError>) {
     let mut names: BTreeMap<&str, usize> = BTreeMap::new();
-    let mut seen_matches: Vec<(MatchKey, Vec<String>, usize)> = Vec::new();
+    let mut seen_matches: Vec<(MatchKey, Vec<Method>, usize)> = Vec::new();
     for (i, r) in config.routes.iter().enumerate() {
         let p = format!("routes[{i}]");
         if r.name.trim().is_empty() {
@@ -817,64 +923,34 @@ fn validate_routes(config: &Config, responders: &HashSet<&str>, errors: &mut Vec
                 "set either host or hosts, not both",
             ));
         }
-        let mut hosts: Vec<String> = Vec::new();
-        for (j, h) in r.host.iter().chain(r.hosts.iter()).enumerate() {
-            let hp = if r.host.is_some() {
-                format!("{p}.host")
-            } else {
-                format!("{p}.hosts[{j}]")
-            };
-            match crate::router::HostPattern::parse(h) {
-                Ok(_) => hosts.push(h.to_ascii_lowercase()),
-                Err(m) => errors.push(ConfigError::new(hp, m)),
-            }
-        }
-        hosts.sort();
-        let (exact, raw_path, key) = match (&r.path, &r.path_prefix) {
-            (Some(_), Some(_)) => {
-                errors.push(ConfigError::new(
-                    format!("{p}.path"),
-                    "set either path or path_prefix, not both",
-                ));
-                (true, None, "path")
-            }
-            (Some(path), None) => (true, Some(path.as_str()), "path"),
-            (None, Some(prefix)) => (false, Some(prefix.as_str()), "path_prefix"),
-            (None, None) => (false, Some("/"), "path_prefix"),
-        };
-        let mut norm_path = None;
-        if let Some(raw) = raw_path {
-            match crate::router::config_path(raw) {
-                Ok(n) => {
-                    if crate::router::is_template(&n) && !exact {
-                        errors.push(ConfigError::new(
-                            format!("{p}.{key}"),
-                            "{name} parameters are only allowed in an exact path",
-                        ));
-                    } else if let Err(m) = crate::router::check_template(&n) {
-                        errors.push(ConfigError::new(format!("{p}.{key}"), m));
-                    }
-                    norm_path = Some(n);
-                }
+        let mut hosts: Vec<HostPattern> = Vec::new();
+        for (key, h) in r.host_patterns() {
+            match h.value() {
+                Ok(pattern) => hosts.push(pattern.clone()),
                 Err(m) => errors.push(ConfigError::new(format!("{p}.{key}"), m)),
             }
         }
-        let mut methods = Vec::new();
+        hosts.sort();
+        let rule = match r.path_rule() {
+            Ok(rule) => Some(rule),
+            Err(e) => {
+                errors.push(ConfigError::new(format!("{p}.{}", e.path), e.message));
+                None
+            }
+        };
+        let mut methods: Vec<Method> = Vec::new();
         for (j, m) in r.methods.iter().enumerate() {
-            match http::Method::from_bytes(m.trim().to_ascii_uppercase().as_bytes()) {
+            match m.value() {
                 Ok(method) => {
-                    if methods.contains(&method.to_string()) {
+                    if methods.contains(method) {
                         errors.push(ConfigError::new(
                             format!("{p}.methods[{j}]"),
-                            format!("{m} is listed twice"),
+                            format!("{} is listed twice", m.text()),
                         ));
                     }
-                    methods.push(method.to_string());
+                    methods.push(method.clone());
                 }
-                Err(_) => errors.push(ConfigError::new(
-                    format!("{p}.methods[{j}]"),
-                    format!("{m:?} is not an HTTP method"),
-                )),
+                Err(msg) => errors.push(ConfigError::new(format!("{p}.methods[{j}]"), msg)),
             }
         }
         if let Some(up) = &r.upstream {
@@ -916,12 +992,14 @@ fn validate_routes(config: &Config, responders: &HashSet<&str>, errors: &mut Vec
                     "only used with an upstream",
                 ));
             }
-            if let Err(m) = crate::router::config_path(rw) {
-                errors.push(ConfigError::new(format!("{p}.rewrite_prefix"), m));
-            }
+            report(&format!("{p}.rewrite_prefix"), rw, errors);
         }
-        if let Some(path) = norm_path {
-            let key = MatchKey { hosts, exact, path };
+        if let Some(rule) = rule {
+            let key = MatchKey {
+                hosts,
+                exact: rule.exact,
+                path: rule.matched().to_string(),
+            };
             for (other, other_methods, j) in &seen_matches {
                 let overlap = other_methods.is_empty()
                     || other_methods
@@ -1115,6 +1193,39 @@ mod tests {
         ] {
             assert!(paths.contains(&expected), "missing {expected} in {e:#?}");
         }
+    }
+
+    #[test]
+    fn methods_and_hosts_are_case_insensitive_values() {
+        let e = errors_of(&MINIMAL.replace(
+            "name = \"a\"",
+            "name = \"a\"\nmethods = [\"get\", \"GET\"]\nhosts = [\"API.example.com\"]",
+        ));
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(
+            e[0].starts_with("routes[0].methods[1]: GET is listed twice"),
+            "{e:?}"
+        );
+        let c = parse(&MINIMAL.replace(
+            "name = \"a\"",
+            "name = \"a\"\nhosts = [\"API.example.com\"]",
+        ))
+        .unwrap();
+        assert_eq!(
+            c.routes[0].hosts[0].get(),
+            Some(&HostPattern::Exact("api.example.com".into()))
+        );
+    }
+
+    #[test]
+    fn a_prefix_with_a_trailing_slash_shadows_the_same_prefix() {
+        let text = format!(
+            "{MINIMAL}\n[[routes]]\nname = \"b\"\nupstream = \"a\"\npath_prefix = \"/api\"\n\
+             [[routes]]\nname = \"c\"\nupstream = \"a\"\npath_prefix = \"/api/\"\n"
+        );
+        let e = errors_of(&text);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(e[0].starts_with("routes[2]: can never match"), "{e:?}");
     }
 
     #[test]

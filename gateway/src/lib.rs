@@ -53,12 +53,15 @@ impl Shared {
     /// Loads, validates and compiles the config file.
     pub fn load(config_path: &Path) -> anyhow::Result<Arc<Shared>> {
         let config = config::load(config_path)?;
-        let target = config::access_log_target(&config.server.access_log)
+        let target = config
+            .server
+            .access_log
+            .value()
             .map_err(|m| anyhow::anyhow!("server.access_log: {m}"))?;
-        let access_log = AccessLog::open(&target).map_err(|e| {
+        let access_log = AccessLog::open(target).map_err(|e| {
             anyhow::anyhow!(
                 "server.access_log: cannot open {}: {e}",
-                config.server.access_log
+                config.server.access_log.text()
             )
         })?;
         let metrics = Metrics::new()?;
@@ -306,26 +309,36 @@ pub fn run(shared: Arc<Shared>, options: RunOptions) -> anyhow::Result<()> {
     // Pingora's default is a 64 KiB read buffer per client connection, which an allocator
     // that zeroes eagerly keeps resident for every idle keep-alive client.
     let buffers = L4BufferSettings::default().read(server_conf.read_buffer.get() as usize);
+    let addr_of = |key: &str, a: &config::Parsed<std::net::SocketAddr>| {
+        a.value()
+            .map(|a| a.to_string())
+            .map_err(|m| anyhow::anyhow!("server.{key}: {m}"))
+    };
     for addr in &server_conf.listen {
-        proxy.add_listener(ListenerConfig::tcp(addr.as_str()).l4_buffer(buffers));
+        proxy.add_listener(ListenerConfig::tcp(&addr_of("listen", addr)?).l4_buffer(buffers));
     }
     for tls in &server_conf.tls {
+        let listen = addr_of("tls.listen", &tls.listen)?;
         let settings = TlsSettings::intermediate(&tls.cert, &tls.key)
-            .map_err(|e| anyhow::anyhow!("server.tls listener {}: {e}", tls.listen))?;
+            .map_err(|e| anyhow::anyhow!("server.tls listener {listen}: {e}"))?;
         proxy.add_listener(
-            ListenerConfig::tcp(tls.listen.as_str())
+            ListenerConfig::tcp(&listen)
                 .tls(settings)
                 .l4_buffer(buffers),
         );
     }
     server.add_service(proxy);
 
-    if server_conf.admin_listen != config::ADMIN_OFF {
+    let admin_listen = server_conf
+        .admin_listen
+        .value()
+        .map_err(|m| anyhow::anyhow!("server.admin_listen: {m}"))?;
+    if let config::AdminListen::At(addr) = admin_listen {
         let mut admin = Service::new(
             "sallyport admin".to_string(),
             admin::Admin::new(Arc::clone(&shared)),
         );
-        admin.add_tcp(&server_conf.admin_listen);
+        admin.add_tcp(&addr.to_string());
         admin.threads = Some(1);
         server.add_service(admin);
     }

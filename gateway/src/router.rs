@@ -8,9 +8,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use http::Method;
+use sallyport_plugins::conf::ConfigStr;
 
 /// A route's host pattern.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum HostPattern {
     Exact(String),
     /// `*.example.com`: stores `.example.com`; matches `a.example.com`, not `example.com`.
@@ -41,9 +42,25 @@ impl HostPattern {
     }
 }
 
+impl ConfigStr for HostPattern {
+    fn parse_config(s: &str) -> Result<Self, String> {
+        HostPattern::parse(s)
+    }
+}
+
+/// A path written in the config (`path`, `path_prefix`, `rewrite_prefix`), normalised.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoutePath(pub String);
+
+impl ConfigStr for RoutePath {
+    fn parse_config(s: &str) -> Result<Self, String> {
+        config_path(s).map(RoutePath)
+    }
+}
+
 /// Checks and normalises a path written in the config (`path`, `path_prefix`,
 /// `rewrite_prefix`).
-pub fn config_path(raw: &str) -> Result<String, String> {
+fn config_path(raw: &str) -> Result<String, String> {
     if raw.contains(['?', '#']) {
         return Err(format!("{raw:?} must be a path without query or fragment"));
     }

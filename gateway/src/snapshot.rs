@@ -13,8 +13,8 @@ use sallyport_plugins::{BuildEnv, BuiltPlugin, DynPlugin, Hooks, PluginMetrics, 
 
 use crate::calls::PoolCalls;
 
-use crate::config::{parse_net, ClientIpHeader, Config, ConfigError, ConfigErrors, EscapedSlashes};
-use crate::router::{config_path, HostPattern, RouteMatch, Router};
+use crate::config::{ClientIpHeader, Config, ConfigError, ConfigErrors, EscapedSlashes};
+use crate::router::{HostPattern, RouteMatch, Router};
 use crate::upstream::Pool;
 
 /// One plugin in a route's chain.
@@ -192,55 +192,40 @@ impl Snapshot {
                 &mut errors,
             );
             let hooks = chain.iter().fold(Hooks::NONE, |acc, e| acc.union(e.hooks));
-            let (exact, raw) = match (&r.path, &r.path_prefix) {
-                (Some(p), _) => (true, p.as_str()),
-                (None, Some(p)) => (false, p.as_str()),
-                (None, None) => (false, "/"),
-            };
-            let path = match config_path(raw) {
-                Ok(p) => p,
-                Err(m) => {
-                    errors.push(ConfigError::new(format!("routes[{i}]"), m));
+            let rule = match r.path_rule() {
+                Ok(rule) => rule,
+                Err(e) => {
+                    errors.push(ConfigError::new(
+                        format!("routes[{i}].{}", e.path),
+                        e.message,
+                    ));
                     continue;
                 }
             };
-            let matched = if exact || path == "/" {
-                path.clone()
-            } else {
-                path.trim_end_matches('/').to_string()
-            };
             let rewrite = every_or_errors(
-                r.rewrite_prefix
-                    .iter()
-                    .map(|to| (format!("routes[{i}].rewrite_prefix"), config_path(to))),
+                r.rewrite_prefix.iter().map(|to| {
+                    (
+                        format!("routes[{i}].rewrite_prefix"),
+                        to.value().map(|p| p.0.clone()),
+                    )
+                }),
                 &mut errors,
             )
             .pop()
             .map(|to| Rewrite {
-                prefix: (!exact).then_some(matched),
+                prefix: (!rule.exact).then(|| rule.matched().to_string()),
                 to,
             });
             let hosts: Vec<HostPattern> = every_or_errors(
-                r.host
-                    .iter()
-                    .map(|h| (format!("routes[{i}].host"), h))
-                    .chain(
-                        r.hosts
-                            .iter()
-                            .enumerate()
-                            .map(|(j, h)| (format!("routes[{i}].hosts[{j}]"), h)),
-                    )
-                    .map(|(path, h)| (path, HostPattern::parse(h))),
+                r.host_patterns()
+                    .map(|(key, h)| (format!("routes[{i}].{key}"), h.value().cloned())),
                 &mut errors,
             );
             let methods: Vec<Method> = every_or_errors(
-                r.methods.iter().enumerate().map(|(j, m)| {
-                    (
-                        format!("routes[{i}].methods[{j}]"),
-                        Method::from_bytes(m.trim().to_ascii_uppercase().as_bytes())
-                            .map_err(|_| format!("{m:?} is not an HTTP method")),
-                    )
-                }),
+                r.methods
+                    .iter()
+                    .enumerate()
+                    .map(|(j, m)| (format!("routes[{i}].methods[{j}]"), m.value().cloned())),
                 &mut errors,
             );
             let upstream = every_or_errors(
@@ -258,8 +243,8 @@ impl Snapshot {
             .pop();
             matches.push(RouteMatch {
                 hosts,
-                exact,
-                path,
+                exact: rule.exact,
+                path: rule.path,
                 methods,
             });
             routes.push(Arc::new(Route {
@@ -277,12 +262,7 @@ impl Snapshot {
                 .trusted_proxies
                 .iter()
                 .enumerate()
-                .map(|(j, p)| {
-                    (
-                        format!("server.trusted_proxies[{j}]"),
-                        parse_net(p).ok_or_else(|| format!("{p:?} is not a CIDR or an address")),
-                    )
-                }),
+                .map(|(j, p)| (format!("server.trusted_proxies[{j}]"), p.value().copied())),
             &mut errors,
         );
         if !errors.is_empty() {

@@ -20,9 +20,7 @@ use pingora::lb::selection::{Consistent, Random, RoundRobin};
 use pingora::lb::{Backend, Backends, LoadBalancer};
 use pingora::upstreams::peer::HttpPeer;
 
-use crate::config::{
-    health_path, parse_endpoint, Balance, HealthConfig, HealthKind, UpstreamConfig,
-};
+use crate::config::{Balance, HealthConfig, HealthKind, UpstreamConfig};
 use sallyport_plugins::key::RequestKey;
 
 /// Bound on the selection walk (Pingora's `max_iterations`).
@@ -146,10 +144,11 @@ impl Pool {
         let checked = config.health.is_some();
         let mut endpoints = Vec::with_capacity(config.endpoints.len());
         for e in &config.endpoints {
-            let (addr, weight) = parse_endpoint(e)?;
-            let mut backend = Backend::new_with_weight(&addr.to_string(), weight)
-                .map_err(|err| format!("endpoint {e}: {err}"))?;
-            let (host, authority) = endpoint_names(e, config.tls);
+            let spec = e.value()?;
+            let addr = spec.addr;
+            let mut backend = Backend::new_with_weight(&addr.to_string(), spec.weight)
+                .map_err(|err| format!("endpoint {}: {err}", e.text()))?;
+            let (host, authority) = endpoint_names(&spec.hostport, config.tls);
             let health = previous
                 .filter(|p| checked && p.health.is_some())
                 .and_then(|p| p.endpoint(&addr))
@@ -186,7 +185,7 @@ impl Pool {
         };
         update.map_err(|e| format!("building pool {name}: {e}"))?;
         let hash_key = match &config.hash_key {
-            Some(k) => RequestKey::parse(k)?,
+            Some(k) => k.value()?.clone(),
             None => RequestKey::Ip,
         };
         let health = match &config.health {
@@ -396,7 +395,7 @@ fn health_check(
             if up.tls {
                 check.peer_template.sni = sni.to_string();
             }
-            check.req.set_uri(health_path(&h.path)?);
+            check.req.set_uri(h.path.value()?.0.clone());
             let expected = h.expected_status.clone();
             check.validator = Some(Box::new(move |resp| {
                 let status = resp.status.as_u16();

@@ -19,6 +19,12 @@ pub enum RequestKey {
     Route,
 }
 
+impl crate::conf::ConfigStr for RequestKey {
+    fn parse_config(s: &str) -> Result<Self, String> {
+        RequestKey::parse(s)
+    }
+}
+
 impl RequestKey {
     pub fn parse(s: &str) -> Result<RequestKey, String> {
         let s = s.trim();

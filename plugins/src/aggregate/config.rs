@@ -2,7 +2,10 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
-use crate::conf::{ByteSize, HumanDuration};
+use http::{HeaderName, Method};
+
+use super::template::Template;
+use crate::conf::{ByteSize, HumanDuration, Parsed};
 
 /// `[plugins.NAME]` with `type = "aggregate"`.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -17,7 +20,7 @@ pub struct AggregateConfig {
     /// Client request headers passed on to every call (e.g. `accept-language`). Identity
     /// headers never are: calls get those from verified credentials only.
     #[serde(default)]
-    pub forward_headers: Vec<String>,
+    pub forward_headers: Vec<Parsed<HeaderName>>,
     /// The calls, run in parallel; the response lists them in this order.
     pub calls: Vec<CallConfig>,
 }
@@ -32,9 +35,9 @@ pub struct CallConfig {
     pub upstream: String,
     /// Path and query template: `{claim.NAME}`, `{path.NAME}`, `{query.NAME}` and
     /// `{header.NAME}` are replaced by percent-encoded values.
-    pub path: String,
+    pub path: Parsed<Template>,
     #[serde(default = "default_method")]
-    pub method: String,
+    pub method: Parsed<Method>,
     /// A failed required call fails the request (502, or 504 on timeout); a failed optional
     /// one yields `null` and a warning.
     #[serde(default)]
@@ -62,6 +65,6 @@ fn default_timeout() -> HumanDuration {
 fn default_max_body() -> ByteSize {
     ByteSize(1 << 20)
 }
-fn default_method() -> String {
-    "GET".into()
+fn default_method() -> Parsed<Method> {
+    Parsed::new("GET")
 }

@@ -45,6 +45,7 @@ pub use config::{AggregateConfig, CallConfig};
 pub use shape::Shape;
 pub use template::Template;
 
+use crate::conf::{parse_error, parse_errors, value, values};
 use crate::trace::nonzero_span_id;
 use crate::{
     ApiError, BuildEnv, BuildError, CallError, DynPlugin, Erased, Flow, Hooks, Plugin,
@@ -87,14 +88,7 @@ pub fn validate(c: &AggregateConfig) -> Vec<BuildError> {
     if c.calls.is_empty() {
         errors.push(BuildError::new("calls", "at least one call is needed"));
     }
-    for (i, h) in c.forward_headers.iter().enumerate() {
-        if HeaderName::from_bytes(h.trim().to_ascii_lowercase().as_bytes()).is_err() {
-            errors.push(BuildError::new(
-                format!("forward_headers[{i}]"),
-                format!("{h:?} is not a header name"),
-            ));
-        }
-    }
+    errors.extend(parse_errors("forward_headers", &c.forward_headers));
     let mut names = HashSet::new();
     for (i, call) in c.calls.iter().enumerate() {
         let p = format!("calls[{i}]");
@@ -111,15 +105,8 @@ pub fn validate(c: &AggregateConfig) -> Vec<BuildError> {
                 format!("duplicate call name {:?}", call.name),
             ));
         }
-        if let Err(m) = Template::parse(&call.path) {
-            errors.push(BuildError::new(format!("{p}.path"), m));
-        }
-        if Method::from_bytes(call.method.trim().to_ascii_uppercase().as_bytes()).is_err() {
-            errors.push(BuildError::new(
-                format!("{p}.method"),
-                format!("{:?} is not an HTTP method", call.method),
-            ));
-        }
+        errors.extend(parse_error(format!("{p}.path"), &call.path));
+        errors.extend(parse_error(format!("{p}.method"), &call.method));
         if let Some(t) = call.timeout {
             if t.get().is_zero() {
                 errors.push(BuildError::new(
@@ -173,14 +160,15 @@ impl Aggregate {
         let calls = c
             .calls
             .iter()
-            .filter_map(|call| {
-                Some(Call {
-                    key_json: serde_json::to_string(&call.name).ok()?,
+            .enumerate()
+            .map(|(i, call)| {
+                Ok(Call {
+                    key_json: serde_json::to_string(&call.name)
+                        .map_err(|e| vec![BuildError::new(format!("calls[{i}].name"), e.to_string())])?,
                     name: call.name.clone(),
                     upstream: call.upstream.clone(),
-                    method: Method::from_bytes(call.method.trim().to_ascii_uppercase().as_bytes())
-                        .ok()?,
-                    path: Template::parse(&call.path).ok()?,
+                    method: value(&format!("calls[{i}].method"), &call.method)?,
+                    path: value(&format!("calls[{i}].path"), &call.path)?,
                     required: call.required,
                     timeout: call.timeout.map_or(c.timeout.get(), |t| t.get()),
                     shape: Shape {
@@ -195,18 +183,12 @@ impl Aggregate {
                     },
                 })
             })
-            .collect();
+            .collect::<std::result::Result<_, Vec<BuildError>>>()?;
         Ok(Erased::into_dyn(Aggregate {
             calls,
             timeout: c.timeout.get(),
             max_body: usize::try_from(c.max_body.get()).unwrap_or(usize::MAX),
-            forward_headers: c
-                .forward_headers
-                .iter()
-                .filter_map(|h| {
-                    HeaderName::from_bytes(h.trim().to_ascii_lowercase().as_bytes()).ok()
-                })
-                .collect(),
+            forward_headers: values("forward_headers", &c.forward_headers)?,
             upstreams: Arc::clone(&env.upstreams),
             metrics: Arc::clone(&env.metrics),
         }))

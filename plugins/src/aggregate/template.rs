@@ -32,6 +32,12 @@ pub struct Template {
     parts: Vec<Part>,
 }
 
+impl crate::conf::ConfigStr for Template {
+    fn parse_config(s: &str) -> Result<Self, String> {
+        Template::parse(s)
+    }
+}
+
 impl Template {
     pub fn parse(s: &str) -> Result<Template, String> {
         if !s.starts_with('/') {

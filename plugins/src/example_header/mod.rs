@@ -48,14 +48,14 @@ fn parse(
     c: &ExampleHeaderConfig,
 ) -> std::result::Result<(HeaderName, HeaderValue), Vec<BuildError>> {
     let mut errors = Vec::new();
-    let name = match HeaderName::from_bytes(c.name.trim().to_ascii_lowercase().as_bytes()) {
+    let name = match c.name.value() {
         Ok(n) if OWNED_BY_THE_GATEWAY.contains(&n.as_str()) => {
             errors.push(BuildError::new("name", format!("{n} is set by the gateway itself")));
             None
         }
-        Ok(n) => Some(n),
-        Err(_) => {
-            errors.push(BuildError::new("name", format!("{:?} is not a header name", c.name)));
+        Ok(n) => Some(n.clone()),
+        Err(m) => {
+            errors.push(BuildError::new("name", m));
             None
         }
     };

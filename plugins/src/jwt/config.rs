@@ -2,7 +2,10 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
-use crate::conf::HumanDuration;
+use http::HeaderName;
+use jsonwebtoken::Algorithm;
+
+use crate::conf::{HumanDuration, Parsed};
 
 /// `[plugins.NAME]` with `type = "jwt"`.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -16,7 +19,7 @@ pub struct JwtConfig {
     pub audience: Vec<String>,
     /// Accepted algorithms (RS256/384/512, PS256/384/512, ES256/384, EdDSA, HS256/384/512).
     /// Required: tokens signed otherwise are rejected, `none` always is.
-    pub algorithms: Vec<String>,
+    pub algorithms: Vec<Parsed<Algorithm>>,
     /// A JWKS file.
     #[serde(default)]
     pub jwks_file: Option<String>,
@@ -43,13 +46,13 @@ pub struct JwtConfig {
     /// Verified claims sent upstream as headers: `{ sub = "x-user-id" }`. Always overwritten,
     /// removed when the claim is absent; clients can never send these headers themselves.
     #[serde(default)]
-    pub forward_claims: BTreeMap<String, String>,
+    pub forward_claims: BTreeMap<String, Parsed<HeaderName>>,
     /// Also read the token from this cookie when there is no `Authorization: Bearer`.
     #[serde(default)]
     pub cookie: Option<String>,
     /// Read the token from this header instead of `Authorization` (value is the bare token).
     #[serde(default)]
-    pub header: Option<String>,
+    pub header: Option<Parsed<HeaderName>>,
     /// Tokens longer than this are rejected without parsing.
     #[serde(default = "default_max_token")]
     pub max_token_bytes: usize,

@@ -33,7 +33,6 @@ pub mod crypto;
 pub mod keys;
 
 use std::collections::HashMap;
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -47,6 +46,8 @@ use serde_json::{Map, Value};
 
 pub use config::JwtConfig;
 use keys::{KeySet, RemoteKeys};
+
+use crate::conf::{parse_error, value, values};
 
 use crate::{
     ApiError, BuildError, DynPlugin, Erased, Flow, Hooks, Plugin, Principal, Reply, RequestCtx,
@@ -95,12 +96,9 @@ pub fn validate(c: &JwtConfig) -> Vec<BuildError> {
     }
     let mut kinds = Vec::new();
     for (i, a) in c.algorithms.iter().enumerate() {
-        match Algorithm::from_str(a) {
-            Ok(alg) => kinds.push(keys::kind_of(alg)),
-            Err(_) => errors.push(BuildError::new(
-                format!("algorithms[{i}]"),
-                format!("{a:?} is not supported; use RS256/384/512, PS256/384/512, ES256/384, EdDSA or HS256/384/512 (never none)"),
-            )),
+        match a.value() {
+            Ok(alg) => kinds.push(keys::kind_of(*alg)),
+            Err(m) => errors.push(BuildError::new(format!("algorithms[{i}]"), m)),
         }
     }
     let sources = [
@@ -169,20 +167,10 @@ pub fn validate(c: &JwtConfig) -> Vec<BuildError> {
         }
     }
     for (claim, header) in &c.forward_claims {
-        if HeaderName::from_bytes(header.to_ascii_lowercase().as_bytes()).is_err() {
-            errors.push(BuildError::new(
-                format!("forward_claims.{claim}"),
-                format!("{header:?} is not a header name"),
-            ));
-        }
+        errors.extend(parse_error(format!("forward_claims.{claim}"), header));
     }
     if let Some(h) = &c.header {
-        if HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes()).is_err() {
-            errors.push(BuildError::new(
-                "header",
-                format!("{h:?} is not a header name"),
-            ));
-        }
+        errors.extend(parse_error("header", h));
     }
     if c.jwks_min_refetch.get().is_zero() || c.jwks_refresh.get().is_zero() {
         errors.push(BuildError::new(
@@ -195,9 +183,10 @@ pub fn validate(c: &JwtConfig) -> Vec<BuildError> {
 
 /// Header names this plugin sets from credentials.
 pub fn trusted_headers(c: &JwtConfig) -> Vec<HeaderName> {
+    // Only a validated config is ever built, so every name here parsed.
     c.forward_claims
         .values()
-        .filter_map(|h| HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes()).ok())
+        .filter_map(|h| h.get().cloned())
         .collect()
 }
 
@@ -248,10 +237,8 @@ impl Jwt {
         if !c.audience.is_empty() {
             spec_claims.push("aud");
         }
-        let validations = c
-            .algorithms
-            .iter()
-            .filter_map(|a| Algorithm::from_str(a).ok())
+        let validations = values("algorithms", &c.algorithms)?
+            .into_iter()
             .map(|alg| {
                 let mut v = Validation::new(alg);
                 v.leeway = leeway_secs;
@@ -277,18 +264,12 @@ impl Jwt {
             forward: c
                 .forward_claims
                 .iter()
-                .filter_map(|(claim, h)| {
-                    Some((
-                        claim.clone(),
-                        HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes()).ok()?,
-                    ))
+                .map(|(claim, h)| {
+                    Ok((claim.clone(), value(&format!("forward_claims.{claim}"), h)?))
                 })
-                .collect(),
+                .collect::<std::result::Result<_, Vec<BuildError>>>()?,
             cookie: c.cookie.clone(),
-            header: c
-                .header
-                .as_ref()
-                .and_then(|h| HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes()).ok()),
+            header: c.header.as_ref().map(|h| value("header", h)).transpose()?,
             max_token_bytes: c.max_token_bytes,
             leeway_secs,
             cache: (c.cache_size > 0).then(|| cache::VerifiedCache::new(c.cache_size)),

@@ -30,6 +30,8 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+use crate::conf::{parse_error, value, Parsed};
+
 use crate::{
     ApiError, BuildError, DynPlugin, Erased, Flow, Hooks, Plugin, Principal, Reply, RequestCtx,
     Result,
@@ -41,13 +43,13 @@ use crate::{
 pub struct KeyAuthConfig {
     /// Header carrying the key.
     #[serde(default = "default_header")]
-    pub header: String,
+    pub header: Parsed<HeaderName>,
     /// Also accept the key from this query parameter.
     #[serde(default)]
     pub query: Option<String>,
     /// Header sent upstream with the consumer name.
     #[serde(default = "default_consumer_header")]
-    pub consumer_header: String,
+    pub consumer_header: Parsed<HeaderName>,
     #[serde(default)]
     pub keys: Vec<StoredKey>,
     /// A TOML file with `keys = [{ consumer, sha256 }]`, read at load and reload.
@@ -69,11 +71,11 @@ struct KeysFile {
     keys: Vec<StoredKey>,
 }
 
-fn default_header() -> String {
-    "x-api-key".into()
+fn default_header() -> Parsed<HeaderName> {
+    Parsed::new("x-api-key")
 }
-fn default_consumer_header() -> String {
-    "x-consumer".into()
+fn default_consumer_header() -> Parsed<HeaderName> {
+    Parsed::new("x-consumer")
 }
 
 fn parse_hex(s: &str) -> Option<[u8; 32]> {
@@ -121,14 +123,14 @@ fn load(c: &KeyAuthConfig) -> (Vec<(String, [u8; 32])>, Vec<BuildError>) {
     if keys.is_empty() && errors.is_empty() {
         errors.push(BuildError::new("keys", "no keys: add keys or a keys_file"));
     }
-    for (field, h) in [
-        ("header", &c.header),
-        ("consumer_header", &c.consumer_header),
-    ] {
-        if HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes()).is_err() {
+    errors.extend(parse_error("header", &c.header));
+    errors.extend(parse_error("consumer_header", &c.consumer_header));
+    if let Some(q) = &c.query {
+        let plain = |b: u8| b.is_ascii_alphanumeric() || b"-._~".contains(&b);
+        if q.is_empty() || !q.bytes().all(plain) {
             errors.push(BuildError::new(
-                field,
-                format!("{h:?} is not a header name"),
+                "query",
+                format!("{q:?} is not a query parameter name (letters, digits, - . _ ~)"),
             ));
         }
     }
@@ -154,9 +156,8 @@ pub fn validate(c: &KeyAuthConfig) -> Vec<BuildError> {
 }
 
 pub fn trusted_headers(c: &KeyAuthConfig) -> Vec<HeaderName> {
-    HeaderName::from_bytes(c.consumer_header.to_ascii_lowercase().as_bytes())
-        .into_iter()
-        .collect()
+    // Only a validated config is ever built, so the name parsed.
+    c.consumer_header.get().cloned().into_iter().collect()
 }
 
 pub struct KeyAuth {
@@ -172,11 +173,8 @@ impl KeyAuth {
         if !errors.is_empty() {
             return Err(errors);
         }
-        let header = HeaderName::from_bytes(c.header.to_ascii_lowercase().as_bytes())
-            .map_err(|_| vec![BuildError::new("header", "invalid")])?;
-        let consumer_header =
-            HeaderName::from_bytes(c.consumer_header.to_ascii_lowercase().as_bytes())
-                .map_err(|_| vec![BuildError::new("consumer_header", "invalid")])?;
+        let header = value("header", &c.header)?;
+        let consumer_header = value("consumer_header", &c.consumer_header)?;
         Ok(Erased::into_dyn(KeyAuth {
             header,
             query: c.query.clone(),
@@ -186,8 +184,11 @@ impl KeyAuth {
     }
 
     fn presented(&self, req: &RequestHeader) -> Option<String> {
+        // An empty header is no key: the query parameter may still carry one.
         if let Some(v) = req.headers.get(&self.header).and_then(|v| v.to_str().ok()) {
-            return Some(v.trim().to_string()).filter(|v| !v.is_empty());
+            if !v.trim().is_empty() {
+                return Some(v.trim().to_string());
+            }
         }
         let name = self.query.as_deref()?;
         req.uri.query()?.split('&').find_map(|kv| {
@@ -309,5 +310,48 @@ impl crate::PluginType for KeyAuthConfig {
         _env: &crate::BuildEnv,
     ) -> std::result::Result<Arc<dyn DynPlugin>, Vec<BuildError>> {
         KeyAuth::build(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::testkit::{session, Harness};
+    use crate::Flow;
+
+    /// SHA-256 of `s3cret`.
+    const TABLE: &str = "type = \"key_auth\"\nquery = \"api_key\"\nkeys = [{ consumer = \"mobile\", sha256 = \"2a9fd3b59f0e4f0d3e62c2d1a2b8f3e0c0a5d9e1b4b6c5d7e8f9a0b1c2d3e4f5\" }]";
+
+    fn table() -> String {
+        use sha2::Digest;
+        let hash: String = sha2::Sha256::digest(b"s3cret")
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        TABLE.replace(
+            "2a9fd3b59f0e4f0d3e62c2d1a2b8f3e0c0a5d9e1b4b6c5d7e8f9a0b1c2d3e4f5",
+            &hash,
+        )
+    }
+
+    #[tokio::test]
+    async fn an_empty_header_leaves_the_query_to_carry_the_key() {
+        let mut h = Harness::build(&table()).unwrap();
+        let (mut s, _c) =
+            session(b"GET /o?api_key=s3cret HTTP/1.1\r\nHost: t\r\nX-Api-Key: \r\n\r\n")
+                .await
+                .unwrap();
+        assert!(matches!(h.request(&mut s).await.unwrap(), Flow::Continue));
+        let p = h.ctx.principal.as_ref().unwrap();
+        assert_eq!(p.subject.as_deref(), Some("mobile"));
+    }
+
+    #[test]
+    fn a_query_name_that_cannot_be_one_is_refused() {
+        for bad in ["", "a&b", "k=v", "a b"] {
+            let errors = Harness::build(&table().replace("\"api_key\"", &format!("{bad:?}")))
+                .err()
+                .unwrap_or_default();
+            assert!(errors.iter().any(|e| e.path == "query"), "{bad:?}: {errors:?}");
+        }
     }
 }

@@ -1,6 +1,7 @@
 use serde::Deserialize;
 
-use crate::conf::HumanDuration;
+use crate::conf::{HumanDuration, Parsed};
+use crate::key::RequestKey;
 
 /// `[plugins.NAME]` with `type = "quota"`.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -50,15 +51,20 @@ pub struct QuotaConfig {
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(untagged)]
 pub enum KeySpec {
-    One(String),
-    Many(Vec<String>),
+    One(Parsed<RequestKey>),
+    Many(Vec<Parsed<RequestKey>>),
 }
 
 impl KeySpec {
-    pub fn parts(&self) -> Vec<&str> {
+    /// Each part with its path in the config (`key`, or `key[i]`).
+    pub fn parts(&self) -> Vec<(String, &Parsed<RequestKey>)> {
         match self {
-            KeySpec::One(k) => vec![k.as_str()],
-            KeySpec::Many(ks) => ks.iter().map(String::as_str).collect(),
+            KeySpec::One(k) => vec![("key".to_string(), k)],
+            KeySpec::Many(ks) => ks
+                .iter()
+                .enumerate()
+                .map(|(i, k)| (format!("key[{i}]"), k))
+                .collect(),
         }
     }
 }

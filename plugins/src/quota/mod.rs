@@ -100,14 +100,8 @@ pub fn validate(c: &QuotaConfig) -> Vec<BuildError> {
     if parts.is_empty() {
         errors.push(BuildError::new("key", "name at least one key"));
     }
-    for (i, p) in parts.iter().enumerate() {
-        if let Err(m) = RequestKey::parse(p) {
-            let path = match &c.key {
-                KeySpec::One(_) => "key".to_string(),
-                KeySpec::Many(_) => format!("key[{i}]"),
-            };
-            errors.push(BuildError::new(path, m));
-        }
+    for (path, p) in parts {
+        errors.extend(crate::conf::parse_error(path, p));
     }
     match (c.store, &c.redis_url) {
         (Store::Redis, None) => errors.push(BuildError::new(
@@ -155,9 +149,9 @@ impl Quota {
         let keys = c
             .key
             .parts()
-            .iter()
-            .filter_map(|p| RequestKey::parse(p).ok())
-            .collect();
+            .into_iter()
+            .map(|(path, p)| crate::conf::value(&path, p))
+            .collect::<std::result::Result<_, _>>()?;
         let window_ms = u64::try_from(c.window.get().as_millis()).unwrap_or(u64::MAX);
         let backend = match (c.store, &c.redis_url) {
             (Store::Redis, Some(url)) => Backend::Redis {

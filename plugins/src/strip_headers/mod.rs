@@ -25,6 +25,7 @@ use pingora::proxy::Session;
 
 pub use config::StripHeadersConfig;
 
+use crate::conf::{values, ConfigStr, Parsed};
 use crate::{BuildError, DynPlugin, Erased, Flow, HeaderName, Hooks, Plugin, RequestCtx, Result};
 
 /// A set of header names and `prefix*` patterns, matched case-insensitively.
@@ -34,45 +35,54 @@ pub struct HeaderSet {
     prefixes: Vec<String>,
 }
 
-impl HeaderSet {
-    /// Parses a list of names / `prefix*` patterns; `path` names the list in errors.
-    pub fn parse(path: &str, patterns: &[String]) -> std::result::Result<Self, Vec<BuildError>> {
-        let mut set = HeaderSet::default();
-        let mut errors = Vec::new();
-        for (i, raw) in patterns.iter().enumerate() {
-            let lower = raw.trim().to_ascii_lowercase();
-            let (name, wildcard) = match lower.strip_suffix('*') {
-                Some(prefix) => (prefix.to_string(), true),
-                None => (lower, false),
-            };
-            let valid_chars = !name.is_empty()
-                && name
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'+-.^_`|~".contains(&b));
-            if !valid_chars {
-                errors.push(BuildError::new(
-                    format!("{path}[{i}]"),
-                    format!("{raw:?} is not a header name (a trailing * is allowed)"),
-                ));
-                continue;
-            }
-            if wildcard {
-                set.prefixes.push(name);
-            } else {
-                match HeaderName::from_bytes(name.as_bytes()) {
-                    Ok(h) => set.exact.push(h),
-                    Err(_) => errors.push(BuildError::new(
-                        format!("{path}[{i}]"),
-                        format!("{raw:?} is not a header name"),
-                    )),
-                }
-            }
+/// One entry of a header list: a name, or a `prefix*` pattern.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeaderPattern {
+    Exact(HeaderName),
+    /// Lower-cased, without the `*`.
+    Prefix(String),
+}
+
+impl ConfigStr for HeaderPattern {
+    fn parse_config(raw: &str) -> std::result::Result<Self, String> {
+        let lower = raw.trim().to_ascii_lowercase();
+        let (name, wildcard) = match lower.strip_suffix('*') {
+            Some(prefix) => (prefix.to_string(), true),
+            None => (lower, false),
+        };
+        let valid_chars = !name.is_empty()
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'+-.^_`|~".contains(&b));
+        if !valid_chars {
+            return Err(format!(
+                "{raw:?} is not a header name (a trailing * is allowed)"
+            ));
         }
-        if errors.is_empty() {
-            Ok(set)
+        if wildcard {
+            Ok(HeaderPattern::Prefix(name))
         } else {
-            Err(errors)
+            HeaderName::from_bytes(name.as_bytes())
+                .map(HeaderPattern::Exact)
+                .map_err(|_| format!("{raw:?} is not a header name"))
         }
+    }
+}
+
+impl HeaderSet {
+    /// The set of a config list; `key` names the list in errors.
+    pub fn parse(
+        key: &str,
+        patterns: &[Parsed<HeaderPattern>],
+    ) -> std::result::Result<Self, Vec<BuildError>> {
+        let mut set = HeaderSet::default();
+        for p in values(key, patterns)? {
+            match p {
+                HeaderPattern::Exact(h) => set.exact.push(h),
+                HeaderPattern::Prefix(prefix) => set.prefixes.push(prefix),
+            }
+        }
+        Ok(set)
     }
 
     pub fn from_names(names: impl IntoIterator<Item = HeaderName>) -> Self {
@@ -199,7 +209,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn set(p: &[&str]) -> HeaderSet {
-        HeaderSet::parse("x", &p.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap()
+        HeaderSet::parse("x", &p.iter().map(|s| Parsed::new(*s)).collect::<Vec<_>>()).unwrap()
     }
 
     #[test]
@@ -219,7 +229,7 @@ mod tests {
     fn rejects_bad_names_with_paths() {
         let err = HeaderSet::parse(
             "request",
-            &["ok".into(), "bad name".into(), "*".into(), "a*b".into()],
+            &["ok", "bad name", "*", "a*b"].map(Parsed::new),
         )
         .unwrap_err();
         let paths: Vec<_> = err.iter().map(|e| e.path.as_str()).collect();
