@@ -644,3 +644,56 @@ async fn body_hooks_see_and_may_change_bodies() {
     assert_eq!(doc["body_bytes"], 11);
     assert_eq!(a.requests()[0].body, b"hello probe");
 }
+
+/// The cache hooks, seen by the `probe` plugin: a plugin turns Pingora's cache on in
+/// `request_cache`, keys it in `cache_key` and stores in `response_cache`; the next request is
+/// answered from the store (`cache_hit`) without reaching the upstream, and the gateway counts
+/// both lookups in `sallyport_cache_lookups_total`.
+#[tokio::test]
+async fn cache_hooks_let_a_plugin_answer_from_a_store() {
+    let a = mock("a").await;
+    let config = format!(
+        "{}\n[upstreams.pool]\nendpoints = [\"{}\"]\n[plugins.probe]\ntype = \"probe\"\n\
+         [[routes]]\nname = \"r\"\npath_prefix = \"/\"\nupstream = \"pool\"\nplugins = [\"probe\"]\n",
+        server(""),
+        a.addr(),
+    );
+    let gw = Gateway::start(&config).await;
+    let get = || async {
+        let resp = client()
+            .get(gw.url("/items/1"))
+            .header("x-probe-cache", "on")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let hooks = resp.headers()["x-probe-hooks"]
+            .to_str()
+            .unwrap()
+            .to_string();
+        (hooks, resp.text().await.unwrap())
+    };
+    let (first, first_body) = get().await;
+    assert!(
+        first.starts_with("request_filter request_cache cache_key upstream_request_filter"),
+        "{first}"
+    );
+    assert!(first.contains("response_cache"), "{first}");
+    let (second, second_body) = get().await;
+    assert_eq!(
+        second, "request_filter request_cache cache_key cache_hit(fresh=true) response_filter",
+        "a hit never goes upstream"
+    );
+    assert_eq!(second_body, first_body);
+    assert_eq!(a.requests().len(), 1);
+
+    // Without the plugin turning it on, nothing is looked up.
+    let plain = client().get(gw.url("/items/1")).send().await.unwrap();
+    assert_eq!(plain.status(), 200);
+    assert_eq!(a.requests().len(), 2);
+
+    for (result, n) in [("miss", 1.0), ("hit", 1.0)] {
+        let series = format!("sallyport_cache_lookups_total{{result=\"{result}\",route=\"r\"}}");
+        assert_eq!(gw.metric_value(&series).await, n, "{series}");
+    }
+}

@@ -9,6 +9,10 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use http::header::{ALLOW, CONTENT_LENGTH};
 use http::{HeaderName, HeaderValue, Method};
+use pingora::cache::key::HashBinary;
+use pingora::cache::{
+    CacheKey, CacheMeta, CachePhase, ForcedFreshness, HitHandler, NoCacheReason, RespCacheable,
+};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::upstreams::peer::HttpPeer;
@@ -102,6 +106,9 @@ pub struct Ctx {
     body_bytes: u64,
     upstream_started: Option<Instant>,
     upstream_response: Option<Instant>,
+    /// `miss` or `expired` when a cache lookup went upstream (the cache phase may later turn
+    /// to disabled when the response is not stored).
+    cache_missed: Option<&'static str>,
 }
 
 impl Gateway {
@@ -372,6 +379,7 @@ impl ProxyHttp for Gateway {
             body_bytes: 0,
             upstream_started: None,
             upstream_response: None,
+            cache_missed: None,
         }
     }
 
@@ -798,6 +806,126 @@ impl ProxyHttp for Gateway {
         Ok(())
     }
 
+    /// Runs the chain's `request_cache` hooks: a cache plugin turns the cache on here.
+    fn request_cache_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<()> {
+        let Some(route) = ctx.route.clone() else {
+            return Ok(());
+        };
+        if route.hooks.cache {
+            for i in route.entries_running(ctx.ran, |h| h.cache) {
+                route.chain[i]
+                    .plugin
+                    .request_cache(session, &mut ctx.req, &mut ctx.states[i])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The first key a plugin's `cache_key` gives; otherwise `Host` and request target.
+    fn cache_key_callback(&self, session: &Session, ctx: &mut Ctx) -> Result<CacheKey> {
+        if let Some(route) = ctx.route.clone() {
+            for i in route.entries_running(ctx.ran, |h| h.cache) {
+                let key =
+                    route.chain[i]
+                        .plugin
+                        .cache_key(session, &mut ctx.req, &mut ctx.states[i])?;
+                if let Some(key) = key {
+                    return Ok(key);
+                }
+            }
+        }
+        let req = session.req_header();
+        let host = req
+            .headers
+            .get(http::header::HOST)
+            .map(|h| String::from_utf8_lossy(h.as_bytes()).into_owned())
+            .unwrap_or_default();
+        // The host's length first, so `a` + `b/c` never collides with `ab` + `/c`.
+        Ok(CacheKey::new(
+            format!("{}:{host}", host.len()),
+            req.uri.to_string(),
+        ))
+    }
+
+    fn cache_vary_filter(
+        &self,
+        meta: &CacheMeta,
+        ctx: &mut Ctx,
+        req: &RequestHeader,
+    ) -> Option<HashBinary> {
+        let route = ctx.route.clone()?;
+        let vary = route.entries_running(ctx.ran, |h| h.cache).find_map(|i| {
+            route.chain[i]
+                .plugin
+                .cache_vary(meta, req, &mut ctx.req, &mut ctx.states[i])
+        });
+        vary
+    }
+
+    async fn cache_hit_filter(
+        &self,
+        session: &mut Session,
+        meta: &CacheMeta,
+        hit: &mut HitHandler,
+        is_fresh: bool,
+        ctx: &mut Ctx,
+    ) -> Result<Option<ForcedFreshness>> {
+        let Some(route) = ctx.route.clone() else {
+            return Ok(None);
+        };
+        for i in route.entries_running(ctx.ran, |h| h.cache) {
+            let forced = route.chain[i]
+                .plugin
+                .cache_hit(
+                    session,
+                    meta,
+                    hit,
+                    is_fresh,
+                    &mut ctx.req,
+                    &mut ctx.states[i],
+                )
+                .await?;
+            if forced.is_some() {
+                return Ok(forced);
+            }
+        }
+        Ok(None)
+    }
+
+    /// The first verdict a plugin's `response_cache` gives; otherwise not stored.
+    fn response_cache_filter(
+        &self,
+        session: &Session,
+        resp: &ResponseHeader,
+        ctx: &mut Ctx,
+    ) -> Result<RespCacheable> {
+        if let Some(route) = ctx.route.clone() {
+            for i in route.entries_running(ctx.ran, |h| h.cache) {
+                let verdict = route.chain[i].plugin.response_cache(
+                    session,
+                    resp,
+                    &mut ctx.req,
+                    &mut ctx.states[i],
+                )?;
+                if let Some(verdict) = verdict {
+                    return Ok(verdict);
+                }
+            }
+        }
+        Ok(RespCacheable::Uncacheable(NoCacheReason::Custom(
+            "no plugin stores it",
+        )))
+    }
+
+    /// Pingora's miss handling, remembering that the lookup missed (for the metric).
+    fn cache_miss(&self, session: &mut Session, ctx: &mut Ctx) {
+        session.cache.cache_miss();
+        ctx.cache_missed = Some(match session.cache.phase() {
+            CachePhase::Expired => "expired",
+            _ => "miss",
+        });
+    }
+
     /// Runs the response hooks (reverse chain order) on proxied and cached responses.
     async fn response_filter(
         &self,
@@ -902,6 +1030,12 @@ impl ProxyHttp for Gateway {
         let method = method_label(&session.req_header().method);
         let route_label: &str = &ctx.req.route;
         let metrics = &self.shared.metrics;
+        if let Some(result) = cache_result(session.cache.phase(), ctx.cache_missed) {
+            metrics
+                .cache_lookups
+                .with_label_values(&[route_label, result])
+                .inc();
+        }
         metrics
             .requests
             .with_label_values(&[route_label, method, &status_label(status)])
@@ -941,6 +1075,20 @@ impl ProxyHttp for Gateway {
             };
             self.shared.access_log.write(&record);
         }
+    }
+}
+
+/// The `result` of `sallyport_cache_lookups_total` for a request's final cache phase; `None`
+/// when no plugin turned the cache on.
+fn cache_result(phase: CachePhase, missed: Option<&'static str>) -> Option<&'static str> {
+    match phase {
+        CachePhase::Hit => Some("hit"),
+        CachePhase::Stale | CachePhase::StaleUpdating => Some("stale"),
+        CachePhase::Revalidated | CachePhase::RevalidatedNoCache(_) => Some("revalidated"),
+        CachePhase::Bypass => Some("bypass"),
+        CachePhase::Miss => Some("miss"),
+        CachePhase::Expired => Some("expired"),
+        CachePhase::Disabled(_) | CachePhase::Uninit | CachePhase::CacheKey => missed,
     }
 }
 

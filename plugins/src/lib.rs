@@ -43,6 +43,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+pub use pingora::cache::key::HashBinary;
+pub use pingora::cache::{CacheKey, CacheMeta, ForcedFreshness, HitHandler, RespCacheable};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::proxy::Session;
 use pingora::upstreams::peer::HttpPeer;
@@ -185,6 +187,72 @@ pub trait Plugin: Send + Sync + 'static {
     ) {
     }
 
+    /// Runs in Pingora's `request_cache_filter`, in chain order, once every `request_filter`
+    /// let the request through (so authentication and quotas have run): a cache plugin turns
+    /// the cache on for this request here with `session.cache.enable(storage, eviction,
+    /// predictor, lock, overrides)`. Nothing is looked up or stored unless a plugin does.
+    fn request_cache(
+        &self,
+        _session: &mut Session,
+        _ctx: &mut RequestCtx,
+        _state: &mut Self::State,
+    ) -> Result<()> {
+        Ok(())
+    }
+
+    /// Pingora's `cache_key_callback`, for a request whose cache was turned on: the first
+    /// plugin in chain order that returns a key decides it. When none does, the gateway keys
+    /// by `Host` and request target.
+    fn cache_key(
+        &self,
+        _session: &Session,
+        _ctx: &mut RequestCtx,
+        _state: &mut Self::State,
+    ) -> Result<Option<CacheKey>> {
+        Ok(None)
+    }
+
+    /// Pingora's `cache_vary_filter`: the variance of a stored response for this request
+    /// (built from the response's `Vary` with [`pingora::cache::VarianceBuilder`]). The first
+    /// plugin that returns one decides; `None` everywhere means no variance.
+    fn cache_vary(
+        &self,
+        _meta: &CacheMeta,
+        _request: &RequestHeader,
+        _ctx: &mut RequestCtx,
+        _state: &mut Self::State,
+    ) -> Option<HashBinary> {
+        None
+    }
+
+    /// Pingora's `cache_hit_filter`, after a lookup found an entry (`is_fresh` false for a
+    /// stale one), before it is used: the first plugin that returns `Some` forces the entry
+    /// expired, fresh or missed; `None` everywhere keeps Pingora's verdict.
+    async fn cache_hit(
+        &self,
+        _session: &mut Session,
+        _meta: &CacheMeta,
+        _hit: &mut HitHandler,
+        _is_fresh: bool,
+        _ctx: &mut RequestCtx,
+        _state: &mut Self::State,
+    ) -> Result<Option<ForcedFreshness>> {
+        Ok(None)
+    }
+
+    /// Pingora's `response_cache_filter`, on the upstream's response to a cache-enabled
+    /// request: whether (and how long) it may be stored. The first plugin that returns `Some`
+    /// decides; `None` everywhere stores nothing.
+    fn response_cache(
+        &self,
+        _session: &Session,
+        _response: &ResponseHeader,
+        _ctx: &mut RequestCtx,
+        _state: &mut Self::State,
+    ) -> Result<Option<RespCacheable>> {
+        Ok(None)
+    }
+
     /// Runs in reverse chain order on every response to the client, proxied or produced by a
     /// plugin or the gateway (errors included), for every plugin the chain reached: those
     /// before and including the one that answered, all of them for a proxied request.
@@ -220,6 +288,9 @@ pub struct Hooks {
     pub response_body: bool,
     pub upstream_response: bool,
     pub upstream_failure: bool,
+    /// All five cache hooks (`request_cache`, `cache_key`, `cache_vary`, `cache_hit`,
+    /// `response_cache`): a cache plugin implements them together.
+    pub cache: bool,
     pub response_filter: bool,
     pub logging: bool,
 }
@@ -233,6 +304,7 @@ impl Hooks {
         response_body: false,
         upstream_response: false,
         upstream_failure: false,
+        cache: false,
         response_filter: false,
         logging: false,
     };
@@ -247,6 +319,7 @@ impl Hooks {
             response_body: self.response_body || other.response_body,
             upstream_response: self.upstream_response || other.upstream_response,
             upstream_failure: self.upstream_failure || other.upstream_failure,
+            cache: self.cache || other.cache,
             response_filter: self.response_filter || other.response_filter,
             logging: self.logging || other.logging,
         }
@@ -260,6 +333,7 @@ impl Hooks {
         response_body: true,
         upstream_response: true,
         upstream_failure: true,
+        cache: true,
         response_filter: true,
         logging: true,
     };
@@ -368,6 +442,41 @@ pub trait DynPlugin: Send + Sync + 'static {
         ctx: &mut RequestCtx,
         state: &mut ErasedState,
     );
+    fn request_cache(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        state: &mut ErasedState,
+    ) -> Result<()>;
+    fn cache_key(
+        &self,
+        session: &Session,
+        ctx: &mut RequestCtx,
+        state: &mut ErasedState,
+    ) -> Result<Option<CacheKey>>;
+    fn cache_vary(
+        &self,
+        meta: &CacheMeta,
+        request: &RequestHeader,
+        ctx: &mut RequestCtx,
+        state: &mut ErasedState,
+    ) -> Option<HashBinary>;
+    async fn cache_hit(
+        &self,
+        session: &mut Session,
+        meta: &CacheMeta,
+        hit: &mut HitHandler,
+        is_fresh: bool,
+        ctx: &mut RequestCtx,
+        state: &mut ErasedState,
+    ) -> Result<Option<ForcedFreshness>>;
+    fn response_cache(
+        &self,
+        session: &Session,
+        response: &ResponseHeader,
+        ctx: &mut RequestCtx,
+        state: &mut ErasedState,
+    ) -> Result<Option<RespCacheable>>;
     async fn response_filter(
         &self,
         session: &mut Session,
@@ -577,6 +686,72 @@ impl<P: Plugin> DynPlugin for Erased<P> {
             self.plugin
                 .upstream_failure(attempt, failure, retrying, ctx, state);
         }
+    }
+
+    fn request_cache(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        state: &mut ErasedState,
+    ) -> Result<()> {
+        self.plugin.request_cache(session, ctx, typed(state)?)
+    }
+
+    fn cache_key(
+        &self,
+        session: &Session,
+        ctx: &mut RequestCtx,
+        state: &mut ErasedState,
+    ) -> Result<Option<CacheKey>> {
+        self.plugin.cache_key(session, ctx, typed(state)?)
+    }
+
+    fn cache_vary(
+        &self,
+        meta: &CacheMeta,
+        request: &RequestHeader,
+        ctx: &mut RequestCtx,
+        state: &mut ErasedState,
+    ) -> Option<HashBinary> {
+        self.plugin
+            .cache_vary(meta, request, ctx, typed(state).ok()?)
+    }
+
+    fn cache_hit<'a, 's, 'm, 'h, 'c, 'st, 'f>(
+        &'a self,
+        session: &'s mut Session,
+        meta: &'m CacheMeta,
+        hit: &'h mut HitHandler,
+        is_fresh: bool,
+        ctx: &'c mut RequestCtx,
+        state: &'st mut ErasedState,
+    ) -> HookFuture<'f, Result<Option<ForcedFreshness>>>
+    where
+        'a: 'f,
+        's: 'f,
+        'm: 'f,
+        'h: 'f,
+        'c: 'f,
+        'st: 'f,
+        Self: 'f,
+    {
+        match typed(state) {
+            Ok(state) => self
+                .plugin
+                .cache_hit(session, meta, hit, is_fresh, ctx, state),
+            Err(e) => Box::pin(std::future::ready(Err(e))),
+        }
+    }
+
+    fn response_cache(
+        &self,
+        session: &Session,
+        response: &ResponseHeader,
+        ctx: &mut RequestCtx,
+        state: &mut ErasedState,
+    ) -> Result<Option<RespCacheable>> {
+        self.plugin
+            .response_cache(session, response, ctx, typed(state)?)
     }
 
     fn response_filter<'a, 's, 'r, 'c, 'st, 'f>(

@@ -2,7 +2,9 @@
 //! for a request, in order, and reports them to the client in `x-probe-hooks`, so integration
 //! tests can prove through real sockets when each hook runs and with what. With the request
 //! header `x-probe-body: append` it also appends `\n[probe] response_body bytes=N` to a
-//! proxied response body (sent chunked: it removes `Content-Length`).
+//! proxied response body (sent chunked: it removes `Content-Length`). With `x-probe-cache: on`
+//! it turns Pingora's cache on for the request (an in-memory store of its own, keyed by path,
+//! every 200 kept for a minute), so tests see the cache hooks run.
 //!
 //! ```toml
 //! [plugins.probe]
@@ -41,13 +43,17 @@ impl PluginType for ProbeConfig {
             .registry
             .counter("lifecycle_total", "Probe plugin starts and stops.", &["event"])
             .map_err(|e| vec![e])?;
-        Ok(Erased::into_dyn(Probe { lifecycle }))
+        // Pingora's cache wants a `'static` store; a test-only plugin may leak one per build.
+        let store: &'static pingora::cache::MemCache =
+            Box::leak(Box::new(pingora::cache::MemCache::new()));
+        Ok(Erased::into_dyn(Probe { lifecycle, store }))
     }
 }
 
 /// `sallyport_probe_lifecycle_total{event="start"|"stop"}` counts `start` and `stop` calls.
 pub struct Probe {
     lifecycle: prometheus::IntCounterVec,
+    store: &'static pingora::cache::MemCache,
 }
 
 /// What one request showed the probe.
@@ -163,6 +169,62 @@ impl Plugin for Probe {
             *body = Some(bytes::Bytes::from(out));
         }
         Ok(())
+    }
+
+    fn request_cache(&self, s: &mut Session, _c: &mut RequestCtx, seen: &mut Seen) -> Result<()> {
+        if s.req_header().headers.get("x-probe-cache").is_some_and(|v| v == "on") {
+            seen.hooks.push("request_cache".into());
+            s.cache.enable(self.store, None, None, None, None);
+        }
+        Ok(())
+    }
+
+    fn cache_key(
+        &self,
+        s: &Session,
+        _c: &mut RequestCtx,
+        seen: &mut Seen,
+    ) -> Result<Option<crate::CacheKey>> {
+        seen.hooks.push("cache_key".into());
+        Ok(Some(crate::CacheKey::new(
+            "probe",
+            s.req_header().uri.path().to_string(),
+        )))
+    }
+
+    async fn cache_hit(
+        &self,
+        _s: &mut Session,
+        _meta: &crate::CacheMeta,
+        _hit: &mut crate::HitHandler,
+        is_fresh: bool,
+        _c: &mut RequestCtx,
+        seen: &mut Seen,
+    ) -> Result<Option<crate::ForcedFreshness>> {
+        seen.hooks.push(format!("cache_hit(fresh={is_fresh})"));
+        Ok(None)
+    }
+
+    fn response_cache(
+        &self,
+        _s: &Session,
+        response: &ResponseHeader,
+        _c: &mut RequestCtx,
+        seen: &mut Seen,
+    ) -> Result<Option<crate::RespCacheable>> {
+        seen.hooks.push("response_cache".into());
+        if response.status != 200 {
+            return Ok(None);
+        }
+        let now = std::time::SystemTime::now();
+        let meta = crate::CacheMeta::new(
+            now + std::time::Duration::from_secs(60),
+            now,
+            0,
+            0,
+            response.clone(),
+        );
+        Ok(Some(crate::RespCacheable::Cacheable(meta)))
     }
 
     async fn response_filter(
