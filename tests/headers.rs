@@ -236,17 +236,15 @@ async fn behind_proxy(up: &MockServer, extra: &str) -> Gateway {
 }
 
 async fn logged_client(gw: &Gateway, path: &str) -> String {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    loop {
-        if let Some(line) = gw.access_log().into_iter().find(|l| l["path"] == path) {
-            return line["client"].as_str().unwrap_or_default().to_string();
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no access-log line for {path}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    eventually(
+        std::time::Duration::from_secs(5),
+        &format!("an access-log line for {path}"),
+        || async {
+            let line = gw.access_log().into_iter().find(|l| l["path"] == path)?;
+            Some(line["client"].as_str().unwrap_or_default().to_string())
+        },
+    )
+    .await
 }
 
 /// RFC 9110 5.3: several X-Forwarded-For field lines are one list. A client-supplied first

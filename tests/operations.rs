@@ -6,7 +6,7 @@ use crate::support;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use support::*;
 
@@ -140,9 +140,12 @@ async fn sighup_reload_under_traffic_never_fails_a_request() {
     assert_eq!(gw.reload().await, "error");
     up.clear();
     let before = ok.load(Ordering::Relaxed);
-    while ok.load(Ordering::Relaxed) < before + 20 {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually(
+        Duration::from_secs(10),
+        "20 more requests after the failed reload",
+        || std::future::ready((ok.load(Ordering::Relaxed) >= before + 20).then_some(())),
+    )
+    .await;
     assert!(up.requests().iter().all(|r| r.uri.starts_with("/v2/")));
     gw.write_config(&config(&up, "/v3"));
     assert_eq!(gw.reload().await, "ok");
@@ -318,14 +321,17 @@ fn fresh_connection_traffic(
 /// Waits until a `-u` process listens on the upgrade socket (it then takes the listeners on
 /// SIGQUIT), or panics with its stderr if it died.
 async fn wait_for_taker(next: &mut Gateway, sock: &str) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !sallyport::handover::upgrade_taker_waiting(sock) {
-        if let Some(status) = next.try_wait() {
-            panic!("the new process exited with {status}:\n{}", next.stderr());
-        }
-        assert!(Instant::now() < deadline, "nobody listens on {sock}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    eventually(
+        Duration::from_secs(10),
+        &format!("the new process listens on {sock}"),
+        || {
+            if let Some(status) = next.try_wait() {
+                panic!("the new process exited with {status}:\n{}", next.stderr());
+            }
+            std::future::ready(sallyport::handover::upgrade_taker_waiting(sock).then_some(()))
+        },
+    )
+    .await;
 }
 
 /// Ten zero-downtime upgrades in a row under clients that open a fresh connection for every
@@ -486,56 +492,67 @@ async fn sighup_during_start_up_does_not_kill_the_gateway() {
         .status()
         .unwrap();
     assert!(made.success());
-    let (listen, admin) = (free_port(), free_port());
     let text = config(&up, "/")
-        .replace("{{listen}}", &format!("127.0.0.1:{listen}"))
-        .replace("{{admin}}", &format!("127.0.0.1:{admin}"))
+        .replace("{{listen}}", "127.0.0.1:0")
+        .replace("{{admin}}", "127.0.0.1:0")
         .replace("{{dir}}", &dir.path().display().to_string());
+    let stderr_path = dir.path().join("stderr");
     let mut child = std::process::Command::new(gateway_bin())
         .arg("-c")
         .arg(&fifo)
+        .env("RUST_LOG", "info")
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&stderr_path).unwrap())
         .spawn()
         .unwrap();
-    // The process blocks opening the FIFO; wait until it catches SIGHUP (bit 0 of SigCgt).
-    let status = format!("/proc/{}/status", child.id());
-    let catches_hup = || {
-        std::fs::read_to_string(&status).ok().and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("SigCgt:"))
-                .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
-                .map(|mask| mask & 1 == 1)
-        }) == Some(true)
+    let pid = child.id();
+    let mut alive = || match child.try_wait().unwrap() {
+        None => Ok(()),
+        Some(status) => Err(format!("the gateway died: {status}")),
     };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !catches_hup() {
-        assert!(
-            Instant::now() < deadline,
-            "no SIGHUP handler before the config is read"
-        );
-        assert!(child.try_wait().unwrap().is_none());
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    // The process blocks opening the FIFO; wait until it catches SIGHUP (bit 0 of SigCgt).
+    let status = format!("/proc/{pid}/status");
+    eventually_alive(
+        Duration::from_secs(10),
+        "a SIGHUP handler before the config is read",
+        &mut alive,
+        || {
+            let mask = std::fs::read_to_string(&status).ok().and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("SigCgt:"))
+                    .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+            });
+            std::future::ready(mask.filter(|m| m & 1 == 1).map(|_| ()))
+        },
+    )
+    .await;
     let kill = |pid: u32| {
         std::process::Command::new("kill")
             .args(["-HUP", &pid.to_string()])
             .status()
             .unwrap()
     };
-    assert!(kill(child.id()).success());
+    assert!(kill(pid).success());
     std::fs::write(&fifo, text).unwrap();
-    let url = format!("http://127.0.0.1:{listen}/api/x");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        assert_eq!(child.try_wait().unwrap(), None, "the gateway died");
-        if let Ok(r) = client().get(&url).send().await {
-            assert_eq!(r.status(), 200);
-            break;
-        }
-        assert!(Instant::now() < deadline, "gateway never served");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let listen = eventually_alive(
+        Duration::from_secs(20),
+        "the gateway logs its listener",
+        &mut alive,
+        || {
+            let stderr = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+            std::future::ready(logged_listener(&stderr, "server.listen[0]"))
+        },
+    )
+    .await;
+    let url = format!("http://{listen}/api/x");
+    let status = eventually_alive(
+        Duration::from_secs(20),
+        "the gateway serves",
+        &mut alive,
+        || async { client().get(&url).send().await.ok().map(|r| r.status()) },
+    )
+    .await;
+    assert_eq!(status, 200);
     let _ = child.kill();
     let _ = child.wait();
 }

@@ -224,11 +224,12 @@ async fn concurrency_limit_is_a_bulkhead() {
         })
         .collect();
     // Wait until both slow requests hold their slots at the upstream.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while up.requests().len() < 2 {
-        assert!(std::time::Instant::now() < deadline);
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    }
+    eventually(
+        std::time::Duration::from_secs(5),
+        "both slow requests reach the upstream",
+        || std::future::ready((up.requests().len() >= 2).then_some(())),
+    )
+    .await;
     let r = c.get(gw.url("/other/fast")).send().await.unwrap();
     assert_eq!(r.status(), 503, "the instance is shared by both routes");
     assert_eq!(r.headers()["retry-after"], "1");
@@ -438,11 +439,15 @@ async fn reload_keeps_quota_counters_and_bulkhead_slots() {
                 .status()
         }
     });
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while !up.requests().iter().any(|r| r.uri.starts_with("/slow")) {
-        assert!(std::time::Instant::now() < deadline);
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    }
+    eventually(
+        std::time::Duration::from_secs(5),
+        "the slow request reaches the upstream",
+        || {
+            let there = up.requests().iter().any(|r| r.uri.starts_with("/slow"));
+            std::future::ready(there.then_some(()))
+        },
+    )
+    .await;
     let in_flight = "sallyport_concurrency_in_flight{plugin=\"bulkhead\"}";
     assert_eq!(gw.metric_value(in_flight).await, 1.0);
 
@@ -463,11 +468,12 @@ async fn reload_keeps_quota_counters_and_bulkhead_slots() {
         "the slot taken before the reload still counts"
     );
     assert_eq!(slow.await.unwrap(), 200);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while gw.metric_value(in_flight).await != 0.0 {
-        assert!(std::time::Instant::now() < deadline, "slot not given back");
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    eventually(
+        std::time::Duration::from_secs(5),
+        "the slot is given back",
+        || async { (gw.metric_value(in_flight).await == 0.0).then_some(()) },
+    )
+    .await;
     assert_eq!(c.get(gw.url("/slow/3")).send().await.unwrap().status(), 200);
 
     // Changing the quota itself starts it afresh with the new numbers.
@@ -504,11 +510,15 @@ async fn concurrency_queue_waits_for_a_slot_then_gives_up() {
     let wait_upstream = |prefix: &'static str| {
         let up = &up;
         async move {
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-            while !up.requests().iter().any(|r| r.uri.starts_with(prefix)) {
-                assert!(std::time::Instant::now() < deadline);
-                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-            }
+            eventually(
+                std::time::Duration::from_secs(5),
+                &format!("a request to {prefix} reaches the upstream"),
+                || {
+                    let there = up.requests().iter().any(|r| r.uri.starts_with(prefix));
+                    std::future::ready(there.then_some(()))
+                },
+            )
+            .await
         }
     };
     // patient: one in flight, one queued until it finishes, a third finds the queue full.

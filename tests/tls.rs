@@ -18,9 +18,8 @@ async fn tls_listener_serves_and_forwards_the_scheme() {
         key.signing_key.serialize_pem(),
     )
     .unwrap();
-    let tls_port = free_port();
     let config = format!(
-        "{}\n[[server.tls]]\nlisten = \"127.0.0.1:{tls_port}\"\ncert = \"{}\"\nkey = \"{}\"\n\
+        "{}\n[[server.tls]]\nlisten = \"127.0.0.1:0\"\ncert = \"{}\"\nkey = \"{}\"\n\
          [upstreams.app]\nendpoints = [\"{}\"]\n[[routes]]\nname = \"app\"\nupstream = \"app\"\n",
         server(""),
         certs.path().join("cert.pem").display(),
@@ -28,6 +27,9 @@ async fn tls_listener_serves_and_forwards_the_scheme() {
         up.addr()
     );
     let gw = Gateway::start(&config).await;
+    let tls_port = logged_listener(&gw.stderr(), "server.tls[0].listen")
+        .expect("the TLS listener is logged")
+        .port();
     let client = reqwest::Client::builder()
         .add_root_certificate(reqwest::Certificate::from_pem(cert_pem.as_bytes()).unwrap())
         .resolve(

@@ -636,7 +636,7 @@ fn validate_server(config: &Config, errors: &mut Vec<ConfigError>) {
     }
     match s.admin_listen.value() {
         Ok(AdminListen::At(addr)) => {
-            if !seen.insert(*addr) {
+            if addr.port() != 0 && !seen.insert(*addr) {
                 errors.push(ConfigError::new(
                     "server.admin_listen",
                     format!("{addr} is used twice"),
@@ -717,7 +717,8 @@ fn check_listen_addr(
 ) {
     match addr.value() {
         Ok(a) => {
-            if !seen.insert(*a) {
+            // Port 0 means "any free port": two of them never collide.
+            if a.port() != 0 && !seen.insert(*a) {
                 errors.push(ConfigError::new(path, format!("{a} is used twice")));
             }
         }

@@ -13,6 +13,7 @@ pub mod client_ip;
 pub mod config;
 pub mod conn;
 pub mod handover;
+pub mod listeners;
 pub mod log_window;
 pub mod metrics;
 pub mod path;
@@ -309,23 +310,26 @@ pub fn run(shared: Arc<Shared>, options: RunOptions) -> anyhow::Result<()> {
     // Pingora's default is a 64 KiB read buffer per client connection, which an allocator
     // that zeroes eagerly keeps resident for every idle keep-alive client.
     let buffers = L4BufferSettings::default().read(server_conf.read_buffer.get() as usize);
-    let addr_of = |key: &str, a: &config::Parsed<std::net::SocketAddr>| {
-        a.value()
-            .map(|a| a.to_string())
-            .map_err(|m| anyhow::anyhow!("server.{key}: {m}"))
+    // Held until the process exits (`run_forever` never returns): the ports of port-0
+    // listeners.
+    let mut reserved = listeners::Reserved::default();
+    let mut bind = |key: String, a: &config::Parsed<std::net::SocketAddr>| {
+        let addr = a.value().map_err(|m| anyhow::anyhow!("{key}: {m}"))?;
+        let bind = reserved.bind(&key, *addr, options.upgrade)?;
+        let config = ListenerConfig::tcp(bind.addr.to_string());
+        anyhow::Ok(match bind.options {
+            Some(o) => config.tcp_socket_options(o),
+            None => config,
+        })
     };
-    for addr in &server_conf.listen {
-        proxy.add_listener(ListenerConfig::tcp(&addr_of("listen", addr)?).l4_buffer(buffers));
+    for (i, addr) in server_conf.listen.iter().enumerate() {
+        proxy.add_listener(bind(format!("server.listen[{i}]"), addr)?.l4_buffer(buffers));
     }
-    for tls in &server_conf.tls {
-        let listen = addr_of("tls.listen", &tls.listen)?;
+    for (i, tls) in server_conf.tls.iter().enumerate() {
+        let key = format!("server.tls[{i}].listen");
         let settings = TlsSettings::intermediate(&tls.cert, &tls.key)
-            .map_err(|e| anyhow::anyhow!("server.tls listener {listen}: {e}"))?;
-        proxy.add_listener(
-            ListenerConfig::tcp(&listen)
-                .tls(settings)
-                .l4_buffer(buffers),
-        );
+            .map_err(|e| anyhow::anyhow!("{key}: {e}"))?;
+        proxy.add_listener(bind(key, &tls.listen)?.tls(settings).l4_buffer(buffers));
     }
     server.add_service(proxy);
 
@@ -338,7 +342,11 @@ pub fn run(shared: Arc<Shared>, options: RunOptions) -> anyhow::Result<()> {
             "sallyport admin".to_string(),
             admin::Admin::new(Arc::clone(&shared)),
         );
-        admin.add_tcp(&addr.to_string());
+        let bind = reserved.bind("server.admin_listen", *addr, options.upgrade)?;
+        match bind.options {
+            Some(o) => admin.add_tcp_with_settings(&bind.addr.to_string(), o),
+            None => admin.add_tcp(&bind.addr.to_string()),
+        }
         admin.threads = Some(1);
         server.add_service(admin);
     }

@@ -14,13 +14,34 @@ pub use sallyport_mock::{MockConfig, MockServer, Recorded};
 /// Polls `check` every 10 ms until it yields `Some(value)`, and returns the value; panics
 /// naming `what` when `within` passes first. The one way these tests wait for something that
 /// has no signal to await (a metric moving, a process leaving a socket).
-pub async fn eventually<T, F, Fut>(within: Duration, what: &str, mut check: F) -> T
+///
+/// A check that needs `&mut` state (a `Child` to `try_wait`) does that part synchronously and
+/// returns `std::future::ready(..)`.
+pub async fn eventually<T, F, Fut>(within: Duration, what: &str, check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    eventually_alive(within, what, || Ok(()), check).await
+}
+
+/// Like [`eventually`], and fails at once with the reason `alive` gives when the process under
+/// test is gone (instead of waiting out the deadline).
+pub async fn eventually_alive<T, F, Fut>(
+    within: Duration,
+    what: &str,
+    mut alive: impl FnMut() -> Result<(), String>,
+    mut check: F,
+) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
     let deadline = Instant::now() + within;
     loop {
+        if let Err(why) = alive() {
+            panic!("{what}: {why}");
+        }
         if let Some(value) = check().await {
             return value;
         }
@@ -29,12 +50,23 @@ where
     }
 }
 
+/// The address the gateway logged for the listener at config key `key`
+/// (`listening server.listen[0] 127.0.0.1:41234`).
+pub fn logged_listener(stderr: &str, key: &str) -> Option<SocketAddr> {
+    let marker = format!("listening {key} ");
+    stderr.lines().rev().find_map(|l| {
+        l.split_once(&marker)
+            .and_then(|(_, a)| a.trim().parse().ok())
+    })
+}
+
 /// The path of the gateway binary under test.
 pub fn gateway_bin() -> &'static str {
     env!("CARGO_BIN_EXE_sallyport")
 }
 
-/// A free loopback port (bound, then released for the process under test).
+/// A loopback port nothing listens on now (bound, then released): for endpoints that must
+/// refuse connections, and external servers that cannot bind port 0 themselves (Redis).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -52,12 +84,15 @@ pub fn server(extra: &str) -> String {
 /// A running gateway process, killed on drop.
 pub struct Gateway {
     child: Option<Child>,
+    /// The proxy listener (`server.listen[0]`) and the admin listener, as the gateway logged
+    /// them; port 0 until then (and for a process that refused to start).
     pub addr: SocketAddr,
     pub admin: SocketAddr,
     pub dir: tempfile::TempDir,
     pub config_path: PathBuf,
-    listen_port: u16,
-    admin_port: u16,
+    /// Whether `{{listen}}`/`{{admin}}` are written as the ports in use (needed by `-u`,
+    /// which takes listeners over by address) rather than as port 0.
+    fixed_ports: bool,
 }
 
 impl Gateway {
@@ -69,19 +104,18 @@ impl Gateway {
         gw
     }
 
-    /// Like `start` without waiting for readiness.
+    /// Starts the gateway on port 0 for both listeners and returns once it logged the ports
+    /// it got (or exited: then `addr` and `admin` keep port 0). Does not wait for readiness.
     pub async fn spawn(config: &str) -> Gateway {
         let dir = tempfile::tempdir().unwrap();
-        let listen_port = free_port();
-        let admin_port = free_port();
+        let unbound = SocketAddr::from(([127, 0, 0, 1], 0));
         let mut gw = Gateway {
             child: None,
-            addr: SocketAddr::from(([127, 0, 0, 1], listen_port)),
-            admin: SocketAddr::from(([127, 0, 0, 1], admin_port)),
+            addr: unbound,
+            admin: unbound,
             config_path: dir.path().join("sallyport.toml"),
             dir,
-            listen_port,
-            admin_port,
+            fixed_ports: false,
         };
         gw.write_config(config);
         let child = Command::new(gateway_bin())
@@ -97,13 +131,51 @@ impl Gateway {
             .spawn()
             .expect("start sallyport");
         gw.child = Some(child);
+        let stderr_path = gw.dir.path().join("stderr");
+        let child = gw.child.as_mut().unwrap();
+        let logged = eventually(
+            Duration::from_secs(30),
+            "the gateway logs its listeners or exits",
+            || {
+                let exited = child.try_wait().unwrap().is_some();
+                let stderr = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+                let both = logged_listener(&stderr, "server.listen[0]")
+                    .zip(logged_listener(&stderr, "server.admin_listen"));
+                std::future::ready(match both {
+                    Some(addrs) => Some(Some(addrs)),
+                    None if exited => Some(None),
+                    None => None,
+                })
+            },
+        )
+        .await;
+        if let Some((addr, admin)) = logged {
+            gw.addr = addr;
+            gw.admin = admin;
+        }
         gw
     }
 
     /// Starts a second process with `-u` on the same config (same ports, same upgrade
     /// socket), logging into its own directory. It takes the listeners over once this one
     /// gets SIGQUIT.
-    pub fn spawn_upgrade(&self) -> Gateway {
+    pub fn spawn_upgrade(&mut self) -> Gateway {
+        // `-u` refuses port 0: it takes the listeners over by the addresses in the config.
+        // The file on disk may have been changed by the test: rewrite only the two addresses.
+        self.fixed_ports = true;
+        let text = std::fs::read_to_string(&self.config_path).unwrap();
+        std::fs::write(
+            &self.config_path,
+            text.replace(
+                "listen = [\"127.0.0.1:0\"]",
+                &format!("listen = [\"{}\"]", self.addr),
+            )
+            .replace(
+                "admin_listen = \"127.0.0.1:0\"",
+                &format!("admin_listen = \"{}\"", self.admin),
+            ),
+        )
+        .unwrap();
         let dir = tempfile::tempdir().unwrap();
         let child = Command::new(gateway_bin())
             .arg("-u")
@@ -124,15 +196,19 @@ impl Gateway {
             admin: self.admin,
             config_path: self.config_path.clone(),
             dir,
-            listen_port: self.listen_port,
-            admin_port: self.admin_port,
+            fixed_ports: true,
         }
     }
 
     pub fn fill(&self, config: &str) -> String {
+        let (listen, admin) = if self.fixed_ports {
+            (self.addr.to_string(), self.admin.to_string())
+        } else {
+            ("127.0.0.1:0".to_string(), "127.0.0.1:0".to_string())
+        };
         config
-            .replace("{{listen}}", &self.addr.to_string())
-            .replace("{{admin}}", &self.admin.to_string())
+            .replace("{{listen}}", &listen)
+            .replace("{{admin}}", &admin)
             .replace("{{dir}}", &self.dir.path().display().to_string())
     }
 
@@ -189,48 +265,45 @@ impl Gateway {
 
     /// Waits for the process to exit within `limit`.
     pub async fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(s) = self.try_wait() {
-                return s;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "gateway did not exit in {limit:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let child = self.child.as_mut().unwrap();
+        eventually(limit, "the gateway exits", || {
+            std::future::ready(child.try_wait().unwrap())
+        })
+        .await
     }
 
+    /// Waits until `/readyz` answers 200 and the proxy listener accepts; panics with the
+    /// gateway's stderr if it exits first.
     pub async fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let (admin, addr) = (self.admin, self.addr);
+        let stderr_path = self.dir.path().join("stderr");
+        let child = self.child.as_mut().unwrap();
         let client = reqwest::Client::new();
-        loop {
-            if let Ok(r) = client
-                .get(format!("http://{}/readyz", self.admin))
-                .send()
-                .await
-            {
-                if r.status() == 200 {
-                    // The proxy listener starts with the admin one; make sure it accepts too.
-                    if tokio::net::TcpStream::connect(self.addr).await.is_ok() {
-                        return;
-                    }
-                }
-            }
-            if let Some(status) = self.try_wait() {
-                panic!(
+        eventually_alive(
+            Duration::from_secs(30),
+            "the gateway is ready",
+            || match child.try_wait().unwrap() {
+                None => Ok(()),
+                Some(status) => Err(format!(
                     "gateway exited with {status} before ready; stderr:\n{}",
-                    self.stderr()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "gateway not ready; stderr:\n{}",
-                self.stderr()
-            );
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
+                    std::fs::read_to_string(&stderr_path).unwrap_or_default()
+                )),
+            },
+            || {
+                let client = client.clone();
+                async move {
+                    let r = client
+                        .get(format!("http://{admin}/readyz"))
+                        .send()
+                        .await
+                        .ok()?;
+                    // The proxy listener starts with the admin one; make sure it accepts too.
+                    (r.status() == 200 && tokio::net::TcpStream::connect(addr).await.is_ok())
+                        .then_some(())
+                }
+            },
+        )
+        .await;
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -253,16 +326,17 @@ impl Gateway {
             .collect()
     }
 
-    /// Waits until the access log has at least `n` lines.
+    /// Waits until the access log has at least `n` lines (returns what it has after 5 s).
     pub async fn access_log_lines(&self, n: usize) -> Vec<serde_json::Value> {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let lines = self.access_log();
-            if lines.len() >= n || Instant::now() > deadline {
-                return lines;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let waited = tokio::time::timeout(
+            Duration::from_secs(5),
+            eventually(Duration::from_secs(6), "access-log lines", || async {
+                let lines = self.access_log();
+                (lines.len() >= n).then_some(lines)
+            }),
+        )
+        .await;
+        waited.unwrap_or_else(|_| self.access_log())
     }
 
     pub async fn metrics(&self) -> String {
@@ -447,12 +521,26 @@ pub struct RedisServer {
 }
 
 impl RedisServer {
+    /// Redis cannot bind port 0 and report it: pick a free port, and pick again if another
+    /// program took it before redis-server bound it (redis-server then exits).
     pub async fn start() -> RedisServer {
-        RedisServer::start_on(free_port()).await
+        for _ in 0..3 {
+            if let Some(server) = RedisServer::try_start_on(free_port()).await {
+                return server;
+            }
+        }
+        panic!("redis-server did not start on three free ports");
     }
 
     pub async fn start_on(port: u16) -> RedisServer {
-        let child = Command::new("redis-server")
+        RedisServer::try_start_on(port)
+            .await
+            .unwrap_or_else(|| panic!("redis-server exited: port {port} in use?"))
+    }
+
+    /// Starts redis-server on `port`; `None` when it exits instead of answering PING.
+    async fn try_start_on(port: u16) -> Option<RedisServer> {
+        let mut child = Command::new("redis-server")
             .args([
                 "--port",
                 &port.to_string(),
@@ -467,33 +555,38 @@ impl RedisServer {
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server must be installed (./dev deps installs it)");
-        let server = RedisServer {
+        let ready = eventually(
+            Duration::from_secs(10),
+            "redis-server answers PING or exits",
+            || {
+                let exited = child.try_wait().unwrap().is_some();
+                async move {
+                    if exited {
+                        return Some(false);
+                    }
+                    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+                        .await
+                        .ok()?;
+                    s.write_all(b"PING\r\n").await.ok()?;
+                    let mut buf = [0u8; 16];
+                    let n = s.read(&mut buf).await.ok()?;
+                    buf[..n].starts_with(b"+PONG").then_some(true)
+                }
+            },
+        )
+        .await;
+        if !ready {
+            let _ = child.wait();
+            return None;
+        }
+        Some(RedisServer {
             child: Some(child),
             port,
-        };
-        server.wait_ready().await;
-        server
+        })
     }
 
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    async fn wait_ready(&self) {
-        eventually(
-            Duration::from_secs(10),
-            "redis-server answers PING",
-            || async {
-                let mut s = tokio::net::TcpStream::connect(("127.0.0.1", self.port))
-                    .await
-                    .ok()?;
-                s.write_all(b"PING\r\n").await.ok()?;
-                let mut buf = [0u8; 16];
-                let n = s.read(&mut buf).await.ok()?;
-                buf[..n].starts_with(b"+PONG").then_some(())
-            },
-        )
-        .await
     }
 
     /// Kills the server and waits until the port refuses connections.
