@@ -659,9 +659,10 @@ async fn cache_hooks_let_a_plugin_answer_from_a_store() {
         a.addr(),
     );
     let gw = Gateway::start(&config).await;
-    let get = || async {
+    let gw = &gw;
+    let get = |path: &'static str| async move {
         let resp = client()
-            .get(gw.url("/items/1"))
+            .get(gw.url(path))
             .header("x-probe-cache", "on")
             .send()
             .await
@@ -673,26 +674,30 @@ async fn cache_hooks_let_a_plugin_answer_from_a_store() {
             .to_string();
         (hooks, resp.text().await.unwrap())
     };
-    let (first, first_body) = get().await;
+    let (first, first_body) = get("/items/1").await;
     assert!(
         first.starts_with("request_filter request_cache cache_key upstream_request_filter"),
         "{first}"
     );
     assert!(first.contains("response_cache"), "{first}");
-    let (second, second_body) = get().await;
+    let (second, second_body) = get("/items/1").await;
     assert_eq!(
         second, "request_filter request_cache cache_key cache_hit(fresh=true) response_filter",
         "a hit never goes upstream"
     );
     assert_eq!(second_body, first_body);
     assert_eq!(a.requests().len(), 1);
+    // Another path is another entry.
+    let (other, _) = get("/items/2").await;
+    assert!(!other.contains("cache_hit"), "{other}");
+    assert_eq!(a.requests().len(), 2);
 
     // Without the plugin turning it on, nothing is looked up.
     let plain = client().get(gw.url("/items/1")).send().await.unwrap();
     assert_eq!(plain.status(), 200);
-    assert_eq!(a.requests().len(), 2);
+    assert_eq!(a.requests().len(), 3);
 
-    for (result, n) in [("miss", 1.0), ("hit", 1.0)] {
+    for (result, n) in [("miss", 2.0), ("hit", 1.0)] {
         let series = format!("sallyport_cache_lookups_total{{result=\"{result}\",route=\"r\"}}");
         assert_eq!(gw.metric_value(&series).await, n, "{series}");
     }

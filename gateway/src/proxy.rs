@@ -840,10 +840,11 @@ impl ProxyHttp for Gateway {
             .get(http::header::HOST)
             .map(|h| String::from_utf8_lossy(h.as_bytes()).into_owned())
             .unwrap_or_default();
-        // The host's length first, so `a` + `b/c` never collides with `ab` + `/c`.
+        // Only the primary part is hashed. The host's length first, so `a` + `b/c` never
+        // collides with `ab` + `/c`.
         Ok(CacheKey::new(
-            format!("{}:{host}", host.len()),
-            req.uri.to_string(),
+            format!("{}:{host}{}", host.len(), req.uri),
+            String::new(),
         ))
     }
 

@@ -186,9 +186,10 @@ impl Plugin for Probe {
         seen: &mut Seen,
     ) -> Result<Option<crate::CacheKey>> {
         seen.hooks.push("cache_key".into());
+        // Only the primary part (the path) is hashed; the user tag is a label.
         Ok(Some(crate::CacheKey::new(
-            "probe",
             s.req_header().uri.path().to_string(),
+            "probe",
         )))
     }
 
