@@ -3,8 +3,9 @@
 //! `/%61pi` is `/api`, and `/a/../../x` (escaping the root) is rejected.
 //!
 //! Steps: percent-decode unreserved characters (`A-Z a-z 0-9 - . _ ~`) and, per
-//! `server.escaped_slashes`, `%2F`; upper-case the hex of every other escape; collapse
-//! repeated slashes; resolve `.` and `..` segments. A trailing slash is kept.
+//! `server.escaped_slashes`, `%2F`; upper-case the hex of every other escape; escape raw bytes
+//! outside ASCII; collapse repeated slashes; resolve `.` and `..` segments. A trailing slash
+//! is kept.
 
 use std::borrow::Cow;
 
@@ -74,7 +75,7 @@ fn is_normal(bytes: &[u8]) -> bool {
                     _ => {}
                 }
             }
-            0..=0x1f | 0x7f => return false,
+            0..=0x1f | 0x7f | 0x80.. => return false,
             _ => {}
         }
         prev = b;
@@ -99,6 +100,15 @@ fn decode(bytes: &[u8], slashes: EscapedSlashes) -> Result<String, PathError> {
         let b = bytes[i];
         if b < 0x20 || b == 0x7f {
             return Err(PathError::ControlCharacter);
+        }
+        if b >= 0x80 {
+            // A raw byte outside ASCII is the same path as its escape (RFC 3986 2.1):
+            // written as one, so `/café` and `/caf%C3%A9` are one path.
+            out.push('%');
+            out.push(HEX[(b >> 4) as usize] as char);
+            out.push(HEX[(b & 0xf) as usize] as char);
+            i += 1;
+            continue;
         }
         if b != b'%' {
             out.push(b as char);
@@ -193,6 +203,10 @@ mod tests {
             ("/.well-known/x", "/.well-known/x"),
             ("/a/..b/c", "/a/..b/c"),
             ("/caf%c3%a9", "/caf%C3%A9"),
+            // Raw bytes outside ASCII are escaped (found by fuzz/path_normalize: each byte
+            // used to become a Latin-1 character, and normalising twice changed the path).
+            ("/caf\u{e9}", "/caf%C3%A9"),
+            ("/a/%a0//.\u{3dc}//d", "/a/%A0/.%CF%9C/d"),
             ("/a%20b", "/a%20b"),
         ];
         for (input, want) in ok {
