@@ -32,7 +32,7 @@ use pingora::proxy::Session;
 use rand::Rng;
 
 pub use config::TraceConfig;
-pub use parse::{parse_traceparent, valid_tracestate, ParsedTraceparent};
+pub use parse::{parse_traceparent, valid_tracestate, ParsedTraceparent, MAX_TRACESTATE_MEMBERS};
 
 use crate::{BuildError, DynPlugin, Erased, Flow, Hooks, Plugin, RequestCtx, Result, TraceContext};
 
