@@ -607,19 +607,23 @@ async fn upstream_failure_and_response_hooks_run_per_attempt() {
     );
 }
 
+/// One route `r` on `/` to the pool of `upstream`, with the test-only `probe` plugin.
+fn probe_route(upstream: &MockServer) -> String {
+    format!(
+        "{}\n[upstreams.pool]\nendpoints = [\"{}\"]\n[plugins.probe]\ntype = \"probe\"\n\
+         [[routes]]\nname = \"r\"\npath_prefix = \"/\"\nupstream = \"pool\"\nplugins = [\"probe\"]\n",
+        server(""),
+        upstream.addr(),
+    )
+}
+
 /// The body hooks, seen by the `probe` plugin: `request_body` gets the request body on its way
 /// upstream (the upstream still receives it whole), `response_body` the endpoint's body on its
 /// way to the client, and may change it (then the response goes out chunked).
 #[tokio::test]
 async fn body_hooks_see_and_may_change_bodies() {
     let a = mock("a").await;
-    let config = format!(
-        "{}\n[upstreams.pool]\nendpoints = [\"{}\"]\n[plugins.probe]\ntype = \"probe\"\n\
-         [[routes]]\nname = \"r\"\npath_prefix = \"/\"\nupstream = \"pool\"\nplugins = [\"probe\"]\n",
-        server(""),
-        a.addr(),
-    );
-    let gw = Gateway::start(&config).await;
+    let gw = Gateway::start(&probe_route(&a)).await;
     let resp = client()
         .post(gw.url("/upload"))
         .header("x-probe-body", "append")
@@ -652,13 +656,7 @@ async fn body_hooks_see_and_may_change_bodies() {
 #[tokio::test]
 async fn cache_hooks_let_a_plugin_answer_from_a_store() {
     let a = mock("a").await;
-    let config = format!(
-        "{}\n[upstreams.pool]\nendpoints = [\"{}\"]\n[plugins.probe]\ntype = \"probe\"\n\
-         [[routes]]\nname = \"r\"\npath_prefix = \"/\"\nupstream = \"pool\"\nplugins = [\"probe\"]\n",
-        server(""),
-        a.addr(),
-    );
-    let gw = Gateway::start(&config).await;
+    let gw = Gateway::start(&probe_route(&a)).await;
     let gw = &gw;
     let get = |path: &'static str| async move {
         let resp = client()
