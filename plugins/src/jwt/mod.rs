@@ -172,6 +172,18 @@ pub fn validate(c: &JwtConfig) -> Vec<BuildError> {
     if let Some(h) = &c.header {
         errors.extend(parse_error("header", h));
     }
+    // RFC 9110 11.2: the realm is sent as a quoted-string in WWW-Authenticate; keep it to
+    // characters that need no escaping there.
+    if !c
+        .realm
+        .bytes()
+        .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
+    {
+        errors.push(BuildError::new(
+            "realm",
+            "must be printable ASCII without \" or \\ (it is sent as a quoted string)",
+        ));
+    }
     if c.jwks_min_refetch.get().is_zero() || c.jwks_refresh.get().is_zero() {
         errors.push(BuildError::new(
             "jwks_refresh",
@@ -555,6 +567,21 @@ mod tests {
         ))
         .unwrap();
         Jwt::new(&config).map_err(|e| format!("{e:?}")).unwrap()
+    }
+
+    #[test]
+    fn a_realm_that_would_break_the_challenge_is_refused() {
+        let with_realm = |realm: &str| {
+            let config: JwtConfig = toml::from_str(&format!(
+                "algorithms = [\"HS256\"]\nsecret = \"0123456789abcdef0123456789abcdef\"\nrealm = {realm:?}\n"
+            ))
+            .unwrap();
+            validate(&config).into_iter().map(|e| e.path).collect::<Vec<_>>()
+        };
+        assert!(with_realm("api.example.com").is_empty());
+        for bad in ["a\"b", "a\\b", "tab\there", "caf\u{e9}"] {
+            assert_eq!(with_realm(bad), ["realm"], "{bad:?}");
+        }
     }
 
     /// A 1 MiB token of garbage is refused, whether over the size limit or under it (then it
