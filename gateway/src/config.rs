@@ -995,6 +995,26 @@ fn validate_routes(config: &Config, responders: &HashSet<&str>, errors: &mut Vec
             }
             report(&format!("{p}.rewrite_prefix"), rw, errors);
         }
+        if let Some(rule) = &rule {
+            let captured = crate::router::template_params(&rule.path);
+            for name in config.server.plugins.iter().chain(r.plugins.iter()) {
+                let Some(plugin) = config.plugins.get(name) else {
+                    continue;
+                };
+                for (path, param) in plugin.path_params() {
+                    if !captured.iter().any(|c| *c == param) {
+                        errors.push(ConfigError::new(
+                            format!("plugins.{name}.{path}"),
+                            format!(
+                                "{{path.{param}}} is not captured by route {:?}: its path needs a \
+                                 {{{param}}} segment (e.g. path = \"/users/{{{param}}}\")",
+                                r.name
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
         if let Some(rule) = rule {
             let key = MatchKey {
                 hosts,
@@ -1227,6 +1247,26 @@ mod tests {
         let e = errors_of(&text);
         assert_eq!(e.len(), 1, "{e:?}");
         assert!(e[0].starts_with("routes[2]: can never match"), "{e:?}");
+    }
+
+    #[test]
+    fn a_template_path_parameter_the_route_does_not_capture_is_reported() {
+        let with_path = |path: &str| {
+            errors_of(&format!(
+                "{MINIMAL}\n[plugins.dash]\ntype = \"aggregate\"\n\
+                 calls = [{{ name = \"u\", upstream = \"a\", path = \"/users/{{path.id}}\" }}]\n\
+                 [[routes]]\nname = \"dash\"\npath = \"{path}\"\nplugins = [\"dash\"]\n"
+            ))
+        };
+        assert_eq!(with_path("/dash/{id}"), Vec::<String>::new());
+        let e = with_path("/dash/{user}");
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(
+            e[0].starts_with(
+                "plugins.dash.calls[0].path: {path.id} is not captured by route \"dash\""
+            ),
+            "{e:?}"
+        );
     }
 
     #[test]

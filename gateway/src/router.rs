@@ -178,6 +178,13 @@ pub fn check_template(path: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The names of a config path's `{name}` segments (`/users/{id}` captures `id`).
+pub fn template_params(path: &str) -> Vec<&str> {
+    path.split('/')
+        .filter_map(|seg| seg.strip_prefix('{').and_then(|s| s.strip_suffix('}')))
+        .collect()
+}
+
 /// Whether a config path has `{name}` segments.
 pub fn is_template(path: &str) -> bool {
     path.contains('{')

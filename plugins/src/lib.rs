@@ -868,6 +868,13 @@ pub trait PluginType: Sized + Send + Sync + 'static {
         Vec::new()
     }
 
+    /// Path parameters the plugin reads (`{path.NAME}` in a template), as `(path, NAME)`: a
+    /// route listing the plugin must capture each of them (`path = "/users/{NAME}"`), or
+    /// `--check` reports it; otherwise every request would fail at run time.
+    fn path_params(&self) -> Vec<(String, String)> {
+        Vec::new()
+    }
+
     /// The built plugin holds state that must outlive a reload (quota counters, bulkhead slots
     /// in use, keys fetched from an identity provider): when this config is unchanged, the
     /// gateway keeps the built plugin instead of building a new one, so a SIGHUP neither
@@ -949,6 +956,13 @@ macro_rules! plugin_registry {
             pub fn upstream_refs(&self) -> Vec<(String, String)> {
                 match self {
                     $($(#[$meta])* PluginConfig::$variant(c) => c.upstream_refs(),)*
+                }
+            }
+
+            /// See [`PluginType::path_params`].
+            pub fn path_params(&self) -> Vec<(String, String)> {
+                match self {
+                    $($(#[$meta])* PluginConfig::$variant(c) => c.path_params(),)*
                 }
             }
 

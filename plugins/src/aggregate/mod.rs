@@ -469,6 +469,19 @@ impl crate::PluginType for AggregateConfig {
         upstream_refs(self)
     }
 
+    fn path_params(&self) -> Vec<(String, String)> {
+        self.calls
+            .iter()
+            .enumerate()
+            .flat_map(|(i, call)| {
+                call.path.get().into_iter().flat_map(move |t| {
+                    t.path_params()
+                        .map(move |name| (format!("calls[{i}].path"), name.to_string()))
+                })
+            })
+            .collect()
+    }
+
     fn build(&self, env: &BuildEnv) -> std::result::Result<Arc<dyn DynPlugin>, Vec<BuildError>> {
         Aggregate::build(self, env)
     }
