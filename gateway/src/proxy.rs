@@ -19,7 +19,7 @@ use pingora::upstreams::peer::HttpPeer;
 use pingora::{Error, ErrorSource, ErrorType, Result};
 use sallyport_plugins::trace::{X_REQUEST_ID, X_REQUEST_ID_NAME};
 use sallyport_plugins::{
-    request_id, ApiError, Attempt, ErasedState, Flow, Reply, RequestCtx, UpstreamFailure,
+    request_id, ApiError, Attempt, DynPlugin, ErasedState, Flow, Reply, RequestCtx, UpstreamFailure,
 };
 
 use crate::access_log::AccessRecord;
@@ -808,31 +808,22 @@ impl ProxyHttp for Gateway {
 
     /// Runs the chain's `request_cache` hooks: a cache plugin turns the cache on here.
     fn request_cache_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<()> {
-        let Some(route) = ctx.route.clone() else {
+        // Called for every request: no route clone unless a plugin of the route caches.
+        let Some(route) = ctx.route.as_ref().filter(|r| r.hooks.cache).cloned() else {
             return Ok(());
         };
-        if route.hooks.cache {
-            for i in route.entries_running(ctx.ran, |h| h.cache) {
-                route.chain[i]
-                    .plugin
-                    .request_cache(session, &mut ctx.req, &mut ctx.states[i])?;
-            }
+        for i in route.entries_running(ctx.ran, |h| h.cache) {
+            route.chain[i]
+                .plugin
+                .request_cache(session, &mut ctx.req, &mut ctx.states[i])?;
         }
         Ok(())
     }
 
     /// The first key a plugin's `cache_key` gives; otherwise `Host` and request target.
     fn cache_key_callback(&self, session: &Session, ctx: &mut Ctx) -> Result<CacheKey> {
-        if let Some(route) = ctx.route.clone() {
-            for i in route.entries_running(ctx.ran, |h| h.cache) {
-                let key =
-                    route.chain[i]
-                        .plugin
-                        .cache_key(session, &mut ctx.req, &mut ctx.states[i])?;
-                if let Some(key) = key {
-                    return Ok(key);
-                }
-            }
+        if let Some(key) = first_cache_answer(ctx, |p, req, st| p.cache_key(session, req, st))? {
+            return Ok(key);
         }
         let req = session.req_header();
         let host = req
@@ -854,13 +845,9 @@ impl ProxyHttp for Gateway {
         ctx: &mut Ctx,
         req: &RequestHeader,
     ) -> Option<HashBinary> {
-        let route = ctx.route.clone()?;
-        let vary = route.entries_running(ctx.ran, |h| h.cache).find_map(|i| {
-            route.chain[i]
-                .plugin
-                .cache_vary(meta, req, &mut ctx.req, &mut ctx.states[i])
-        });
-        vary
+        first_cache_answer(ctx, |p, r, st| Ok(p.cache_vary(meta, req, r, st)))
+            .ok()
+            .flatten()
     }
 
     async fn cache_hit_filter(
@@ -900,22 +887,12 @@ impl ProxyHttp for Gateway {
         resp: &ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<RespCacheable> {
-        if let Some(route) = ctx.route.clone() {
-            for i in route.entries_running(ctx.ran, |h| h.cache) {
-                let verdict = route.chain[i].plugin.response_cache(
-                    session,
-                    resp,
-                    &mut ctx.req,
-                    &mut ctx.states[i],
-                )?;
-                if let Some(verdict) = verdict {
-                    return Ok(verdict);
-                }
-            }
-        }
-        Ok(RespCacheable::Uncacheable(NoCacheReason::Custom(
-            "no plugin stores it",
-        )))
+        let verdict = first_cache_answer(ctx, |p, r, st| p.response_cache(session, resp, r, st))?;
+        Ok(
+            verdict.unwrap_or(RespCacheable::Uncacheable(NoCacheReason::Custom(
+                "no plugin stores it",
+            ))),
+        )
     }
 
     /// Pingora's miss handling, remembering that the lookup missed (for the metric).
@@ -1077,6 +1054,23 @@ impl ProxyHttp for Gateway {
             self.shared.access_log.write(&record);
         }
     }
+}
+
+/// The first answer of the route's cache plugins, in chain order: `cache_key`, `cache_vary`
+/// and `response_cache` are decided by the first plugin that has one.
+fn first_cache_answer<T>(
+    ctx: &mut Ctx,
+    mut ask: impl FnMut(&dyn DynPlugin, &mut RequestCtx, &mut ErasedState) -> Result<Option<T>>,
+) -> Result<Option<T>> {
+    let Some(route) = ctx.route.as_ref().filter(|r| r.hooks.cache).cloned() else {
+        return Ok(None);
+    };
+    for i in route.entries_running(ctx.ran, |h| h.cache) {
+        if let Some(answer) = ask(&*route.chain[i].plugin, &mut ctx.req, &mut ctx.states[i])? {
+            return Ok(Some(answer));
+        }
+    }
+    Ok(None)
 }
 
 /// The `result` of `sallyport_cache_lookups_total` for a request's final cache phase; `None`
