@@ -7,6 +7,7 @@ mod support;
 
 mod aggregate;
 mod auth;
+mod cache;
 mod clients;
 mod headers;
 mod operations;

@@ -79,6 +79,10 @@ pub struct AccessRecord<'a> {
     pub rejected_by: Option<(&'a str, &'a str)>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub trace_id: Option<String>,
+    /// The cache's verdict (`hit`, `miss`, `stale`, `revalidated`, `bypass`, `expired`) on
+    /// routes with a cache plugin.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache: Option<&'a str>,
     /// Fields plugins added (`RequestCtx::log_fields`), written as top-level keys.
     #[serde(serialize_with = "fields_as_map", flatten)]
     pub extra: &'a [(&'static str, serde_json::Value)],

@@ -406,6 +406,8 @@ impl ProxyHttp for Gateway {
         ctx.req.request_id =
             request_id::from_header(req.headers.get(&X_REQUEST_ID).map(|v| v.as_bytes()));
         ctx.req.client_ip = self.client_ip(session, &snapshot);
+        // Pingora's background refresh of a stale entry runs the whole chain again.
+        ctx.req.background = session.subrequest_ctx.is_some();
 
         let req = session.req_header();
         let path = match normalize(req.uri.path(), snapshot.escaped_slashes) {
@@ -904,6 +906,42 @@ impl ProxyHttp for Gateway {
         });
     }
 
+    /// Whether a stale entry may be served: the first answer of a cache plugin; otherwise
+    /// only when the upstream failed (Pingora's default).
+    fn should_serve_stale(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        error: Option<&Error>,
+    ) -> bool {
+        let answer = first_cache_answer(ctx, |p, r, st| {
+            Ok(p.cache_serve_stale(session, error, r, st))
+        });
+        match answer {
+            Ok(Some(serve)) => serve,
+            _ => error.is_some_and(|e| e.esource() == &ErrorSource::Upstream),
+        }
+    }
+
+    /// Before a request of a caching route goes upstream: a cache plugin may answer instead
+    /// (`only-if-cached` on a miss).
+    async fn proxy_upstream_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        let Some(route) = ctx.route.as_ref().filter(|r| r.hooks.cache).cloned() else {
+            return Ok(true);
+        };
+        for i in route.entries_running(ctx.ran, |h| h.cache) {
+            let flow =
+                route.chain[i]
+                    .plugin
+                    .cache_miss(session, &mut ctx.req, &mut ctx.states[i])?;
+            if let Flow::Respond(reply) = flow {
+                self.reply(session, ctx, reply).await?;
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
     /// Runs the response hooks (reverse chain order) on proxied and cached responses.
     async fn response_filter(
         &self,
@@ -1008,7 +1046,11 @@ impl ProxyHttp for Gateway {
         let method = method_label(&session.req_header().method);
         let route_label: &str = &ctx.req.route;
         let metrics = &self.shared.metrics;
-        if let Some(result) = cache_result(session.cache.phase(), ctx.cache_missed) {
+        let cache = ctx
+            .req
+            .cache_result
+            .or_else(|| cache_result(session.cache.phase(), ctx.cache_missed));
+        if let Some(result) = cache {
             metrics
                 .cache_lookups
                 .with_label_values(&[route_label, result])
@@ -1049,6 +1091,7 @@ impl ProxyHttp for Gateway {
                 error: ctx.error_code.or_else(|| e.map(|_| "error")),
                 rejected_by: ctx.rejected_by.as_ref().map(|(p, r)| (&**p, *r)),
                 trace_id: ctx.req.trace.as_ref().map(|t| t.trace_id_hex()),
+                cache,
                 extra: &ctx.req.log_fields,
             };
             self.shared.access_log.write(&record);

@@ -30,6 +30,13 @@ pub struct RequestCtx {
     /// gateway sets them on the proxied request, and `aggregate` on every call. Their names
     /// are a plugin's `trusted_headers`, so a client can never send them itself.
     pub identity_headers: Vec<(http::HeaderName, http::HeaderValue)>,
+    /// The cache's verdict for this request (`hit`, `miss`, `stale`, `revalidated`, `bypass`,
+    /// `expired`), set by a cache plugin: counted in `sallyport_cache_lookups_total` and logged
+    /// as the access-log field `cache`.
+    pub cache_result: Option<&'static str>,
+    /// Whether this is the gateway's own background request (a stale-while-revalidate
+    /// refresh), not a client's: quotas do not count it.
+    pub background: bool,
     /// Extra fields for this request's access-log line (e.g. aggregate call outcomes).
     pub log_fields: Vec<(&'static str, serde_json::Value)>,
     /// When the gateway received the request.
@@ -56,6 +63,8 @@ impl RequestCtx {
             principal: None,
             trace: None,
             identity_headers: Vec::new(),
+            cache_result: None,
+            background: false,
             log_fields: Vec::new(),
             received_at: Instant::now(),
         }

@@ -253,6 +253,39 @@ pub trait Plugin: Send + Sync + 'static {
         Ok(None)
     }
 
+    /// Pingora's `should_serve_stale`: whether a stale entry may be served, while it is
+    /// revalidated in the background (`error` is `None`: stale-while-revalidate) or because the
+    /// upstream failed (`error` is set: stale-if-error). The first plugin that returns `Some`
+    /// decides; `None` everywhere serves stale only on an upstream error.
+    fn cache_serve_stale(
+        &self,
+        _session: &Session,
+        _error: Option<&pingora::Error>,
+        _ctx: &mut RequestCtx,
+        _state: &mut Self::State,
+    ) -> Option<bool> {
+        None
+    }
+
+    /// Runs in chain order when a request of a route with a cache plugin is about to go
+    /// upstream because the cache could not answer it (miss, expired entry, bypass):
+    /// `Flow::Respond` answers instead (e.g. `Cache-Control: only-if-cached` gets 504).
+    fn cache_miss(
+        &self,
+        _session: &Session,
+        _ctx: &mut RequestCtx,
+        _state: &mut Self::State,
+    ) -> Result<Flow> {
+        Ok(Flow::Continue)
+    }
+
+    /// The admin API's `POST /cache/purge`: removes this plugin's stored entries for one
+    /// request target or every target under a prefix, and says how many it removed. Called
+    /// outside any request, on every plugin of the running config.
+    fn cache_purge(&self, _target: &CachePurge) -> usize {
+        0
+    }
+
     /// Runs in reverse chain order on every response to the client, proxied or produced by a
     /// plugin or the gateway (errors included), for every plugin the chain reached: those
     /// before and including the one that answered, all of them for a proxied request.
@@ -288,8 +321,9 @@ pub struct Hooks {
     pub response_body: bool,
     pub upstream_response: bool,
     pub upstream_failure: bool,
-    /// All five cache hooks (`request_cache`, `cache_key`, `cache_vary`, `cache_hit`,
-    /// `response_cache`): a cache plugin implements them together.
+    /// The cache hooks (`request_cache`, `cache_key`, `cache_vary`, `cache_hit`,
+    /// `response_cache`, `cache_serve_stale`, `cache_miss`): a cache plugin implements them
+    /// together.
     pub cache: bool,
     pub response_filter: bool,
     pub logging: bool,
@@ -378,6 +412,15 @@ impl UpstreamFailure {
     pub fn after_connect(self) -> bool {
         matches!(self, UpstreamFailure::Timeout | UpstreamFailure::Error)
     }
+}
+
+/// What `POST /cache/purge` on the admin listener removes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CachePurge {
+    /// Every stored variant of one request target (path and query, e.g. `/api/items/1`).
+    Url(String),
+    /// Every stored entry whose request target starts with this prefix.
+    Prefix(String),
 }
 
 /// Per-request state of one plugin, type-erased so a chain can hold plugins of any type.
@@ -477,6 +520,20 @@ pub trait DynPlugin: Send + Sync + 'static {
         ctx: &mut RequestCtx,
         state: &mut ErasedState,
     ) -> Result<Option<RespCacheable>>;
+    fn cache_serve_stale(
+        &self,
+        session: &Session,
+        error: Option<&pingora::Error>,
+        ctx: &mut RequestCtx,
+        state: &mut ErasedState,
+    ) -> Option<bool>;
+    fn cache_miss(
+        &self,
+        session: &Session,
+        ctx: &mut RequestCtx,
+        state: &mut ErasedState,
+    ) -> Result<Flow>;
+    fn cache_purge(&self, target: &CachePurge) -> usize;
     async fn response_filter(
         &self,
         session: &mut Session,
@@ -754,6 +811,30 @@ impl<P: Plugin> DynPlugin for Erased<P> {
             .response_cache(session, response, ctx, typed(state)?)
     }
 
+    fn cache_serve_stale(
+        &self,
+        session: &Session,
+        error: Option<&pingora::Error>,
+        ctx: &mut RequestCtx,
+        state: &mut ErasedState,
+    ) -> Option<bool> {
+        self.plugin
+            .cache_serve_stale(session, error, ctx, typed(state).ok()?)
+    }
+
+    fn cache_miss(
+        &self,
+        session: &Session,
+        ctx: &mut RequestCtx,
+        state: &mut ErasedState,
+    ) -> Result<Flow> {
+        self.plugin.cache_miss(session, ctx, typed(state)?)
+    }
+
+    fn cache_purge(&self, target: &CachePurge) -> usize {
+        self.plugin.cache_purge(target)
+    }
+
     fn response_filter<'a, 's, 'r, 'c, 'st, 'f>(
         &'a self,
         session: &'s mut Session,
@@ -995,6 +1076,7 @@ plugin_registry! {
     authorize => Authorize(AuthorizeConfig),
     key_auth => KeyAuth(KeyAuthConfig),
     example_header => ExampleHeader(ExampleHeaderConfig),
+    cache => Cache(CacheConfig),
     // Test builds only (feature `testing`): records the hooks it sees in a response header.
     #[cfg(feature = "testing")]
     probe => Probe(ProbeConfig),

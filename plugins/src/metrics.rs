@@ -16,6 +16,10 @@ pub struct PluginMetrics {
     pub quota_store_errors: IntCounterVec,
     /// `sallyport_concurrency_in_flight{plugin}`: slots of a bulkhead in use.
     pub concurrency_in_flight: IntGaugeVec,
+    /// `sallyport_cache_bytes{plugin}`: bytes a cache plugin holds (bodies and metadata).
+    pub cache_bytes: IntGaugeVec,
+    /// `sallyport_cache_evictions_total{plugin}`: entries removed to stay within `max_size`.
+    pub cache_evictions: IntCounterVec,
 }
 
 /// Creates a counter family and registers it: the one way Sallyport makes counters.
@@ -69,7 +73,22 @@ impl PluginMetrics {
             &["plugin"],
         )?;
         registry.register(Box::new(concurrency_in_flight.clone()))?;
+        let cache_bytes = IntGaugeVec::new(
+            Opts::new(
+                "sallyport_cache_bytes",
+                "Bytes held by a cache plugin's store (bodies and metadata).",
+            ),
+            &["plugin"],
+        )?;
+        registry.register(Box::new(cache_bytes.clone()))?;
+        let cache_evictions = counter(
+            "sallyport_cache_evictions_total",
+            "Cache entries evicted to stay within the plugin's max_size.",
+            &["plugin"],
+        )?;
         Ok(PluginMetrics {
+            cache_bytes,
+            cache_evictions,
             concurrency_in_flight,
             aggregate_calls,
             aggregate_call_duration,

@@ -5,6 +5,7 @@
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -751,4 +752,139 @@ fn resp_complete(buf: &[u8]) -> bool {
         }
     }
     one(buf) == Some(buf.len())
+}
+
+/// A request as a scripted [`Origin`] received it.
+#[derive(Debug, Clone)]
+pub struct OriginRequest {
+    pub method: String,
+    pub uri: String,
+    pub headers: http::HeaderMap,
+}
+
+impl OriginRequest {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+/// What a scripted [`Origin`] answers.
+#[derive(Debug, Clone)]
+pub struct OriginResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    /// Wait this long before answering.
+    pub delay: Duration,
+}
+
+impl OriginResponse {
+    pub fn new(status: u16, body: impl Into<Vec<u8>>) -> Self {
+        OriginResponse {
+            status,
+            headers: Vec::new(),
+            body: body.into(),
+            delay: Duration::ZERO,
+        }
+    }
+
+    pub fn header(mut self, name: &str, value: impl Into<String>) -> Self {
+        self.headers.push((name.to_string(), value.into()));
+        self
+    }
+
+    pub fn delay(mut self, d: Duration) -> Self {
+        self.delay = d;
+        self
+    }
+}
+
+type OriginScript = dyn Fn(&OriginRequest) -> OriginResponse + Send + Sync;
+
+/// An upstream whose every answer the test scripts, recording what it received. Stops
+/// (listener and connections) when dropped or [`Origin::stop`]ped.
+pub struct Origin {
+    pub addr: SocketAddr,
+    requests: Arc<std::sync::Mutex<Vec<OriginRequest>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Origin {
+    pub async fn start(
+        script: impl Fn(&OriginRequest) -> OriginResponse + Send + Sync + 'static,
+    ) -> Origin {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let requests = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let script: Arc<OriginScript> = Arc::new(script);
+        let recorded = Arc::clone(&requests);
+        let task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                let script = Arc::clone(&script);
+                let recorded = Arc::clone(&recorded);
+                conns.spawn(async move {
+                    let service = hyper::service::service_fn(
+                        move |req: http::Request<hyper::body::Incoming>| {
+                            let script = Arc::clone(&script);
+                            let recorded = Arc::clone(&recorded);
+                            async move {
+                                let got = OriginRequest {
+                                    method: req.method().to_string(),
+                                    uri: req.uri().to_string(),
+                                    headers: req.headers().clone(),
+                                };
+                                let answer = script(&got);
+                                recorded.lock().unwrap().push(got);
+                                if !answer.delay.is_zero() {
+                                    tokio::time::sleep(answer.delay).await;
+                                }
+                                let mut resp = http::Response::new(http_body_util::Full::new(
+                                    bytes::Bytes::from(answer.body),
+                                ));
+                                *resp.status_mut() =
+                                    http::StatusCode::from_u16(answer.status).unwrap();
+                                for (k, v) in answer.headers {
+                                    resp.headers_mut().append(
+                                        http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                                        http::HeaderValue::from_str(&v).unwrap(),
+                                    );
+                                }
+                                Ok::<_, std::convert::Infallible>(resp)
+                            }
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Origin {
+            addr,
+            requests,
+            task,
+        }
+    }
+
+    /// Every request received so far.
+    pub fn requests(&self) -> Vec<OriginRequest> {
+        self.requests.lock().unwrap().clone()
+    }
+
+    /// How many requests it received.
+    pub fn hits(&self) -> usize {
+        self.requests.lock().unwrap().len()
+    }
+
+    /// Stops listening and closes every connection.
+    pub fn stop(&self) {
+        self.task.abort();
+    }
+}
+
+impl Drop for Origin {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }

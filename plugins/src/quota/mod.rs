@@ -339,6 +339,10 @@ impl Plugin for Quota {
         ctx: &mut RequestCtx,
         state: &mut Option<Decision>,
     ) -> Result<Flow> {
+        // The gateway's own refresh of a stale cache entry is not a client's request.
+        if ctx.background {
+            return Ok(Flow::Continue);
+        }
         let key = match self.key_of(session, ctx) {
             Some(k) => k,
             None => match (self.missing_key, ctx.client_ip) {
