@@ -135,20 +135,27 @@ impl Cache {
     }
 
     /// Who the caller is, for a partitioned entry: the verified principal (issuer, subject,
-    /// tenant) when a plugin verified one, otherwise the credentials themselves. Only its hash
-    /// is kept (in the entry's variance).
+    /// tenant; every claim when it has no subject) when a plugin verified one, otherwise the
+    /// credentials themselves. Only its hash is kept (in the entry's variance).
     fn identity(ctx: &RequestCtx, request: &RequestHeader) -> Vec<u8> {
         if let Some(p) = &ctx.principal {
-            if let Some(subject) = &p.subject {
-                let claim = |n| p.claim_str(n).unwrap_or_default();
-                return format!(
+            let claim = |n| p.claim_str(n).unwrap_or_default();
+            return match &p.subject {
+                Some(subject) => format!(
                     "principal\0{}\0{}\0{subject}\0{}",
                     p.verified_by,
                     claim("iss"),
                     claim("tenant")
                 )
-                .into_bytes();
-            }
+                .into_bytes(),
+                // No subject to tell callers apart: every verified claim does.
+                None => format!(
+                    "claims\0{}\0{}",
+                    p.verified_by,
+                    serde_json::Value::Object((*p.claims).clone())
+                )
+                .into_bytes(),
+            };
         }
         let mut id = b"credentials".to_vec();
         for name in [AUTHORIZATION, COOKIE] {
@@ -187,7 +194,7 @@ fn target_of(ctx: &RequestCtx, request: &RequestHeader) -> String {
 fn same_origin_target(value: &str, host: Option<&str>) -> Option<String> {
     let uri: http::Uri = value.parse().ok()?;
     if let Some(authority) = uri.authority() {
-        if Some(authority.as_str()) != host {
+        if !host.is_some_and(|h| h.eq_ignore_ascii_case(authority.as_str())) {
             return None;
         }
     } else if !value.starts_with('/') {
@@ -412,7 +419,7 @@ impl Plugin for Cache {
         _ctx: &mut RequestCtx,
         state: &mut CacheState,
     ) -> Result<Flow> {
-        if state.directives.only_if_cached {
+        if state.enabled && state.directives.only_if_cached {
             // RFC 9111 5.2.1.7: nothing stored can answer, and the origin must not be asked.
             state.not_stored = Some("only-if-cached");
             return Ok(Flow::Respond(Reply::Error(ApiError::new(
@@ -467,6 +474,10 @@ impl Plugin for Cache {
         if !state.enabled && state.bypass.is_none() && state.not_stored.is_none() {
             return Ok(());
         }
+        if ctx.cache_result.is_some() {
+            // Another cache plugin of the route (later in the chain) already reported.
+            return Ok(());
+        }
         let (result, status) = cache_status(session, response, state);
         ctx.cache_result = Some(result);
         let mut value = status;
@@ -502,6 +513,9 @@ fn cache_status(
     let fwd_status = response.status.as_u16();
     if let Some(why) = state.bypass {
         return ("bypass", format!("{CACHE_NAME}; fwd=bypass; detail={why}"));
+    }
+    if state.not_stored == Some("only-if-cached") {
+        return ("miss", format!("{CACHE_NAME}; fwd=miss; detail=only-if-cached"));
     }
     let cache = &session.cache;
     let meta_ttl = || cache.maybe_cache_meta().map(|m| ttl(m, now));
@@ -555,8 +569,8 @@ fn cache_status(
                     s.push_str("; stored");
                 }
                 CachePhase::Disabled(reason) => {
-                    let detail = state.not_stored.unwrap_or_else(|| reason.as_str());
-                    s.push_str(&format!("; detail={}", detail.to_ascii_lowercase()));
+                    let detail = state.not_stored.unwrap_or_else(|| pingora_reason(reason));
+                    s.push_str(&format!("; detail={detail}"));
                 }
                 _ => {
                     if let Some(detail) = state.not_stored {
@@ -566,6 +580,21 @@ fn cache_status(
             }
             (result, s)
         }
+    }
+}
+
+/// A `Cache-Status` detail for Pingora's own reasons not to store a response.
+fn pingora_reason(reason: NoCacheReason) -> &'static str {
+    match reason {
+        NoCacheReason::Custom(why) => why,
+        NoCacheReason::ResponseTooLarge | NoCacheReason::PredictedResponseTooLarge => {
+            "too-large"
+        }
+        NoCacheReason::CacheLockTimeout => "lock-timeout",
+        NoCacheReason::CacheLockGiveUp | NoCacheReason::CacheLockRetryLimit => "lock-give-up",
+        NoCacheReason::UpstreamError => "upstream-error",
+        NoCacheReason::StorageError => "storage-error",
+        _ => "not-stored",
     }
 }
 
@@ -600,6 +629,35 @@ mod tests {
         );
         assert_eq!(same_origin_target("https://evil.example/items/2", host), None);
         assert_eq!(same_origin_target("items/2", host), None);
+    }
+
+    /// Callers a plugin verified never share an identity: not without a subject either (a
+    /// token without `sub` in a custom header would otherwise fall back to no credentials).
+    #[test]
+    fn identities_tell_verified_callers_apart() {
+        let req = RequestHeader::build("GET", b"/", None).unwrap();
+        let mut ctx = RequestCtx::new("r".into(), Arc::from("route"));
+        let id = |ctx: &RequestCtx| Cache::identity(ctx, &req);
+        let anonymous = id(&ctx);
+        let principal = |sub: Option<&str>, claims: serde_json::Value| crate::Principal {
+            subject: sub.map(String::from),
+            claims: Arc::new(claims.as_object().cloned().unwrap()),
+            verified_by: "jwt",
+        };
+        ctx.principal = Some(principal(None, serde_json::json!({"uid": 1})));
+        let one = id(&ctx);
+        ctx.principal = Some(principal(None, serde_json::json!({"uid": 2})));
+        let two = id(&ctx);
+        ctx.principal = Some(principal(Some("alice"), serde_json::json!({"tenant": "a"})));
+        let alice_a = id(&ctx);
+        ctx.principal = Some(principal(Some("alice"), serde_json::json!({"tenant": "b"})));
+        let alice_b = id(&ctx);
+        let all = [&anonymous, &one, &two, &alice_a, &alice_b];
+        for (i, a) in all.iter().enumerate() {
+            for b in &all[i + 1..] {
+                assert_ne!(a, b);
+            }
+        }
     }
 
     fn config(text: &str) -> CacheConfig {

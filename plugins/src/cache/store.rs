@@ -120,16 +120,7 @@ impl MemoryStore {
         }
         let mut state = self.state.lock();
         state.remove(&key);
-        let mut evicted = 0;
-        while state.used + entry.weight > self.budget {
-            match state.entries.pop_lru() {
-                Some((old_key, old)) => {
-                    state.unlink(&old_key, &old);
-                    evicted += 1;
-                }
-                None => break,
-            }
-        }
+        let evicted = Self::evict_to(&mut state, self.budget - entry.weight);
         state.used += entry.weight;
         state
             .targets
@@ -141,6 +132,21 @@ impl MemoryStore {
         drop(state);
         self.evictions.inc_by(evicted);
         true
+    }
+
+    /// Evicts least recently used entries until at most `limit` bytes are held; how many.
+    fn evict_to(state: &mut State, limit: usize) -> u64 {
+        let mut evicted = 0;
+        while state.used > limit {
+            match state.entries.pop_lru() {
+                Some((old_key, old)) => {
+                    state.unlink(&old_key, &old);
+                    evicted += 1;
+                }
+                None => break,
+            }
+        }
+        evicted
     }
 
     /// Removes every entry stored for `target` (all hosts, variants and principals).
@@ -260,7 +266,12 @@ impl Storage for MemoryStore {
         };
         state.used = state.used - old.weight + updated.weight;
         state.entries.put(key, Arc::new(updated));
+        // A refreshed header may be larger: stay within the budget (the refreshed entry is the
+        // most recently used, so it goes last).
+        let evicted = Self::evict_to(&mut state, self.budget);
         self.bytes.set(state.used as i64);
+        drop(state);
+        self.evictions.inc_by(evicted);
         Ok(true)
     }
 
@@ -396,8 +407,8 @@ impl HandleMiss for Miss {
             target: self.target,
             weight,
         };
-        self.store.admit(self.key, entry);
-        Ok(MissFinishType::Created(weight))
+        let admitted = self.store.admit(self.key, entry);
+        Ok(MissFinishType::Created(if admitted { weight } else { 0 }))
     }
 }
 
