@@ -617,17 +617,7 @@ async fn fifty_concurrent_misses_make_one_upstream_request() {
 }
 
 fn token(sub: &str) -> String {
-    let exp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        + 600;
-    jsonwebtoken::encode(
-        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-        &serde_json::json!({"sub": sub, "tenant": "acme", "exp": exp}),
-        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .unwrap()
+    hs256(SECRET, serde_json::json!({"sub": sub, "tenant": "acme"}))
 }
 
 /// Identity (RFC 9111 3.5): two users' responses never cross unless the origin says `public`.

@@ -15,4 +15,5 @@ mod quota;
 mod quota_redis;
 mod routing;
 mod tls;
+mod traffic;
 mod upstreams;

@@ -88,6 +88,10 @@ pub struct ServerConfig {
     /// Peers whose `X-Forwarded-For` (or `Forwarded`) is believed, as CIDRs or addresses.
     #[serde(default)]
     pub trusted_proxies: Vec<Parsed<IpNet>>,
+    /// Client networks whose connections are closed at accept, before TLS and before any
+    /// request is read (reloadable). Counted in `sallyport_connections_denied_total`.
+    #[serde(default)]
+    pub deny_connections: Vec<Parsed<IpNet>>,
     /// Which header names the client behind `trusted_proxies`: `"x-forwarded-for"` or the
     /// RFC 7239 `"forwarded"`. Only this one is read, never both.
     #[serde(default)]
@@ -682,6 +686,9 @@ fn validate_server(config: &Config, errors: &mut Vec<ConfigError>) {
     }
     for (i, p) in s.trusted_proxies.iter().enumerate() {
         report(&format!("server.trusted_proxies[{i}]"), p, errors);
+    }
+    for (i, p) in s.deny_connections.iter().enumerate() {
+        report(&format!("server.deny_connections[{i}]"), p, errors);
     }
     for (i, p) in s.plugins.iter().enumerate() {
         if !config.plugins.contains_key(p) {

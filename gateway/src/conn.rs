@@ -157,6 +157,8 @@ tokio::task_local! {
 pub struct ConnMetrics {
     pub open: IntGauge,
     pub refused: IntCounter,
+    /// Closed at accept by `server.deny_connections`.
+    pub denied: IntCounter,
     pub timeouts: IntCounterVec,
 }
 
@@ -486,5 +488,32 @@ impl GetSocketDigest for Guarded {
 impl Peek for Guarded {
     async fn try_peek(&mut self, buf: &mut [u8]) -> std::io::Result<bool> {
         self.inner.try_peek(buf).await
+    }
+}
+
+/// `server.deny_connections`: Pingora's connection filter, asked for every accepted TCP
+/// connection before TLS or HTTP. Reads the running snapshot, so a reload changes the list.
+pub struct DenyConnections {
+    pub shared: Arc<crate::Shared>,
+}
+
+impl std::fmt::Debug for DenyConnections {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DenyConnections")
+    }
+}
+
+#[async_trait::async_trait]
+impl pingora::listeners::ConnectionFilter for DenyConnections {
+    async fn should_accept(&self, addr: Option<&std::net::SocketAddr>) -> bool {
+        let Some(ip) = addr.map(|a| a.ip().to_canonical()) else {
+            return true;
+        };
+        let snapshot = self.shared.snapshot.load();
+        if snapshot.deny_connections.iter().any(|n| n.contains(&ip)) {
+            self.shared.metrics.connections.denied.inc();
+            return false;
+        }
+        true
     }
 }

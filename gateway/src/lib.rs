@@ -331,6 +331,9 @@ pub fn run(shared: Arc<Shared>, options: RunOptions) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("{key}: {e}"))?;
         proxy.add_listener(bind(key, &tls.listen)?.tls(settings).l4_buffer(buffers));
     }
+    proxy.set_connection_filter(Arc::new(conn::DenyConnections {
+        shared: Arc::clone(&shared),
+    }));
     server.add_service(proxy);
 
     let admin_listen = server_conf

@@ -90,6 +90,11 @@ impl Metrics {
             "Client connections closed at accept because server.max_connections were open.",
         )?;
         registry.register(Box::new(connections_refused.clone()))?;
+        let connections_denied = IntCounter::new(
+            "sallyport_connections_denied_total",
+            "Client connections closed at accept because their address is in server.deny_connections.",
+        )?;
+        registry.register(Box::new(connections_denied.clone()))?;
         let client_timeouts = counter(
             "sallyport_client_timeouts_total",
             "Client connections closed for overrunning a deadline, by phase (header, body, idle).",
@@ -113,6 +118,7 @@ impl Metrics {
             connections: crate::conn::ConnMetrics {
                 open: connections_open,
                 refused: connections_refused,
+                denied: connections_denied,
                 timeouts: client_timeouts,
             },
         })

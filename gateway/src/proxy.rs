@@ -31,6 +31,7 @@ use crate::metrics::{method_label, status_label};
 use crate::path::normalize;
 use crate::router::{request_host, Lookup};
 use crate::snapshot::{Route, Snapshot};
+use crate::upstream::Pool;
 use crate::Shared;
 
 // Each name spelled once: the `&'static str` is what Pingora's `insert_header` takes without
@@ -64,8 +65,7 @@ impl Gateway {
     /// first failure of a window is logged and the rest are counted, then reported in one
     /// line (see [`LogWindow`]). Failures stay fully visible in metrics and the access log.
     fn quiet_failure(&self, ctx: &Ctx) -> bool {
-        let pool = ctx.route.as_ref().and_then(|r| r.upstream.as_ref());
-        let (window, source) = match pool {
+        let (window, source) = match &ctx.pool {
             Some(p) => (&p.error_log, &*p.name),
             None => (&self.error_log, "gateway"),
         };
@@ -109,6 +109,9 @@ pub struct Ctx {
     /// `miss` or `expired` when a cache lookup went upstream (the cache phase may later turn
     /// to disabled when the response is not stored).
     cache_missed: Option<&'static str>,
+    /// The pool the request goes to: the route's, or the one a plugin chose instead
+    /// (`RequestCtx::upstream`, e.g. `traffic_split`).
+    pool: Option<Arc<Pool>>,
 }
 
 impl Gateway {
@@ -317,7 +320,7 @@ impl Gateway {
 
     /// The try that is under way: the route's pool, the endpoint last picked, its number.
     fn attempt(ctx: &Ctx) -> Option<Attempt> {
-        let pool = ctx.route.as_ref()?.upstream.as_ref()?;
+        let pool = ctx.pool.as_ref()?;
         Some(Attempt {
             upstream: Arc::clone(&pool.name),
             endpoint: *ctx.tried.last()?,
@@ -349,7 +352,7 @@ impl Gateway {
     }
 
     fn upstream_outcome(&self, ctx: &Ctx, outcome: &str) {
-        if let Some(pool) = ctx.route.as_ref().and_then(|r| r.upstream.as_ref()) {
+        if let Some(pool) = &ctx.pool {
             self.shared
                 .metrics
                 .upstream_requests
@@ -380,6 +383,7 @@ impl ProxyHttp for Gateway {
             upstream_started: None,
             upstream_response: None,
             cache_missed: None,
+            pool: None,
         }
     }
 
@@ -430,7 +434,22 @@ impl ProxyHttp for Gateway {
             })
             .unwrap_or_default();
         let method = req.method.clone();
-        let route = match snapshot.router.lookup(&host, &path, &method) {
+        // A CORS preflight is routed by the method it asks about, and answered by a plugin of
+        // that route, whatever the route's `methods` say (see `Plugin::preflight`).
+        let preflight = sallyport_plugins::cors::is_preflight(req)
+            .then(|| req.headers.get(http::header::ACCESS_CONTROL_REQUEST_METHOD))
+            .flatten()
+            .and_then(|m| Method::from_bytes(m.as_bytes()).ok())
+            .map(|asked| snapshot.router.lookup(&host, &path, &asked))
+            .and_then(|found| match found {
+                Lookup::Found(i, params) if snapshot.routes[i].hooks.preflight => {
+                    Some(Lookup::Found(i, params))
+                }
+                _ => None,
+            });
+        let is_preflight = preflight.is_some();
+        let found = preflight.unwrap_or_else(|| snapshot.router.lookup(&host, &path, &method));
+        let route = match found {
             Lookup::Found(i, params) => {
                 ctx.req.path_params = params;
                 Arc::clone(&snapshot.routes[i])
@@ -453,11 +472,37 @@ impl ProxyHttp for Gateway {
         };
         ctx.req.route = Arc::clone(&route.name);
         ctx.req.upstream = route.upstream.as_ref().map(|p| Arc::clone(&p.name));
+        ctx.pool = route.upstream.clone();
         ctx.req.path = path;
         ctx.route = Some(Arc::clone(&route));
 
         // Every plugin of the chain gets its `logging`, also for a request refused below.
         ctx.states = route.chain.iter().map(|e| e.plugin.new_state()).collect();
+
+        if is_preflight {
+            for (i, entry) in route.chain.iter().enumerate() {
+                if !entry.hooks.preflight {
+                    continue;
+                }
+                let flow = entry
+                    .plugin
+                    .preflight(session, &mut ctx.req, &mut ctx.states[i])?;
+                if let Flow::Respond(reply) = flow {
+                    if let Reply::Error(err) = &reply {
+                        ctx.rejected_by = Some((Arc::clone(&entry.name), err.reason));
+                        self.shared
+                            .metrics
+                            .plugin_rejections
+                            .with_label_values(&[&*route.name, &*entry.name, err.reason])
+                            .inc();
+                    }
+                    // The preflight answer is complete: no response hook runs for it.
+                    ctx.ran = 0;
+                    self.reply(session, ctx, reply).await?;
+                    return Ok(true);
+                }
+            }
+        }
 
         if !snapshot.trusted_headers.is_empty() {
             let req = session.req_header_mut();
@@ -504,7 +549,12 @@ impl ProxyHttp for Gateway {
                 return Ok(true);
             }
         }
-        if route.upstream.is_none() {
+        // A plugin may have sent the request to another pool.
+        let chosen = ctx.req.upstream.as_deref();
+        if chosen != ctx.pool.as_ref().map(|p| &*p.name) {
+            ctx.pool = chosen.and_then(|name| snapshot.pools.get(name)).cloned();
+        }
+        if ctx.pool.is_none() {
             let err = ApiError::new(502, "no_upstream", "this route has no upstream");
             self.respond_error(session, ctx, err).await?;
             return Ok(true);
@@ -591,8 +641,8 @@ impl ProxyHttp for Gateway {
             .route
             .clone()
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "no route selected"))?;
-        let pool = route
-            .upstream
+        let pool = ctx
+            .pool
             .clone()
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "route has no upstream"))?;
         let key = match pool.config.balance {
@@ -654,11 +704,7 @@ impl ProxyHttp for Gateway {
             "connect_error"
         };
         self.upstream_outcome(ctx, outcome);
-        let retries = ctx
-            .route
-            .as_ref()
-            .and_then(|r| r.upstream.as_ref())
-            .map_or(0, |p| p.config.retries);
+        let retries = ctx.pool.as_ref().map_or(0, |p| p.config.retries);
         let retrying = ctx.tried.len() <= retries;
         if retrying {
             e.set_retry(true);
@@ -739,7 +785,7 @@ impl ProxyHttp for Gateway {
         {
             self.forwarding_headers(session, upstream_request, ctx, peer)?;
         }
-        if let (Some(pool), Some(addr)) = (&route.upstream, ctx.tried.last()) {
+        if let (Some(pool), Some(addr)) = (&ctx.pool, ctx.tried.last()) {
             if !pool.config.preserve_host {
                 if let Some(host) = pool.host_header(addr) {
                     upstream_request.insert_header(http::header::HOST, host)?;

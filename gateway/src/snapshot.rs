@@ -90,6 +90,8 @@ pub struct Snapshot {
     /// Headers that plugins set from verified credentials: removed from every request.
     pub trusted_headers: HeaderSet,
     pub trusted_proxies: Vec<IpNet>,
+    /// `server.deny_connections`.
+    pub deny_connections: Vec<IpNet>,
     pub client_ip_header: ClientIpHeader,
     pub max_body: u64,
     pub escaped_slashes: EscapedSlashes,
@@ -176,7 +178,7 @@ impl Snapshot {
                         .enumerate()
                         .map(|(j, n)| (format!("routes[{i}].plugins[{j}]"), n)),
                 );
-            let chain: Vec<ChainEntry> = every_or_errors(
+            let mut chain: Vec<ChainEntry> = every_or_errors(
                 names.map(|(path, n)| {
                     let entry = plugins.get(n).map(|b| ChainEntry {
                         name: Arc::from(n.as_str()),
@@ -191,6 +193,10 @@ impl Snapshot {
                 }),
                 &mut errors,
             );
+            // Plugins that answer CORS preflights wrap the whole chain: their response hooks
+            // must see every answer, rejections by the other plugins included (stable: the
+            // others keep their order).
+            chain.sort_by_key(|e| !e.hooks.preflight);
             let hooks = chain.iter().fold(Hooks::NONE, |acc, e| acc.union(e.hooks));
             let rule = match r.path_rule() {
                 Ok(rule) => rule,
@@ -265,10 +271,20 @@ impl Snapshot {
                 .map(|(j, p)| (format!("server.trusted_proxies[{j}]"), p.value().copied())),
             &mut errors,
         );
+        let deny_connections = every_or_errors(
+            config
+                .server
+                .deny_connections
+                .iter()
+                .enumerate()
+                .map(|(j, p)| (format!("server.deny_connections[{j}]"), p.value().copied())),
+            &mut errors,
+        );
         if !errors.is_empty() {
             return Err(ConfigErrors(errors));
         }
         Ok(Snapshot {
+            deny_connections,
             router: Router::new(&matches),
             routes,
             pools,

@@ -43,6 +43,24 @@ impl BodyBuffer {
         Ok(end_of_stream.then(|| std::mem::take(&mut self.buf).freeze()))
     }
 
+    /// Like [`BodyBuffer::push`], but past the limit hands back everything held so far with
+    /// this chunk (`Err(bytes)`), for a plugin that then lets the body through untouched.
+    pub fn push_or_release(
+        &mut self,
+        chunk: &mut Option<Bytes>,
+        end_of_stream: bool,
+    ) -> Result<Option<Bytes>, Bytes> {
+        if let Some(c) = chunk.take() {
+            if self.buf.len() + c.len() > self.limit {
+                let mut held = std::mem::take(&mut self.buf);
+                held.extend_from_slice(&c);
+                return Err(held.freeze());
+            }
+            self.buf.extend_from_slice(&c);
+        }
+        Ok(end_of_stream.then(|| std::mem::take(&mut self.buf).freeze()))
+    }
+
     /// Bytes held so far.
     pub fn len(&self) -> usize {
         self.buf.len()

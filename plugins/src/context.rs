@@ -13,7 +13,9 @@ pub struct RequestCtx {
     pub request_id: String,
     /// Name of the matched route (`routes[].name`).
     pub route: Arc<str>,
-    /// Name of the route's upstream pool, if it has one.
+    /// Name of the route's upstream pool, if it has one. A plugin's `request_filter` may set
+    /// another `[upstreams.NAME]` (e.g. `traffic_split`): the request then goes to that pool,
+    /// and the access log names it.
     pub upstream: Option<Arc<str>>,
     /// The client address: the peer address, or the first untrusted hop of
     /// `X-Forwarded-For` when the peer is one of `server.trusted_proxies`.

@@ -33,6 +33,7 @@ pub mod key;
 pub mod metrics;
 mod reply;
 pub mod request_id;
+pub mod template;
 pub mod upstream;
 
 pub mod testkit;
@@ -72,11 +73,15 @@ pub trait Plugin: Send + Sync + 'static {
     type State: Default + Send + Sync + 'static;
 
     /// The hooks the gateway calls; the others are skipped without a call (each call costs a
-    /// boxed future). Defaults to every hook, so a hook the author wrote is never silently
-    /// skipped: a plugin narrows it here, next to the hooks it implements. Asked once, when
-    /// the plugin is built.
+    /// boxed future). Defaults to every hook but `preflight` (which also moves the plugin to
+    /// the front of its chains, so a plugin asks for it explicitly), so a hook the author wrote
+    /// is never silently skipped: a plugin narrows it here, next to the hooks it implements.
+    /// Asked once, when the plugin is built.
     fn hooks(&self) -> Hooks {
-        Hooks::ALL
+        Hooks {
+            preflight: false,
+            ..Hooks::ALL
+        }
     }
 
     /// Runs once on the gateway's runtime after the plugin was built and before the config
@@ -89,6 +94,21 @@ pub trait Plugin: Send + Sync + 'static {
     /// Runs once when a reload replaced the plugin (and at shutdown): stop background work.
     /// Requests that started before the swap may still be using the plugin.
     async fn stop(&self) {}
+
+    /// Answers a CORS preflight (`OPTIONS` with `Origin` and `Access-Control-Request-Method`)
+    /// for the route that would serve the method it asks about, before any `request_filter` of
+    /// the chain runs and whatever the route's `methods` say. The first plugin that returns
+    /// `Flow::Respond` answers; the response hooks do not run for it. A plugin with this hook
+    /// is moved to the front of every chain it is in, so its `response_filter` sees every
+    /// answer of the route, rejections by other plugins included.
+    fn preflight(
+        &self,
+        _session: &Session,
+        _ctx: &mut RequestCtx,
+        _state: &mut Self::State,
+    ) -> Result<Flow> {
+        Ok(Flow::Continue)
+    }
 
     /// Runs in `request_filter`, in chain order, after routing and after the gateway removed
     /// every trusted identity header from the request. `Ok(Flow::Continue)` passes the request
@@ -314,6 +334,8 @@ pub trait Plugin: Send + Sync + 'static {
 /// Which hooks a plugin overrides, so the gateway skips the rest without a call.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Hooks {
+    /// [`Plugin::preflight`]; also puts the plugin first in its chains.
+    pub preflight: bool,
     pub request_filter: bool,
     pub upstream_peer: bool,
     pub upstream_request_filter: bool,
@@ -331,6 +353,7 @@ pub struct Hooks {
 
 impl Hooks {
     pub const NONE: Hooks = Hooks {
+        preflight: false,
         request_filter: false,
         upstream_peer: false,
         upstream_request_filter: false,
@@ -346,6 +369,7 @@ impl Hooks {
     /// The hooks either set runs (a route's chain runs the union of its plugins').
     pub fn union(self, other: Hooks) -> Hooks {
         Hooks {
+            preflight: self.preflight || other.preflight,
             request_filter: self.request_filter || other.request_filter,
             upstream_peer: self.upstream_peer || other.upstream_peer,
             upstream_request_filter: self.upstream_request_filter || other.upstream_request_filter,
@@ -360,6 +384,7 @@ impl Hooks {
     }
 
     pub const ALL: Hooks = Hooks {
+        preflight: true,
         request_filter: true,
         upstream_peer: true,
         upstream_request_filter: true,
@@ -434,6 +459,12 @@ pub trait DynPlugin: Send + Sync + 'static {
     fn hooks(&self) -> Hooks;
     async fn start(&self);
     async fn stop(&self);
+    fn preflight(
+        &self,
+        session: &Session,
+        ctx: &mut RequestCtx,
+        state: &mut ErasedState,
+    ) -> Result<Flow>;
     async fn request_filter(
         &self,
         session: &mut Session,
@@ -606,6 +637,15 @@ impl<P: Plugin> DynPlugin for Erased<P> {
         Self: 'f,
     {
         self.plugin.stop()
+    }
+
+    fn preflight(
+        &self,
+        session: &Session,
+        ctx: &mut RequestCtx,
+        state: &mut ErasedState,
+    ) -> Result<Flow> {
+        self.plugin.preflight(session, ctx, typed(state)?)
     }
 
     fn request_filter<'a, 's, 'c, 'st, 'f>(
@@ -1077,6 +1117,11 @@ plugin_registry! {
     key_auth => KeyAuth(KeyAuthConfig),
     example_header => ExampleHeader(ExampleHeaderConfig),
     cache => Cache(CacheConfig),
+    cors => Cors(CorsConfig),
+    ip_filter => IpFilter(IpFilterConfig),
+    traffic_split => TrafficSplit(TrafficSplitConfig),
+    headers => Headers(HeadersConfig),
+    json_transform => JsonTransform(JsonTransformConfig),
     // Test builds only (feature `testing`): records the hooks it sees in a response header.
     #[cfg(feature = "testing")]
     probe => Probe(ProbeConfig),

@@ -20,6 +20,8 @@ pub struct PluginMetrics {
     pub cache_bytes: IntGaugeVec,
     /// `sallyport_cache_evictions_total{plugin}`: entries removed to stay within `max_size`.
     pub cache_evictions: IntCounterVec,
+    /// `sallyport_traffic_split_total{route,plugin,upstream}`: requests a split sent elsewhere.
+    pub traffic_split: IntCounterVec,
 }
 
 /// Creates a counter family and registers it: the one way Sallyport makes counters.
@@ -86,7 +88,13 @@ impl PluginMetrics {
             "Cache entries evicted to stay within the plugin's max_size.",
             &["plugin"],
         )?;
+        let traffic_split = counter(
+            "sallyport_traffic_split_total",
+            "Requests a traffic_split rule sent to another upstream pool, by pool.",
+            &["route", "plugin", "upstream"],
+        )?;
         Ok(PluginMetrics {
+            traffic_split,
             cache_bytes,
             cache_evictions,
             concurrency_in_flight,

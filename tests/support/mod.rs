@@ -776,6 +776,8 @@ pub struct OriginResponse {
     pub body: Vec<u8>,
     /// Wait this long before answering.
     pub delay: Duration,
+    /// Send the body chunked, in two parts, without `Content-Length`.
+    pub chunked: bool,
 }
 
 impl OriginResponse {
@@ -785,7 +787,13 @@ impl OriginResponse {
             headers: Vec::new(),
             body: body.into(),
             delay: Duration::ZERO,
+            chunked: false,
         }
+    }
+
+    pub fn chunked(mut self) -> Self {
+        self.chunked = true;
+        self
     }
 
     pub fn header(mut self, name: &str, value: impl Into<String>) -> Self {
@@ -839,9 +847,23 @@ impl Origin {
                                 if !answer.delay.is_zero() {
                                     tokio::time::sleep(answer.delay).await;
                                 }
-                                let mut resp = http::Response::new(http_body_util::Full::new(
-                                    bytes::Bytes::from(answer.body),
-                                ));
+                                use http_body_util::BodyExt;
+                                let body = if answer.chunked {
+                                    let (a, b) = answer.body.split_at(answer.body.len() / 2);
+                                    let frames = [a.to_vec(), b.to_vec()].map(|part| {
+                                        Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(
+                                            bytes::Bytes::from(part),
+                                        ))
+                                    });
+                                    http_body_util::StreamBody::new(futures_util::stream::iter(
+                                        frames,
+                                    ))
+                                    .boxed()
+                                } else {
+                                    http_body_util::Full::new(bytes::Bytes::from(answer.body))
+                                        .boxed()
+                                };
+                                let mut resp = http::Response::new(body);
                                 *resp.status_mut() =
                                     http::StatusCode::from_u16(answer.status).unwrap();
                                 for (k, v) in answer.headers {
@@ -887,4 +909,22 @@ impl Drop for Origin {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// An HS256 JWT over `claims` (with `exp` ten minutes ahead unless given).
+pub fn hs256(secret: &str, mut claims: serde_json::Value) -> String {
+    if claims.get("exp").is_none() {
+        let exp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 600;
+        claims["exp"] = exp.into();
+    }
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap()
 }

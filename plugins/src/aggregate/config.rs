@@ -4,7 +4,7 @@ use serde::Deserialize;
 
 use http::{HeaderName, Method};
 
-use super::template::Template;
+use crate::template::Template;
 use crate::conf::{ByteSize, HumanDuration, Parsed};
 
 /// `[plugins.NAME]` with `type = "aggregate"`.

@@ -29,7 +29,6 @@
 
 mod config;
 mod shape;
-mod template;
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -43,7 +42,7 @@ use pingora::proxy::Session;
 
 pub use config::{AggregateConfig, CallConfig};
 pub use shape::Shape;
-pub use template::Template;
+pub use crate::template::Template;
 
 use crate::conf::{parse_error, parse_errors, value, values};
 use crate::trace::nonzero_span_id;

@@ -1,6 +1,13 @@
-//! Path templates of aggregate calls: literal text and `{namespace.NAME}` substitutions whose
-//! values are percent-encoded (everything but unreserved characters), so a claim or a path
-//! segment can never add a path segment, a query parameter or a fragment to the call.
+//! Templates: literal text and substitutions from the request, `{claim.NAME}`, `{path.NAME}`,
+//! `{query.NAME}`, `{header.NAME}`, `{route}`, `{request_id}`, `{client_ip}`.
+//!
+//! Two uses, two renderings:
+//! - paths of aggregate calls ([`Template::parse`], [`Template::render`]): values are
+//!   percent-encoded (everything but unreserved characters), so a claim or a path segment can
+//!   never add a path segment, a query parameter or a fragment to the call;
+//! - header values of the `headers` plugin ([`Template::parse_value`],
+//!   [`Template::render_value`]): values are taken as they are, and the result must be a valid
+//!   header value (no CR, LF or NUL can ever pass).
 
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 
@@ -19,6 +26,9 @@ pub enum Source {
     Path(String),
     Query(String),
     Header(http::HeaderName),
+    Route,
+    RequestId,
+    ClientIp,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,10 +49,23 @@ impl crate::conf::ConfigStr for Template {
 }
 
 impl Template {
+    /// A path template: starts with `/`.
     pub fn parse(s: &str) -> Result<Template, String> {
         if !s.starts_with('/') {
             return Err(format!("{s:?} must start with /"));
         }
+        Self::parse_parts(s)
+    }
+
+    /// A header value template: its literal text must be valid in a header value.
+    pub fn parse_value(s: &str) -> Result<Template, String> {
+        if s.bytes().any(|b| b < 0x20 && b != b'\t' || b == 0x7f) {
+            return Err(format!("{s:?} has a control character"));
+        }
+        Self::parse_parts(s)
+    }
+
+    fn parse_parts(s: &str) -> Result<Template, String> {
         let mut parts = Vec::new();
         let mut rest = s;
         while let Some(open) = rest.find('{') {
@@ -54,9 +77,20 @@ impl Template {
                 .map(|c| open + c)
                 .ok_or_else(|| format!("unclosed {{ in {s:?}"))?;
             let inner = &rest[open + 1..close];
+            let bare = match inner {
+                "route" => Some(Source::Route),
+                "request_id" => Some(Source::RequestId),
+                "client_ip" => Some(Source::ClientIp),
+                _ => None,
+            };
+            if let Some(source) = bare {
+                parts.push(Part::Value(source));
+                rest = &rest[close + 1..];
+                continue;
+            }
             let (ns, name) = inner
                 .split_once('.')
-                .ok_or_else(|| format!("{{{inner}}}: write {{claim.NAME}}, {{path.NAME}}, {{query.NAME}} or {{header.NAME}}"))?;
+                .ok_or_else(|| format!("{{{inner}}}: write {{claim.NAME}}, {{path.NAME}}, {{query.NAME}}, {{header.NAME}}, {{route}}, {{request_id}} or {{client_ip}}"))?;
             if name.is_empty() {
                 return Err(format!("{{{inner}}} has no name"));
             }
@@ -94,6 +128,34 @@ impl Template {
         })
     }
 
+    /// The claims (`{claim.NAME}`) the template uses.
+    pub fn claims(&self) -> impl Iterator<Item = &str> {
+        self.parts.iter().filter_map(|p| match p {
+            Part::Value(Source::Claim(n)) => Some(n.as_str()),
+            _ => None,
+        })
+    }
+
+    /// Fills a header value template for a request: values as they are; `Err` names the first
+    /// missing value, or says the result is not a valid header value.
+    pub fn render_value(
+        &self,
+        req: &pingora::http::RequestHeader,
+        ctx: &RequestCtx,
+    ) -> Result<http::HeaderValue, String> {
+        let mut out = String::new();
+        for part in &self.parts {
+            match part {
+                Part::Literal(l) => out.push_str(l),
+                Part::Value(source) => {
+                    out.push_str(&lookup(source, req, ctx).ok_or_else(|| describe(source))?)
+                }
+            }
+        }
+        http::HeaderValue::from_str(&out)
+            .map_err(|_| "the value has a character a header cannot carry".to_string())
+    }
+
     /// Fills the template for a request; `Err` names the first missing value.
     pub fn render(
         &self,
@@ -124,6 +186,9 @@ fn describe(source: &Source) -> String {
         Source::Path(n) => format!("{{path.{n}}}"),
         Source::Query(n) => format!("{{query.{n}}}"),
         Source::Header(n) => format!("{{header.{n}}}"),
+        Source::Route => "{route}".to_string(),
+        Source::RequestId => "{request_id}".to_string(),
+        Source::ClientIp => "{client_ip}".to_string(),
     }
 }
 
@@ -141,6 +206,9 @@ fn lookup(source: &Source, req: &pingora::http::RequestHeader, ctx: &RequestCtx)
             })
         }),
         Source::Header(h) => req.headers.get(h)?.to_str().ok().map(str::to_string),
+        Source::Route => Some(ctx.route.to_string()),
+        Source::RequestId => Some(ctx.request_id.clone()),
+        Source::ClientIp => ctx.client_ip.map(|ip| ip.to_string()),
     }
 }
 
@@ -149,6 +217,37 @@ mod tests {
     use super::*;
     use crate::Principal;
     use std::sync::Arc;
+
+    #[test]
+    fn header_values_render_raw_and_refuse_line_breaks() {
+        let t = Template::parse_value("{claim.tenant}/{route}/{request_id}/{client_ip}").unwrap();
+        let mut ctx = RequestCtx::new("rid".into(), Arc::from("orders"));
+        ctx.client_ip = Some("10.0.0.1".parse().unwrap());
+        let mut claims = serde_json::Map::new();
+        claims.insert("tenant".into(), "a b".into());
+        ctx.principal = Some(Principal {
+            subject: None,
+            claims: Arc::new(claims),
+            verified_by: "jwt",
+        });
+        let req = pingora::http::RequestHeader::build("GET", b"/", None).unwrap();
+        assert_eq!(
+            t.render_value(&req, &ctx).unwrap(),
+            "a b/orders/rid/10.0.0.1"
+        );
+        let mut claims = serde_json::Map::new();
+        claims.insert("tenant".into(), "x\r\nset-cookie: a=b".into());
+        ctx.principal.as_mut().unwrap().claims = Arc::new(claims);
+        assert!(t.render_value(&req, &ctx).is_err());
+        assert!(Template::parse_value("a\r\nb").is_err());
+        assert_eq!(
+            Template::parse_value("{claim.tenant}")
+                .unwrap()
+                .claims()
+                .collect::<Vec<_>>(),
+            ["tenant"]
+        );
+    }
 
     #[test]
     fn renders_and_encodes() {
