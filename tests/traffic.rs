@@ -105,6 +105,8 @@ async fn cors_preflight_on_an_authenticated_route_is_answered_without_a_token() 
     )
     .await;
     assert_eq!(pre.status, 204);
+    // RFC 9110 8.6: a 204 carries no Content-Length.
+    assert_eq!(pre.header("content-length"), None);
     assert_eq!(
         pre.header("access-control-allow-origin"),
         Some("https://app.example.com")
@@ -548,4 +550,26 @@ async fn json_transform_rewrites_json_bodies_and_leaves_everything_else_alone() 
         gw.stderr().matches("passed through untransformed").count(),
         1
     );
+}
+
+/// A canary's cached answers are kept apart from the stable pool's: the chosen upstream is
+/// part of the cache key.
+#[tokio::test]
+async fn traffic_split_and_cache_on_one_route_never_mix_pools() {
+    let (v1, v2) = (named("v1").await, named("v2").await);
+    let config = split_config(&v1, &v2)
+        .replace(
+            "plugins = [\"canary\"]",
+            "plugins = [\"canary\", \"edge-cache\"]",
+        )
+        .replace(
+            "[[routes]]",
+            "[plugins.edge-cache]\ntype = \"cache\"\ndefault_ttl = \"1m\"\n[[routes]]",
+        );
+    let gw = Gateway::start(&config).await;
+    for _ in 0..2 {
+        assert_eq!(body(&gw, &[]).await, "v1");
+        assert_eq!(body(&gw, &[("x-api-version", "2")]).await, "v2");
+    }
+    assert_eq!((v1.hits(), v2.hits()), (1, 1));
 }

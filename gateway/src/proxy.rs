@@ -138,7 +138,10 @@ impl Gateway {
         mut header: ResponseHeader,
         body: Bytes,
     ) -> Result<()> {
-        header.insert_header(CONTENT_LENGTH, body.len())?;
+        // RFC 9110 8.6: no Content-Length in a 204 or 304 (nor a 1xx).
+        if !matches!(header.status.as_u16(), 100..=199 | 204 | 304) {
+            header.insert_header(CONTENT_LENGTH, body.len())?;
+        }
         self.response_hooks(session, &mut header, ctx).await?;
         ctx.status = header.status.as_u16();
         let head = session.req_header().method == Method::HEAD;

@@ -7,7 +7,8 @@
 //! stale-while-revalidate and stale-if-error. This plugin decides the policy in its hooks:
 //! - `request_cache`: only `GET` and `HEAD` turn the cache on; the request's `Cache-Control`
 //!   is read once.
-//! - `cache_key`: `Host`, path and query, and `key_headers`.
+//! - `cache_key`: the upstream pool the request goes to, `Host`, path and query, and
+//!   `key_headers`.
 //! - `cache_vary`: the response's `Vary` headers, plus the caller's identity when the response
 //!   is partitioned (see [`policy::partitioned`]): two users never share such an entry.
 //! - `cache_hit`: the request's `no-cache`, `max-age`, `min-fresh`, `max-stale`.
@@ -271,9 +272,16 @@ impl Plugin for Cache {
         let req = session.req_header();
         let host = host_of(req).unwrap_or("").to_ascii_lowercase();
         let target = target_of(ctx, req);
-        // Only the primary part is hashed: every part is length-prefixed so no two different
-        // requests frame to the same bytes.
-        let mut primary = format!("{}:{host}{}:{target}", host.len(), target.len());
+        // The pool the request goes to is part of the key: a `traffic_split` canary's answers
+        // are never served to requests of the stable pool. Only the primary part is hashed:
+        // every part is length-prefixed so no two different requests frame to the same bytes.
+        let pool = ctx.upstream.as_deref().unwrap_or("");
+        let mut primary = format!(
+            "{}:{pool}{}:{host}{}:{target}",
+            pool.len(),
+            host.len(),
+            target.len()
+        );
         for name in &self.key_headers {
             let values: Vec<&[u8]> = req.headers.get_all(name).iter().map(|v| v.as_bytes()).collect();
             let joined = values.join(&b", "[..]);

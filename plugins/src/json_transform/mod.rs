@@ -303,6 +303,13 @@ impl Plugin for JsonTransform {
     }
 }
 
+impl JsonTransformConfig {
+    /// The transform this config describes, if it is valid.
+    pub fn transform(&self) -> Option<Transform> {
+        validate(self).ok()
+    }
+}
+
 impl crate::PluginType for JsonTransformConfig {
     const KIND: &'static str = "json_transform";
 
