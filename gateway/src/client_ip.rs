@@ -29,6 +29,9 @@ pub fn client_ip(
     trusted: &[IpNet],
     source: ClientIpHeader,
 ) -> IpAddr {
+    // A dual-stack listener sees IPv4 peers as `::ffff:a.b.c.d`: they are the IPv4 address,
+    // for trusted_proxies and for everything that uses the client address.
+    let peer = peer.to_canonical();
     if trusted.is_empty() || !is_trusted(trusted, peer) {
         return peer;
     }

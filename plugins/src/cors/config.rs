@@ -109,14 +109,20 @@ impl ConfigStr for OriginPattern {
                 "{s:?} is not an origin: scheme and host only, no path or trailing slash"
             ));
         }
-        let (host, port) = match rest.rsplit_once(':') {
-            Some((h, p)) if !h.ends_with(']') || rest.starts_with('[') => {
+        // `[::1]` and `[::1]:8443` keep their brackets; a port follows the last `:` outside.
+        let split = match rest.rfind(']') {
+            Some(end) => rest[end..].find(':').map(|i| end + i),
+            None => rest.rfind(':'),
+        };
+        let (host, port) = match split {
+            Some(i) => {
+                let p = &rest[i + 1..];
                 if p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit()) {
                     return Err(format!("{s:?}: the port must be a number"));
                 }
-                (h, format!(":{p}"))
+                (&rest[..i], format!(":{p}"))
             }
-            _ => (rest, String::new()),
+            None => (rest, String::new()),
         };
         if let Some(suffix) = host.strip_prefix("*.") {
             if suffix.is_empty() || suffix.contains('*') || !suffix.contains('.') {
@@ -144,6 +150,22 @@ pub fn validate(c: &CorsConfig) -> Vec<BuildError> {
     errors.extend(parse_errors("allow_methods", &c.allow_methods));
     errors.extend(parse_errors("allow_headers", &c.allow_headers));
     errors.extend(parse_errors("expose_headers", &c.expose_headers));
+    if c.allow_methods.is_empty() {
+        errors.push(BuildError::new("allow_methods", "list at least one method"));
+    }
+    for (key, list) in [
+        ("allow_methods", c.allow_methods.iter().map(|m| m.text()).collect::<Vec<_>>()),
+        ("allow_headers", c.allow_headers.iter().map(|h| h.text()).collect()),
+        ("expose_headers", c.expose_headers.iter().map(|h| h.text()).collect()),
+    ] {
+        if let Some(i) = list.iter().position(|t| *t == "*") {
+            errors.push(BuildError::new(
+                format!("{key}[{i}]"),
+                "\"*\" is not supported: list the names (a wildcard is ignored by browsers \
+                 on credentialed requests and hides what a route accepts)",
+            ));
+        }
+    }
     if c.allow_origins.is_empty() {
         errors.push(BuildError::new(
             "allow_origins",
@@ -191,6 +213,8 @@ mod tests {
         assert!(sub_port.matches("https://a.example.com:8443"));
         assert!(!sub_port.matches("https://a.example.com"));
         assert!(p("*").matches("https://anything.test"));
+        assert!(p("http://[::1]").matches("http://[::1]"));
+        assert!(p("http://[::1]:8080").matches("http://[::1]:8080"));
         for bad in [
             "null",
             "app.example.com",

@@ -118,7 +118,7 @@ impl Cors {
     }
 
     fn refuse(&self, reason: &'static str, message: &str) -> Flow {
-        let mut err = ApiError::new(403, "cors_refused", message);
+        let mut err = ApiError::new(403, "cors_refused", message).with_header(VARY, "Origin");
         err.reason = reason;
         Flow::Respond(Reply::Error(err))
     }
@@ -213,6 +213,18 @@ impl Plugin for Cors {
         _ctx: &mut RequestCtx,
         _state: &mut (),
     ) -> Result<()> {
+        // This plugin owns the route's CORS answer: an upstream's own headers never reach the
+        // browser (they could allow an origin the config does not).
+        for name in [
+            ACCESS_CONTROL_ALLOW_ORIGIN,
+            ACCESS_CONTROL_ALLOW_CREDENTIALS,
+            ACCESS_CONTROL_EXPOSE_HEADERS,
+            ACCESS_CONTROL_ALLOW_METHODS,
+            ACCESS_CONTROL_ALLOW_HEADERS,
+            ACCESS_CONTROL_MAX_AGE,
+        ] {
+            response.remove_header(&name);
+        }
         // The answer depends on Origin for every request, so every response says so (and a
         // cache between here and the browser keys by it).
         add_vary(response, "Origin")?;

@@ -52,13 +52,16 @@ pub struct HeaderOpsConfig {
 }
 
 /// Headers the gateway itself manages on the way upstream or back: never set by this plugin.
-const MANAGED: [&str; 6] = [
+const MANAGED: [&str; 9] = [
     "host",
     "content-length",
     "transfer-encoding",
     "connection",
+    "keep-alive",
+    "proxy-connection",
     "upgrade",
     "te",
+    "trailer",
 ];
 
 struct Ops {
@@ -68,6 +71,14 @@ struct Ops {
 
 fn ops(side: &str, c: &HeaderOpsConfig) -> std::result::Result<Ops, Vec<BuildError>> {
     let mut errors = parse_errors(&format!("{side}.remove"), &c.remove);
+    for (i, h) in c.remove.iter().enumerate() {
+        if h.get().is_some_and(|h| MANAGED.contains(&h.as_str())) {
+            errors.push(BuildError::new(
+                format!("{side}.remove[{i}]"),
+                "is managed by the gateway; it cannot be removed",
+            ));
+        }
+    }
     let mut set = Vec::new();
     for (name, value) in &c.set {
         let at = format!("{side}.set.{name:?}");

@@ -235,12 +235,13 @@ impl Plugin for JsonTransform {
             .headers
             .get(CONTENT_ENCODING)
             .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"));
+        // A 206 is a piece of a body: never parsed, never changed.
+        if !json || encoded || response.status.as_u16() == 206 {
+            return Ok(());
+        }
         let no_body = session.req_header().method == Method::HEAD
             || matches!(response.status.as_u16(), 204 | 304)
             || response.status.is_informational();
-        if !json || encoded || no_body {
-            return Ok(());
-        }
         let declared = response
             .headers
             .get(CONTENT_LENGTH)
@@ -260,7 +261,10 @@ impl Plugin for JsonTransform {
                 }
             }
         }
-        *state = Body::Held(BodyBuffer::new(self.max_body));
+        // HEAD and 304 get the same validators and framing as the GET they describe.
+        if !no_body {
+            *state = Body::Held(BodyBuffer::new(self.max_body));
+        }
         Ok(())
     }
 

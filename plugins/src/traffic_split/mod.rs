@@ -123,6 +123,12 @@ pub fn validate(c: &TrafficSplitConfig) -> Vec<BuildError> {
         }
         if let Some(s) = &r.sticky {
             errors.extend(parse_error(at("sticky"), s));
+            if s.get() == Some(&RequestKey::Route) {
+                errors.push(BuildError::new(
+                    at("sticky"),
+                    "\"route\" is the same for every request of the route: all or none would go",
+                ));
+            }
         }
         if r.upstream.is_empty() {
             errors.push(BuildError::new(at("upstream"), "must name an [upstreams.NAME] pool"));
@@ -175,6 +181,9 @@ pub struct TrafficSplit {
 
 impl TrafficSplit {
     fn choose(&self, req: &RequestHeader, ctx: &RequestCtx) -> Option<&Arc<str>> {
+        // One draw per request for every weight rule without `sticky`, so their consecutive
+        // ranges split the requests as written (two 50% rules take half each).
+        let mut draw = None;
         self.rules.iter().find_map(|rule| {
             let hit = match &rule.matcher {
                 Match::Header(h, want) => req.headers.get(h).is_some_and(|v| v.as_bytes() == want.as_bytes()),
@@ -184,7 +193,7 @@ impl TrafficSplit {
                     let b = match sticky {
                         // No key to stick to (an anonymous request): not part of the split.
                         Some(key) => key.value(req, ctx).map(|k| bucket(&self.name, &k)),
-                        None => Some(rand::random::<u64>() % BUCKETS),
+                        None => Some(*draw.get_or_insert_with(|| rand::random::<u64>() % BUCKETS)),
                     };
                     b.is_some_and(|b| (*from..*to).contains(&b))
                 }
