@@ -10,6 +10,7 @@ mod auth;
 mod cache;
 mod clients;
 mod headers;
+mod identity;
 mod operations;
 mod quota;
 mod quota_redis;

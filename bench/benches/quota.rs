@@ -75,6 +75,7 @@ fn plugin(toml: &str) -> Arc<dyn DynPlugin> {
         upstreams: Arc::new(NoUpstreams),
         registry: metrics.plugin_registry.for_type(config.kind()),
         metrics: metrics.plugins,
+        public_keys: Arc::default(),
     };
     config.build(&env).unwrap().plugin
 }

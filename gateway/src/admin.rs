@@ -163,10 +163,15 @@ impl ServeHttp for Admin {
                 }
             }
             "/cache/purge" => self.purge(session, &snapshot).await,
+            "/.well-known/jwks.json" => reply(
+                StatusCode::OK,
+                "application/jwk-set+json",
+                self.shared.services.public_keys.jwks().to_string().into_bytes(),
+            ),
             _ => reply(
                 StatusCode::NOT_FOUND,
                 "application/json",
-                br#"{"error":{"status":404,"code":"not_found","message":"admin endpoints: /metrics, /healthz, /readyz, POST /cache/purge"}}"#.to_vec(),
+                br#"{"error":{"status":404,"code":"not_found","message":"admin endpoints: /metrics, /healthz, /readyz, /.well-known/jwks.json, POST /cache/purge"}}"#.to_vec(),
             ),
         }
     }

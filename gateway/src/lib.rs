@@ -70,6 +70,7 @@ impl Shared {
             connector: Arc::new(pingora::connectors::http::Connector::new(None)),
             plugin_metrics: Arc::clone(&metrics.plugins),
             plugin_registry: metrics.plugin_registry.clone(),
+            public_keys: Arc::default(),
         };
         let snapshot = Snapshot::compile(config, None, &services)?;
         Ok(Arc::new(Shared {

@@ -72,6 +72,8 @@ pub struct Services {
     pub connector: Arc<pingora::connectors::http::Connector>,
     pub plugin_metrics: Arc<PluginMetrics>,
     pub plugin_registry: sallyport_plugins::MetricsRegistry,
+    /// The JWKS of every token-signing plugin (admin `GET /.well-known/jwks.json`).
+    pub public_keys: Arc<sallyport_plugins::keys::KeyRegistry>,
 }
 
 /// Everything a request needs, compiled from one config file.
@@ -136,6 +138,7 @@ impl Snapshot {
                 upstreams: Arc::clone(&upstreams),
                 metrics: Arc::clone(&services.plugin_metrics),
                 registry: services.plugin_registry.for_type(pc.kind()),
+                public_keys: Arc::clone(&services.public_keys),
             };
             let kept = previous
                 .filter(|p| {
@@ -302,7 +305,8 @@ impl Snapshot {
 
     /// Whether `ip` is one of `server.trusted_proxies`.
     pub fn is_trusted_proxy(&self, ip: IpAddr) -> bool {
-        crate::client_ip::is_trusted(&self.trusted_proxies, ip)
+        // An IPv4-mapped peer (dual-stack listener) is its IPv4 address, as for the client.
+        crate::client_ip::is_trusted(&self.trusted_proxies, ip.to_canonical())
     }
 
     /// All pools ready (first health-check pass done).
@@ -361,6 +365,7 @@ mod tests {
             connector: Arc::new(pingora::connectors::http::Connector::new(None)),
             plugin_metrics: Arc::new(PluginMetrics::register(&registry).unwrap()),
             plugin_registry: sallyport_plugins::MetricsRegistry::new(registry),
+            public_keys: Arc::default(),
         }
     }
 

@@ -30,6 +30,7 @@ mod body;
 pub mod conf;
 mod context;
 pub mod key;
+pub mod keys;
 pub mod metrics;
 mod reply;
 pub mod request_id;
@@ -949,6 +950,8 @@ pub struct BuildEnv {
     /// This plugin type's own metrics, `sallyport_<type>_<name>`, in the gateway's registry
     /// (see [`metrics::TypeMetrics`]): register what the plugin counts here.
     pub registry: metrics::TypeMetrics,
+    /// The public keys the gateway publishes as a JWKS (one registry for the process).
+    pub public_keys: Arc<keys::KeyRegistry>,
 }
 
 /// An error found while building a plugin from its config; `path` is relative to the
@@ -1122,6 +1125,8 @@ plugin_registry! {
     traffic_split => TrafficSplit(TrafficSplitConfig),
     headers => Headers(HeadersConfig),
     json_transform => JsonTransform(JsonTransformConfig),
+    identity_token => IdentityToken(IdentityTokenConfig),
+    jwks => Jwks(JwksConfig),
     // Test builds only (feature `testing`): records the hooks it sees in a response header.
     #[cfg(feature = "testing")]
     probe => Probe(ProbeConfig),

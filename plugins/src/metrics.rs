@@ -22,6 +22,8 @@ pub struct PluginMetrics {
     pub cache_evictions: IntCounterVec,
     /// `sallyport_traffic_split_total{route,plugin,upstream}`: requests a split sent elsewhere.
     pub traffic_split: IntCounterVec,
+    /// `sallyport_identity_tokens_total{plugin,result}`: minted, cached, exchanged, failed.
+    pub identity_tokens: IntCounterVec,
 }
 
 /// Creates a counter family and registers it: the one way Sallyport makes counters.
@@ -93,7 +95,13 @@ impl PluginMetrics {
             "Requests a traffic_split rule sent to another upstream pool, by pool.",
             &["route", "plugin", "upstream"],
         )?;
+        let identity_tokens = counter(
+            "sallyport_identity_tokens_total",
+            "Tokens identity_token plugins gave services, by result (minted, cached, exchanged, failed).",
+            &["plugin", "result"],
+        )?;
         Ok(PluginMetrics {
+            identity_tokens,
             traffic_split,
             cache_bytes,
             cache_evictions,

@@ -58,6 +58,7 @@ pub fn build_env(name: &str, kind: &'static str) -> BuildEnv {
         registry: crate::MetricsRegistry::new(prometheus::Registry::new()).for_type(kind),
         name: Arc::from(name),
         upstreams: Arc::new(crate::upstream::NoUpstreams),
+        public_keys: Arc::default(),
         metrics: Arc::new(
             PluginMetrics::register(&prometheus::Registry::new())
                 .unwrap_or_else(|e| unreachable!("a fresh registry has no duplicates: {e}")),

@@ -108,6 +108,18 @@ impl Gateway {
     /// Starts the gateway on port 0 for both listeners and returns once it logged the ports
     /// it got (or exited: then `addr` and `admin` keep port 0). Does not wait for readiness.
     pub async fn spawn(config: &str) -> Gateway {
+        Self::spawn_with_env(config, &[]).await
+    }
+
+    /// [`Gateway::start`] with extra environment variables for the process.
+    pub async fn start_with_env(config: &str, env: &[(&str, &str)]) -> Gateway {
+        let mut gw = Gateway::spawn_with_env(config, env).await;
+        gw.wait_ready().await;
+        gw
+    }
+
+    /// [`Gateway::spawn`] with extra environment variables for the process.
+    pub async fn spawn_with_env(config: &str, env: &[(&str, &str)]) -> Gateway {
         let dir = tempfile::tempdir().unwrap();
         let unbound = SocketAddr::from(([127, 0, 0, 1], 0));
         let mut gw = Gateway {
@@ -123,6 +135,7 @@ impl Gateway {
             .arg("-c")
             .arg(&gw.config_path)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::from(
                 std::fs::File::create(gw.dir.path().join("stdout")).unwrap(),
             ))
@@ -760,6 +773,7 @@ pub struct OriginRequest {
     pub method: String,
     pub uri: String,
     pub headers: http::HeaderMap,
+    pub body: Vec<u8>,
 }
 
 impl OriginRequest {
@@ -837,17 +851,24 @@ impl Origin {
                             let script = Arc::clone(&script);
                             let recorded = Arc::clone(&recorded);
                             async move {
+                                use http_body_util::BodyExt;
+                                let (parts, body) = req.into_parts();
+                                let body = body
+                                    .collect()
+                                    .await
+                                    .map(|b| b.to_bytes().to_vec())
+                                    .unwrap_or_default();
                                 let got = OriginRequest {
-                                    method: req.method().to_string(),
-                                    uri: req.uri().to_string(),
-                                    headers: req.headers().clone(),
+                                    method: parts.method.to_string(),
+                                    uri: parts.uri.to_string(),
+                                    headers: parts.headers,
+                                    body,
                                 };
                                 let answer = script(&got);
                                 recorded.lock().unwrap().push(got);
                                 if !answer.delay.is_zero() {
                                     tokio::time::sleep(answer.delay).await;
                                 }
-                                use http_body_util::BodyExt;
                                 let body = if answer.chunked {
                                     let (a, b) = answer.body.split_at(answer.body.len() / 2);
                                     let frames = [a.to_vec(), b.to_vec()].map(|part| {

@@ -1,0 +1,430 @@
+//! `identity_token`: the service gets a token meant for it, not the client's token or bare
+//! trusted headers. Runs after the authenticating plugin of the route (`jwt`, `key_auth`);
+//! without a verified principal it does nothing.
+//!
+//! - `mode = "sign"`: the gateway mints a short-lived JWT for the verified principal: `iss`,
+//!   `aud` (default: the upstream pool the request goes to), `sub`, `iat`, `exp` (`iat` +
+//!   `ttl`), `jti`, the listed `claims`, and `client_id` when the principal has one. Signed
+//!   with the first `key_file` (EdDSA, ES256 or RS256); the public keys of every file are
+//!   published as a JWKS at the admin listener's `GET /.well-known/jwks.json` (and by the `jwks`
+//!   plugin on a public route). A token per (principal, audience) is reused until 20% of its
+//!   lifetime is left.
+//! - `mode = "exchange"`: RFC 8693 token exchange of the client's bearer token at the IdP's
+//!   `token_endpoint` (client authentication: HTTP Basic), for `requested_audience` and
+//!   `scopes`. The answer is reused until it expires; concurrent requests with the same token
+//!   wait for one exchange. A refusal or an unreachable IdP: 502 `token_exchange_failed`.
+//!
+//! The token goes in `header` (`authorization`: `Bearer <token>`). Unless `forward_original`,
+//! the client's own `Authorization` never reaches the service. A header other than
+//! `authorization` is a trusted header: removed from every client request.
+//! Metrics: `sallyport_identity_tokens_total{plugin,result}` (minted, cached, exchanged, failed).
+
+pub mod config;
+pub mod keys;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use http::header::AUTHORIZATION;
+use http::HeaderName;
+use jsonwebtoken::Header;
+use parking_lot::Mutex;
+use pingora::http::RequestHeader;
+use pingora::proxy::Session;
+use prometheus::IntCounterVec;
+use sha2::{Digest, Sha256};
+
+pub use config::IdentityTokenConfig;
+use config::Mode;
+use keys::SigningKey;
+
+use crate::keys::KeyRegistry;
+use crate::{
+    ApiError, BuildEnv, BuildError, DynPlugin, Erased, Flow, Hooks, Plugin, Principal, Reply,
+    RequestCtx, Result,
+};
+
+/// Entries a token cache keeps at most (expired ones are dropped first when it is full).
+const CACHE_ENTRIES: usize = 10_000;
+/// How long the IdP may take to answer an exchange.
+const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The per-request state: the token for the upstream request, once decided.
+#[derive(Default)]
+pub struct TokenState {
+    token: Option<String>,
+}
+
+/// A minted or exchanged token and when it stops being reused.
+#[derive(Clone)]
+struct Cached {
+    token: String,
+    reuse_until: SystemTime,
+}
+
+struct Signer {
+    issuer: String,
+    audience: Option<String>,
+    key: SigningKey,
+    ttl: Duration,
+    claims: Vec<String>,
+    cache: Mutex<HashMap<String, Cached>>,
+}
+
+type Inflight = Arc<tokio::sync::OnceCell<Option<Cached>>>;
+
+struct Exchanger {
+    endpoint: String,
+    client_id: String,
+    secret: String,
+    audience: Option<String>,
+    scopes: String,
+    client: reqwest::Client,
+    cache: Mutex<HashMap<[u8; 32], Cached>>,
+    inflight: Mutex<HashMap<[u8; 32], Inflight>>,
+}
+
+enum Issue {
+    Sign(Signer),
+    Exchange(Exchanger),
+}
+
+/// The built `identity_token` plugin.
+pub struct IdentityToken {
+    name: Arc<str>,
+    issue: Issue,
+    header: HeaderName,
+    forward_original: bool,
+    /// Public keys of every key file (sign mode), published while the plugin runs.
+    jwks: Vec<serde_json::Value>,
+    registry: Arc<KeyRegistry>,
+    owner: u64,
+    results: IntCounterVec,
+}
+
+fn insert_bounded<K: std::hash::Hash + Eq>(map: &mut HashMap<K, Cached>, key: K, value: Cached, now: SystemTime) {
+    if map.len() >= CACHE_ENTRIES {
+        map.retain(|_, c| c.reuse_until > now);
+        if map.len() >= CACHE_ENTRIES {
+            map.clear();
+        }
+    }
+    map.insert(key, value);
+}
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+impl Signer {
+    /// The token for `principal` and `audience` at `now`: a cached one with more than 20% of
+    /// its lifetime left, or a new one. `Ok((token, minted))`.
+    fn token(&self, principal: &Principal, audience: &str, now: SystemTime) -> Result<(String, bool)> {
+        let copied: Vec<(&String, serde_json::Value)> = self
+            .claims
+            .iter()
+            .filter(|c| c.as_str() != "sub")
+            .filter_map(|c| principal.claims.get(c).map(|v| (c, v.clone())))
+            .collect();
+        let subject = principal.subject.clone().unwrap_or_default();
+        let cache_key = format!(
+            "{audience}\0{}\0{}\0{subject}\0{}",
+            principal.verified_by,
+            principal.claim_str("iss").unwrap_or_default(),
+            serde_json::to_string(&copied).unwrap_or_default()
+        );
+        if let Some(c) = self.cache.lock().get(&cache_key) {
+            if c.reuse_until > now {
+                return Ok((c.token.clone(), false));
+            }
+        }
+        let mut claims = serde_json::Map::new();
+        claims.insert("iss".into(), self.issuer.clone().into());
+        claims.insert("aud".into(), audience.into());
+        if self.claims.iter().any(|c| c == "sub") && !subject.is_empty() {
+            claims.insert("sub".into(), subject.into());
+        }
+        let iat = unix(now);
+        claims.insert("iat".into(), iat.into());
+        claims.insert("exp".into(), (iat + self.ttl.as_secs()).into());
+        let mut jti = [0u8; 16];
+        rand::Rng::fill(&mut rand::rng(), &mut jti);
+        claims.insert("jti".into(), crate::context::hex(&jti).into());
+        for (name, value) in copied {
+            claims.insert(name.clone(), value);
+        }
+        if !claims.contains_key("client_id") {
+            if let Some(id) = principal.claims.get("client_id").or(principal.claims.get("azp")) {
+                claims.insert("client_id".into(), id.clone());
+            }
+        }
+        let mut header = Header::new(self.key.algorithm);
+        header.kid = Some(self.key.kid.clone());
+        header.typ = Some("JWT".into());
+        let token = jsonwebtoken::encode(&header, &claims, &self.key.encoding)
+            .map_err(|e| pingora::Error::because(pingora::ErrorType::InternalError, "signing an identity token", e))?;
+        // Reused until 20% of its lifetime is left.
+        let reuse_until = now + self.ttl.mul_f64(0.8);
+        insert_bounded(
+            &mut self.cache.lock(),
+            cache_key,
+            Cached {
+                token: token.clone(),
+                reuse_until,
+            },
+            now,
+        );
+        Ok((token, true))
+    }
+}
+
+impl Exchanger {
+    /// The exchanged token for the client's `subject` token: `Some((token, exchanged))`, or
+    /// `None` when the IdP refused or could not be reached.
+    async fn token(&self, subject: &str) -> Option<(String, bool)> {
+        let key: [u8; 32] = Sha256::digest(subject.as_bytes()).into();
+        let now = SystemTime::now();
+        if let Some(c) = self.cache.lock().get(&key) {
+            if c.reuse_until > now {
+                return Some((c.token.clone(), false));
+            }
+        }
+        // Concurrent requests with one token share one exchange.
+        let (cell, leader) = {
+            let mut inflight = self.inflight.lock();
+            match inflight.get(&key) {
+                Some(cell) => (Arc::clone(cell), false),
+                None => {
+                    let cell: Inflight = Arc::default();
+                    inflight.insert(key, Arc::clone(&cell));
+                    (cell, true)
+                }
+            }
+        };
+        let answer = cell.get_or_init(|| self.exchange(subject)).await.clone();
+        if leader {
+            self.inflight.lock().remove(&key);
+            if let Some(c) = &answer {
+                insert_bounded(&mut self.cache.lock(), key, c.clone(), now);
+            }
+        }
+        answer.map(|c| (c.token, leader))
+    }
+
+    async fn exchange(&self, subject: &str) -> Option<Cached> {
+        let mut form = vec![
+            ("grant_type", "urn:ietf:params:oauth:grant-type:token-exchange"),
+            ("subject_token", subject),
+            ("subject_token_type", "urn:ietf:params:oauth:token-type:access_token"),
+            ("requested_token_type", "urn:ietf:params:oauth:token-type:access_token"),
+        ];
+        if let Some(a) = &self.audience {
+            form.push(("audience", a));
+        }
+        if !self.scopes.is_empty() {
+            form.push(("scope", &self.scopes));
+        }
+        let sent = SystemTime::now();
+        let resp = self
+            .client
+            .post(&self.endpoint)
+            .basic_auth(&self.client_id, Some(&self.secret))
+            .form(&form)
+            .send()
+            .await;
+        let resp = match resp {
+            Ok(r) if r.status().is_success() => r,
+            Ok(r) => {
+                log::warn!("identity_token: the token endpoint refused an exchange with {}", r.status());
+                return None;
+            }
+            Err(e) => {
+                log::warn!("identity_token: token exchange failed: {e}");
+                return None;
+            }
+        };
+        let body: serde_json::Value = resp.json().await.ok()?;
+        let token = body.get("access_token")?.as_str()?.to_string();
+        let lifetime = body.get("expires_in").and_then(|v| v.as_u64()).unwrap_or(60);
+        Some(Cached {
+            token,
+            reuse_until: sent + Duration::from_secs(lifetime),
+        })
+    }
+}
+
+/// The client's bearer token, the subject of an exchange.
+fn bearer(req: &RequestHeader) -> Option<&str> {
+    let value = req.headers.get(AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim()).filter(|t| !t.is_empty())
+}
+
+#[async_trait]
+impl Plugin for IdentityToken {
+    type State = TokenState;
+
+    fn hooks(&self) -> Hooks {
+        Hooks {
+            request_filter: true,
+            upstream_request_filter: true,
+            ..Hooks::NONE
+        }
+    }
+
+    async fn start(&self) {
+        if !self.jwks.is_empty() {
+            self.registry.publish(self.owner, self.jwks.clone());
+        }
+    }
+
+    async fn stop(&self) {
+        self.registry.withdraw(self.owner);
+    }
+
+    async fn request_filter(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        state: &mut TokenState,
+    ) -> Result<Flow> {
+        let Some(principal) = &ctx.principal else {
+            return Ok(Flow::Continue);
+        };
+        let count = |result: &str| {
+            self.results.with_label_values(&[&*self.name, result]).inc();
+        };
+        match &self.issue {
+            Issue::Sign(signer) => {
+                let audience = signer
+                    .audience
+                    .as_deref()
+                    .or(ctx.upstream.as_deref())
+                    .unwrap_or(&ctx.route);
+                let (token, minted) = signer.token(principal, audience, SystemTime::now())?;
+                count(if minted { "minted" } else { "cached" });
+                state.token = Some(token);
+            }
+            Issue::Exchange(exchanger) => {
+                let Some(subject) = bearer(session.req_header()) else {
+                    return Ok(Flow::Continue);
+                };
+                match exchanger.token(subject).await {
+                    Some((token, exchanged)) => {
+                        count(if exchanged { "exchanged" } else { "cached" });
+                        state.token = Some(token);
+                    }
+                    None => {
+                        count("failed");
+                        return Ok(Flow::Respond(Reply::Error(ApiError::new(
+                            502,
+                            "token_exchange_failed",
+                            "the gateway could not obtain a token for the service",
+                        ))));
+                    }
+                }
+            }
+        }
+        Ok(Flow::Continue)
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        _ctx: &mut RequestCtx,
+        state: &mut TokenState,
+    ) -> Result<()> {
+        let Some(token) = &state.token else {
+            return Ok(());
+        };
+        if !self.forward_original {
+            upstream_request.remove_header(&AUTHORIZATION);
+        }
+        if self.header == AUTHORIZATION {
+            upstream_request.insert_header(AUTHORIZATION, format!("Bearer {token}"))?;
+        } else {
+            upstream_request.insert_header(self.header.clone(), token.as_str())?;
+        }
+        Ok(())
+    }
+}
+
+impl crate::PluginType for IdentityTokenConfig {
+    const KIND: &'static str = "identity_token";
+
+    fn validate(&self) -> Vec<BuildError> {
+        config::validate(self)
+    }
+
+    fn trusted_headers(&self) -> Vec<HeaderName> {
+        self.header
+            .get()
+            .filter(|h| **h != AUTHORIZATION)
+            .cloned()
+            .into_iter()
+            .collect()
+    }
+
+    fn build(&self, env: &BuildEnv) -> std::result::Result<Arc<dyn DynPlugin>, Vec<BuildError>> {
+        let errors = config::validate(self);
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        let header = crate::conf::value("header", &self.header)?;
+        let (issue, jwks) = match self.mode {
+            Mode::Sign => {
+                let mut keys = config::signing_keys(self)?;
+                let jwks = keys.iter().map(|k| k.jwk.clone()).collect();
+                let key = keys.remove(0);
+                (
+                    Issue::Sign(Signer {
+                        issuer: self.issuer.clone().unwrap_or_default(),
+                        audience: self.audience.clone(),
+                        key,
+                        ttl: self.ttl.get(),
+                        claims: self.claims.clone(),
+                        cache: Mutex::new(HashMap::new()),
+                    }),
+                    jwks,
+                )
+            }
+            Mode::Exchange => {
+                let client = reqwest::Client::builder()
+                    .timeout(EXCHANGE_TIMEOUT)
+                    .build()
+                    .map_err(|e| vec![BuildError::new("token_endpoint", format!("HTTP client: {e}"))])?;
+                let secret = self
+                    .client_secret_env
+                    .as_deref()
+                    .and_then(|v| std::env::var(v).ok())
+                    .unwrap_or_default();
+                (
+                    Issue::Exchange(Exchanger {
+                        endpoint: self.token_endpoint.clone().unwrap_or_default(),
+                        client_id: self.client_id.clone().unwrap_or_default(),
+                        secret,
+                        audience: self.requested_audience.clone(),
+                        scopes: self.scopes.join(" "),
+                        client,
+                        cache: Mutex::new(HashMap::new()),
+                        inflight: Mutex::new(HashMap::new()),
+                    }),
+                    Vec::new(),
+                )
+            }
+        };
+        Ok(Erased::into_dyn(IdentityToken {
+            name: Arc::clone(&env.name),
+            issue,
+            header,
+            forward_original: self.forward_original,
+            jwks,
+            owner: env.public_keys.owner(),
+            registry: Arc::clone(&env.public_keys),
+            results: env.metrics.identity_tokens.clone(),
+        }))
+    }
+}
