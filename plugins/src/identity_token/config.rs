@@ -138,14 +138,14 @@ pub fn validate(c: &IdentityTokenConfig) -> Vec<BuildError> {
             if let Err(e) = signing_keys(c) {
                 errors.extend(e);
             }
-            if c.ttl.get().is_zero() || c.ttl.get() > MAX_TTL {
-                errors.push(BuildError::new("ttl", "must be more than 0 and at most 1h"));
+            if c.ttl.get() < std::time::Duration::from_secs(1) || c.ttl.get() > MAX_TTL {
+                errors.push(BuildError::new("ttl", "must be from 1s to 1h"));
             }
             for (i, claim) in c.claims.iter().enumerate() {
                 if ["iss", "aud", "iat", "exp", "nbf", "jti"].contains(&claim.as_str()) {
                     errors.push(BuildError::new(
                         format!("claims[{i}]"),
-                        "is set by the gateway itself",
+                        "is a registered claim the gateway controls",
                     ));
                 }
             }

@@ -98,7 +98,7 @@ impl SigningKey {
                 } else {
                     ring::signature::RsaKeyPair::from_pkcs8(&der)
                 }
-                .map_err(|_| "is not an RSA private key of at least 2048 bits")?;
+                .map_err(|_| "is not an RSA private key of 2048 to 4096 bits")?;
                 let public: ring::rsa::PublicKeyComponents<Vec<u8>> = pair.public().into();
                 let encoding = EncodingKey::from_rsa_pem(text.as_bytes())
                     .map_err(|e| format!("cannot be used to sign: {e}"))?;

@@ -129,11 +129,17 @@ impl Signer {
             .filter_map(|c| principal.claims.get(c).map(|v| (c, v.clone())))
             .collect();
         let subject = principal.subject.clone().unwrap_or_default();
+        let client_id = principal
+            .claims
+            .get("client_id")
+            .or(principal.claims.get("azp"))
+            .cloned();
         let cache_key = format!(
-            "{audience}\0{}\0{}\0{subject}\0{}",
+            "{audience}\0{}\0{}\0{subject}\0{}\0{}",
             principal.verified_by,
             principal.claim_str("iss").unwrap_or_default(),
-            serde_json::to_string(&copied).unwrap_or_default()
+            serde_json::to_string(&copied).unwrap_or_default(),
+            client_id.as_ref().map(|c| c.to_string()).unwrap_or_default()
         );
         if let Some(c) = self.cache.lock().get(&cache_key) {
             if c.reuse_until > now {
@@ -156,8 +162,8 @@ impl Signer {
             claims.insert(name.clone(), value);
         }
         if !claims.contains_key("client_id") {
-            if let Some(id) = principal.claims.get("client_id").or(principal.claims.get("azp")) {
-                claims.insert("client_id".into(), id.clone());
+            if let Some(id) = client_id {
+                claims.insert("client_id".into(), id);
             }
         }
         let mut header = Header::new(self.key.algorithm);
@@ -203,11 +209,17 @@ impl Exchanger {
                 }
             }
         };
+        // If the request running the exchange goes away, another waiter runs it.
         let answer = cell.get_or_init(|| self.exchange(subject)).await.clone();
-        if leader {
-            self.inflight.lock().remove(&key);
-            if let Some(c) = &answer {
-                insert_bounded(&mut self.cache.lock(), key, c.clone(), now);
+        // Whoever finishes first retires the shared entry (and caches the answer), so an
+        // abandoned exchange never leaves it behind.
+        {
+            let mut inflight = self.inflight.lock();
+            if inflight.get(&key).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
+                inflight.remove(&key);
+                if let Some(c) = &answer {
+                    insert_bounded(&mut self.cache.lock(), key, c.clone(), now);
+                }
             }
         }
         answer.map(|c| (c.token, leader))
@@ -230,7 +242,8 @@ impl Exchanger {
         let resp = self
             .client
             .post(&self.endpoint)
-            .basic_auth(&self.client_id, Some(&self.secret))
+            // RFC 6749 2.3.1: both are form-encoded before they go into Basic.
+            .basic_auth(form_encode(&self.client_id), Some(form_encode(&self.secret)))
             .form(&form)
             .send()
             .await;
@@ -248,11 +261,25 @@ impl Exchanger {
         let body: serde_json::Value = resp.json().await.ok()?;
         let token = body.get("access_token")?.as_str()?.to_string();
         let lifetime = body.get("expires_in").and_then(|v| v.as_u64()).unwrap_or(60);
+        // Reused for 90% of its lifetime, so it never expires on its way to the service.
         Some(Cached {
             token,
-            reuse_until: sent + Duration::from_secs(lifetime),
+            reuse_until: sent + Duration::from_secs(lifetime).mul_f64(0.9),
         })
     }
+}
+
+/// `application/x-www-form-urlencoded` encoding of one value.
+fn form_encode(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'*' | b'-' | b'.' | b'_' => out.push(b as char),
+            b' ' => out.push('+'),
+            _ => out.push_str(&format!("%{b:02X}")),
+        }
+    }
+    out
 }
 
 /// The client's bearer token, the subject of an exchange.
@@ -303,12 +330,21 @@ impl Plugin for IdentityToken {
                     .as_deref()
                     .or(ctx.upstream.as_deref())
                     .unwrap_or(&ctx.route);
-                let (token, minted) = signer.token(principal, audience, SystemTime::now())?;
+                let (token, minted) = match signer.token(principal, audience, SystemTime::now()) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        count("failed");
+                        return Err(e);
+                    }
+                };
                 count(if minted { "minted" } else { "cached" });
                 state.token = Some(token);
             }
             Issue::Exchange(exchanger) => {
-                let Some(subject) = bearer(session.req_header()) else {
+                // Only a token `jwt` verified is a subject token: an API key sent as a bearer
+                // (`key_auth`) must never reach the identity provider.
+                let subject = bearer(session.req_header()).filter(|_| principal.verified_by == "jwt");
+                let Some(subject) = subject else {
                     return Ok(Flow::Continue);
                 };
                 match exchanger.token(subject).await {
