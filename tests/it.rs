@@ -15,6 +15,7 @@ mod operations;
 mod quota;
 mod quota_redis;
 mod routing;
+mod telemetry;
 mod tls;
 mod traffic;
 mod upstreams;

@@ -34,6 +34,125 @@ pub struct Config {
     pub plugins: BTreeMap<String, PluginConfig>,
     #[serde(default)]
     pub routes: Vec<RouteConfig>,
+    /// `[telemetry]`: OpenTelemetry trace export; absent = no export and no cost.
+    #[serde(default)]
+    pub telemetry: Option<TelemetryConfig>,
+}
+
+/// `[telemetry]`: spans exported over OTLP/HTTP (protobuf) to a collector.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// The collector's traces URL, e.g. `http://127.0.0.1:4318/v1/traces`.
+    pub otlp_endpoint: String,
+    /// `http/protobuf` (the only one built in).
+    #[serde(default = "default_otlp_protocol")]
+    pub protocol: String,
+    /// The resource's `service.name`.
+    #[serde(default = "default_service_name")]
+    pub service_name: String,
+    /// Share of traces recorded when the client did not send a sampled `traceparent`
+    /// (parent-based: a sampled parent is always recorded).
+    #[serde(default = "default_sample_ratio")]
+    pub sample_ratio: f64,
+    /// Headers sent to the collector; `${NAME}` takes the environment variable NAME.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// Spans waiting for export at most; beyond, spans are dropped and counted.
+    #[serde(default = "default_max_queue")]
+    pub max_queue: usize,
+    #[serde(default = "default_export_timeout")]
+    pub export_timeout: HumanDuration,
+    /// Whether the server span carries `enduser.id` (the verified subject: personal data).
+    #[serde(default)]
+    pub record_enduser: bool,
+}
+
+fn default_otlp_protocol() -> String {
+    "http/protobuf".into()
+}
+fn default_service_name() -> String {
+    "sallyport".into()
+}
+fn default_sample_ratio() -> f64 {
+    1.0
+}
+fn default_max_queue() -> usize {
+    4096
+}
+fn default_export_timeout() -> HumanDuration {
+    HumanDuration::from_secs(5)
+}
+
+/// `${NAME}` in a value replaced by the environment variable NAME; `Err` names a missing one.
+pub fn expand_env(value: &str) -> Result<String, String> {
+    let mut out = String::new();
+    let mut rest = value;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let end = rest[start..]
+            .find('}')
+            .ok_or_else(|| "an unclosed ${".to_string())?;
+        let name = &rest[start + 2..start + end];
+        out.push_str(
+            &std::env::var(name)
+                .map_err(|_| format!("the environment variable {name} is not set"))?,
+        );
+        rest = &rest[start + end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+fn validate_telemetry(t: &TelemetryConfig, errors: &mut Vec<ConfigError>) {
+    match t.otlp_endpoint.parse::<http::Uri>() {
+        Ok(u) if matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some() => {}
+        _ => errors.push(ConfigError::new(
+            "telemetry.otlp_endpoint",
+            "must be an http(s) URL, e.g. \"http://127.0.0.1:4318/v1/traces\"",
+        )),
+    }
+    if t.protocol != "http/protobuf" {
+        errors.push(ConfigError::new(
+            "telemetry.protocol",
+            format!("{:?} is not supported; use \"http/protobuf\"", t.protocol),
+        ));
+    }
+    if !(0.0..=1.0).contains(&t.sample_ratio) {
+        errors.push(ConfigError::new(
+            "telemetry.sample_ratio",
+            "must be from 0 to 1",
+        ));
+    }
+    if t.max_queue == 0 {
+        errors.push(ConfigError::new(
+            "telemetry.max_queue",
+            "must be at least 1",
+        ));
+    }
+    if t.export_timeout.get().is_zero() {
+        errors.push(ConfigError::new(
+            "telemetry.export_timeout",
+            "must be greater than 0",
+        ));
+    }
+    if t.service_name.is_empty() {
+        errors.push(ConfigError::new(
+            "telemetry.service_name",
+            "must not be empty",
+        ));
+    }
+    for (name, value) in &t.headers {
+        if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+            errors.push(ConfigError::new(
+                format!("telemetry.headers.{name:?}"),
+                "is not a header name",
+            ));
+        }
+        if let Err(e) = expand_env(value) {
+            errors.push(ConfigError::new(format!("telemetry.headers.{name:?}"), e));
+        }
+    }
 }
 
 /// `[server]`: listeners and process-wide settings.
@@ -583,6 +702,9 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
 pub fn validate(config: &Config) -> Vec<ConfigError> {
     let mut errors = Vec::new();
     validate_server(config, &mut errors);
+    if let Some(t) = &config.telemetry {
+        validate_telemetry(t, &mut errors);
+    }
     for (name, up) in &config.upstreams {
         validate_upstream(&format!("upstreams.{name}"), up, &mut errors);
     }

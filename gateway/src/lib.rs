@@ -20,6 +20,7 @@ pub mod path;
 pub mod proxy;
 pub mod router;
 pub mod snapshot;
+pub mod telemetry;
 pub mod upstream;
 
 use std::path::{Path, PathBuf};
@@ -71,6 +72,7 @@ impl Shared {
             plugin_metrics: Arc::clone(&metrics.plugins),
             plugin_registry: metrics.plugin_registry.clone(),
             public_keys: Arc::default(),
+            telemetry_spans: metrics.telemetry_spans.clone(),
         };
         let snapshot = Snapshot::compile(config, None, &services)?;
         Ok(Arc::new(Shared {

@@ -20,6 +20,8 @@ pub struct Metrics {
     pub plugins: std::sync::Arc<sallyport_plugins::PluginMetrics>,
     pub cache_lookups: IntCounterVec,
     pub config_reloads: IntCounterVec,
+    /// `sallyport_telemetry_spans_total{result}`: exported, dropped, failed.
+    pub telemetry_spans: IntCounterVec,
     pub connections: crate::conn::ConnMetrics,
     /// Where plugin types register their own metrics.
     pub plugin_registry: sallyport_plugins::MetricsRegistry,
@@ -104,6 +106,11 @@ impl Metrics {
             client_timeouts.with_label_values(&[phase]);
         }
         let plugins = std::sync::Arc::new(sallyport_plugins::PluginMetrics::register(&registry)?);
+        let telemetry_spans = counter(
+            "sallyport_telemetry_spans_total",
+            "Spans given to the OTLP exporter, by result (exported, dropped: queue full, failed: the collector refused or was unreachable).",
+            &["result"],
+        )?;
         Ok(Metrics {
             plugin_registry: sallyport_plugins::MetricsRegistry::new(registry.clone()),
             registry,
@@ -115,6 +122,7 @@ impl Metrics {
             plugins,
             cache_lookups,
             config_reloads,
+            telemetry_spans,
             connections: crate::conn::ConnMetrics {
                 open: connections_open,
                 refused: connections_refused,

@@ -31,8 +31,10 @@ use crate::metrics::{method_label, status_label};
 use crate::path::normalize;
 use crate::router::{request_host, Lookup};
 use crate::snapshot::{Route, Snapshot};
+use crate::telemetry::{ServerSpan, SpanRecorder};
 use crate::upstream::Pool;
 use crate::Shared;
+use opentelemetry::KeyValue;
 
 // Each name spelled once: the `&'static str` is what Pingora's `insert_header` takes without
 // copying a `HeaderName` into its case map; the `HeaderName` is for lookups.
@@ -112,6 +114,8 @@ pub struct Ctx {
     /// The pool the request goes to: the route's, or the one a plugin chose instead
     /// (`RequestCtx::upstream`, e.g. `traffic_split`).
     pool: Option<Arc<Pool>>,
+    /// This request's spans while it runs, when `[telemetry]` is configured.
+    spans: Option<SpanRecorder>,
 }
 
 impl Gateway {
@@ -387,6 +391,7 @@ impl ProxyHttp for Gateway {
             upstream_response: None,
             cache_missed: None,
             pool: None,
+            spans: None,
         }
     }
 
@@ -408,6 +413,13 @@ impl ProxyHttp for Gateway {
     /// a declared length, then runs the chain's `request_filter`s. `Ok(true)`: answered.
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         let snapshot = self.shared.snapshot.load_full();
+        if let Some(t) = &snapshot.telemetry {
+            let mut spans = SpanRecorder::new(Arc::clone(t));
+            spans.start = std::time::SystemTime::now()
+                .checked_sub(ctx.req.received_at.elapsed())
+                .unwrap_or(spans.start);
+            ctx.spans = Some(spans);
+        }
         ctx.snapshot = Some(Arc::clone(&snapshot));
         let req = session.req_header();
         ctx.req.request_id =
@@ -675,6 +687,9 @@ impl ProxyHttp for Gateway {
         };
         if let Some(addr) = backend.as_inet() {
             ctx.tried.push(*addr);
+            if let Some(spans) = &mut ctx.spans {
+                spans.attempt(*addr, ctx.req.trace.as_ref().map(|t| t.span_id));
+            }
         }
         let mut peer = pool.peer(&backend);
         if route.hooks.upstream_peer {
@@ -689,6 +704,22 @@ impl ProxyHttp for Gateway {
         }
         ctx.upstream_started.get_or_insert_with(Instant::now);
         Ok(Box::new(peer))
+    }
+
+    /// The try reached its endpoint (a new or a reused connection): an event of its span.
+    async fn connected_to_upstream(
+        &self,
+        _session: &mut Session,
+        _reused: bool,
+        _peer: &HttpPeer,
+        #[cfg(unix)] _fd: std::os::unix::io::RawFd,
+        _digest: Option<&pingora::protocols::Digest>,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        if let Some(a) = ctx.spans.as_mut().and_then(|s| s.last()) {
+            a.connected = Some(std::time::SystemTime::now());
+        }
+        Ok(())
     }
 
     /// Retries a failed connect on another endpoint, up to `retries`, for every method: nothing
@@ -706,6 +737,9 @@ impl ProxyHttp for Gateway {
         } else {
             "connect_error"
         };
+        if let Some(a) = ctx.spans.as_mut().and_then(|s| s.last()) {
+            a.error = Some(outcome);
+        }
         self.upstream_outcome(ctx, outcome);
         let retries = ctx.pool.as_ref().map_or(0, |p| p.config.retries);
         let retrying = ctx.tried.len() <= retries;
@@ -744,6 +778,9 @@ impl ProxyHttp for Gateway {
                 ErrorType::ReadTimedout | ErrorType::WriteTimedout => UpstreamFailure::Timeout,
                 _ => UpstreamFailure::Error,
             };
+            if let Some(a) = ctx.spans.as_mut().and_then(|s| s.last()) {
+                a.error = Some(failure.as_str());
+            }
             let retrying = matches!(e.retry, pingora::RetryType::Decided(true));
             Self::failure_hooks(ctx, failure, retrying);
         }
@@ -815,6 +852,16 @@ impl ProxyHttp for Gateway {
                 }
             }
         }
+        // A retry is a span of its own: its traceparent names it, so the service's spans of
+        // that try nest under it.
+        if let (Some(spans), Some(trace)) = (&ctx.spans, &ctx.req.trace) {
+            if spans.attempts.len() > 1 && upstream_request.headers.contains_key("traceparent") {
+                if let Some(a) = spans.attempts.last() {
+                    upstream_request
+                        .insert_header("traceparent", trace.traceparent_with_span(&a.span_id))?;
+                }
+            }
+        }
         Ok(())
     }
 
@@ -826,6 +873,10 @@ impl ProxyHttp for Gateway {
         ctx: &mut Ctx,
     ) -> Result<()> {
         ctx.upstream_response = Some(Instant::now());
+        if let Some(a) = ctx.spans.as_mut().and_then(|s| s.last()) {
+            a.response = Some(std::time::SystemTime::now());
+            a.status = Some(upstream_response.status.as_u16());
+        }
         let class = match upstream_response.status.as_u16() {
             100..=199 => return Ok(()),
             200..=299 => "2xx",
@@ -1145,6 +1196,133 @@ impl ProxyHttp for Gateway {
             };
             self.shared.access_log.write(&record);
         }
+        if let Some(spans) = ctx.spans.take() {
+            let server = server_span(
+                session,
+                ctx,
+                status,
+                cache,
+                spans.telemetry.record_enduser(),
+            );
+            let trace = match &ctx.req.trace {
+                Some(t) => (
+                    t.trace_id,
+                    t.client_parent_id,
+                    t.client_parent_id.map(|_| t.flags & 1 == 1),
+                ),
+                None => (rand::random::<[u8; 16]>(), None, None),
+            };
+            spans.finish(trace, server, &ctx.req.call_spans);
+        }
+    }
+}
+
+/// The SERVER span of a finished request, per the HTTP semantic conventions (stable v1.2x):
+/// named `{METHOD} {route}` (the route's name, never the raw path).
+fn server_span(
+    session: &Session,
+    ctx: &Ctx,
+    status: u16,
+    cache: Option<&str>,
+    enduser: bool,
+) -> ServerSpan {
+    let req = session.req_header();
+    let method = match req.method.as_str() {
+        m @ ("GET" | "HEAD" | "POST" | "PUT" | "DELETE" | "CONNECT" | "OPTIONS" | "TRACE"
+        | "PATCH") => m.to_string(),
+        _ => "_OTHER".to_string(),
+    };
+    let path = if ctx.req.path.is_empty() {
+        req.uri.path().to_string()
+    } else {
+        ctx.req.path.clone()
+    };
+    let tls = session
+        .digest()
+        .and_then(|d| d.ssl_digest.as_ref())
+        .is_some();
+    let mut a = vec![
+        KeyValue::new("http.request.method", method.clone()),
+        KeyValue::new("url.scheme", if tls { "https" } else { "http" }),
+        KeyValue::new("url.path", path.clone()),
+        KeyValue::new("http.response.status_code", i64::from(status)),
+        KeyValue::new(
+            "network.protocol.version",
+            match req.version {
+                http::Version::HTTP_10 => "1.0",
+                http::Version::HTTP_2 => "2",
+                _ => "1.1",
+            },
+        ),
+        KeyValue::new("sallyport.route", ctx.req.route.to_string()),
+    ];
+    if method == "_OTHER" {
+        a.push(KeyValue::new(
+            "http.request.method_original",
+            req.method.to_string(),
+        ));
+    }
+    let host = req.uri.host().map(str::to_string).or_else(|| {
+        req.headers
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(|h| h.rsplit_once(':').map_or(h, |(h, _)| h).to_string())
+    });
+    if let Some(host) = host {
+        a.push(KeyValue::new("server.address", host));
+    }
+    if let Some(port) = session
+        .server_addr()
+        .and_then(|s| s.as_inet())
+        .map(|s| s.port())
+    {
+        a.push(KeyValue::new("server.port", i64::from(port)));
+    }
+    if let Some(ip) = ctx.req.client_ip {
+        a.push(KeyValue::new("client.address", ip.to_string()));
+    }
+    if let Some(ua) = req
+        .headers
+        .get(http::header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+    {
+        a.push(KeyValue::new("user_agent.original", ua.to_string()));
+    }
+    let mut name = method.clone();
+    if let Some(route) = &ctx.route {
+        a.push(KeyValue::new("http.route", route.http_route.to_string()));
+        name = format!("{method} {}", route.name);
+    }
+    if let Some(up) = &ctx.req.upstream {
+        a.push(KeyValue::new("sallyport.upstream", up.to_string()));
+    }
+    if let Some((plugin, _)) = &ctx.rejected_by {
+        a.push(KeyValue::new("sallyport.rejected_by", plugin.to_string()));
+    }
+    if let Some(c) = cache {
+        a.push(KeyValue::new("sallyport.cache", c.to_string()));
+    }
+    if enduser {
+        if let Some(sub) = ctx.req.principal.as_ref().and_then(|p| p.subject.clone()) {
+            a.push(KeyValue::new("enduser.id", sub));
+        }
+    }
+    // Status Error only for 5xx (a 4xx is the client's failure, not the server's).
+    let error = (status >= 500).then(|| ctx.error_code.unwrap_or("5xx").to_string());
+    if let Some(e) = &error {
+        a.push(KeyValue::new("error.type", e.clone()));
+    }
+    let upstream_path = ctx
+        .route
+        .as_ref()
+        .and_then(|r| r.rewrite.as_ref())
+        .map_or_else(|| path.clone(), |rw| rw.apply(&path));
+    ServerSpan {
+        name,
+        attributes: a,
+        method,
+        path: upstream_path,
+        error,
     }
 }
 

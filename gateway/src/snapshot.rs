@@ -36,6 +36,8 @@ pub struct Route {
     pub chain: Vec<ChainEntry>,
     /// Union of the chain's hooks, to skip whole phases cheaply.
     pub hooks: Hooks,
+    /// The path rule as written (`http.route` of its spans).
+    pub http_route: Arc<str>,
 }
 
 impl Route {
@@ -74,6 +76,8 @@ pub struct Services {
     pub plugin_registry: sallyport_plugins::MetricsRegistry,
     /// The JWKS of every token-signing plugin (admin `GET /.well-known/jwks.json`).
     pub public_keys: Arc<sallyport_plugins::keys::KeyRegistry>,
+    /// `sallyport_telemetry_spans_total`.
+    pub telemetry_spans: prometheus::IntCounterVec,
 }
 
 /// Everything a request needs, compiled from one config file.
@@ -97,6 +101,9 @@ pub struct Snapshot {
     pub client_ip_header: ClientIpHeader,
     pub max_body: u64,
     pub escaped_slashes: EscapedSlashes,
+    /// The OTLP exporter of `[telemetry]`, if configured (kept across a reload that did not
+    /// change the table).
+    pub telemetry: Option<Arc<crate::telemetry::Telemetry>>,
 }
 
 impl Snapshot {
@@ -250,6 +257,7 @@ impl Snapshot {
                 &mut errors,
             )
             .pop();
+            let http_route: Arc<str> = Arc::from(rule.matched());
             matches.push(RouteMatch {
                 hosts,
                 exact: rule.exact,
@@ -257,6 +265,7 @@ impl Snapshot {
                 methods,
             });
             routes.push(Arc::new(Route {
+                http_route,
                 name: Arc::from(r.name.as_str()),
                 upstream,
                 rewrite,
@@ -286,7 +295,28 @@ impl Snapshot {
         if !errors.is_empty() {
             return Err(ConfigErrors(errors));
         }
+        let telemetry = match &config.telemetry {
+            None => None,
+            Some(t) => match previous
+                .and_then(|p| p.telemetry.as_ref())
+                .filter(|p| p.config() == t)
+            {
+                Some(kept) => Some(Arc::clone(kept)),
+                None => {
+                    match crate::telemetry::Telemetry::start(t, services.telemetry_spans.clone()) {
+                        Ok(started) => Some(Arc::new(started)),
+                        Err(e) => {
+                            return Err(ConfigErrors(vec![ConfigError::new(
+                                "telemetry",
+                                e.to_string(),
+                            )]))
+                        }
+                    }
+                }
+            },
+        };
         Ok(Snapshot {
+            telemetry,
             deny_connections,
             router: Router::new(&matches),
             routes,
@@ -366,6 +396,11 @@ mod tests {
             plugin_metrics: Arc::new(PluginMetrics::register(&registry).unwrap()),
             plugin_registry: sallyport_plugins::MetricsRegistry::new(registry),
             public_keys: Arc::default(),
+            telemetry_spans: prometheus::IntCounterVec::new(
+                prometheus::Opts::new("spans", "spans"),
+                &["result"],
+            )
+            .unwrap(),
         }
     }
 

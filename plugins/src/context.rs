@@ -39,6 +39,9 @@ pub struct RequestCtx {
     /// Whether this is the gateway's own background request (a stale-while-revalidate
     /// refresh), not a client's: quotas do not count it.
     pub background: bool,
+    /// Calls a plugin made on the request's behalf (`aggregate`), for their CLIENT spans
+    /// when the gateway exports traces.
+    pub call_spans: Vec<CallSpan>,
     /// Extra fields for this request's access-log line (e.g. aggregate call outcomes).
     pub log_fields: Vec<(&'static str, serde_json::Value)>,
     /// When the gateway received the request.
@@ -66,11 +69,24 @@ impl RequestCtx {
             trace: None,
             identity_headers: Vec::new(),
             cache_result: None,
+            call_spans: Vec::new(),
             background: false,
             log_fields: Vec::new(),
             received_at: Instant::now(),
         }
     }
+}
+
+/// One call a plugin made for the request: the span id it sent in `traceparent`, when it ran,
+/// and how it ended (`ok` or a failure code).
+#[derive(Debug, Clone)]
+pub struct CallSpan {
+    pub name: Arc<str>,
+    pub upstream: Arc<str>,
+    pub span_id: [u8; 8],
+    pub start: std::time::SystemTime,
+    pub duration: std::time::Duration,
+    pub outcome: &'static str,
 }
 
 /// A verified identity: who the caller is and the claims that proved it.

@@ -53,7 +53,7 @@ use pingora::upstreams::peer::HttpPeer;
 use serde::Deserialize;
 
 pub use body::{BodyBuffer, BodyTooLarge};
-pub use context::{Principal, RequestCtx, TraceContext};
+pub use context::{CallSpan, Principal, RequestCtx, TraceContext};
 pub use http::HeaderName;
 pub use metrics::{MetricsRegistry, PluginMetrics, TypeMetrics};
 pub use reply::{ApiError, Flow, Reply};

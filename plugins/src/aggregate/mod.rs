@@ -286,6 +286,8 @@ impl Plugin for Aggregate {
         let base_headers = self.call_headers(session, ctx);
         let req = session.req_header();
         let mut pending = Vec::with_capacity(self.calls.len());
+        let mut span_ids = Vec::with_capacity(self.calls.len());
+        let calls_started = std::time::SystemTime::now();
         for call in &self.calls {
             let path = match call.path.render(req, ctx) {
                 Ok(p) => p,
@@ -316,12 +318,13 @@ impl Plugin for Aggregate {
                 }
             };
             let mut headers = base_headers.clone();
+            let span = nonzero_span_id(&mut rand::rng());
             if let Some(trace) = &ctx.trace {
-                let span = nonzero_span_id(&mut rand::rng());
                 if let Ok(v) = HeaderValue::from_str(&trace.traceparent_with_span(&span)) {
                     headers.push((crate::trace::TRACEPARENT, v));
                 }
             }
+            span_ids.push((call.name.as_str(), span));
             pending.push(Some(UpstreamRequest {
                 method: call.method.clone(),
                 path_and_query: path,
@@ -386,6 +389,16 @@ impl Plugin for Aggregate {
                 .with_label_values(&[&*ctx.route, &call.name])
                 .observe(took.as_secs_f64());
             log.push(serde_json::json!({"call": call.name, "outcome": code, "ms": (took.as_secs_f64() * 1e6).round() / 1e3}));
+            if let Some((_, span_id)) = span_ids.iter().find(|(n, _)| *n == call.name.as_str()) {
+                ctx.call_spans.push(crate::CallSpan {
+                    name: Arc::from(call.name.as_str()),
+                    upstream: Arc::from(call.upstream.as_str()),
+                    span_id: *span_id,
+                    start: calls_started,
+                    duration: took,
+                    outcome: code,
+                });
+            }
             if i > 0 {
                 body.push(b',');
             }
