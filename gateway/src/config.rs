@@ -149,8 +149,13 @@ fn validate_telemetry(t: &TelemetryConfig, errors: &mut Vec<ConfigError>) {
                 "is not a header name",
             ));
         }
-        if let Err(e) = expand_env(value) {
-            errors.push(ConfigError::new(format!("telemetry.headers.{name:?}"), e));
+        match expand_env(value) {
+            Err(e) => errors.push(ConfigError::new(format!("telemetry.headers.{name:?}"), e)),
+            Ok(v) if http::HeaderValue::from_str(&v).is_err() => errors.push(ConfigError::new(
+                format!("telemetry.headers.{name:?}"),
+                "is not a valid header value (after ${} expansion)",
+            )),
+            Ok(_) => {}
         }
     }
 }

@@ -111,6 +111,9 @@ impl Metrics {
             "Spans given to the OTLP exporter, by result (exported, dropped: queue full, failed: the collector refused or was unreachable).",
             &["result"],
         )?;
+        for result in ["exported", "dropped", "failed"] {
+            telemetry_spans.with_label_values(&[result]);
+        }
         Ok(Metrics {
             plugin_registry: sallyport_plugins::MetricsRegistry::new(registry.clone()),
             registry,

@@ -738,7 +738,11 @@ impl ProxyHttp for Gateway {
             "connect_error"
         };
         if let Some(a) = ctx.spans.as_mut().and_then(|s| s.last()) {
-            a.error = Some(outcome);
+            a.error = Some(if outcome == "timeout" {
+                "connect_timeout"
+            } else {
+                "connect_error"
+            });
         }
         self.upstream_outcome(ctx, outcome);
         let retries = ctx.pool.as_ref().map_or(0, |p| p.config.retries);
@@ -798,6 +802,17 @@ impl ProxyHttp for Gateway {
         let Some(route) = ctx.route.clone() else {
             return Ok(());
         };
+        // A trace the gateway starts is sampled as telemetry decides, so the services'
+        // traceparent agrees with what the gateway exports.
+        if let (Some(spans), Some(trace)) = (&ctx.spans, &mut ctx.req.trace) {
+            if trace.client_parent_id.is_none() {
+                if spans.telemetry.sampled(&trace.trace_id, None) {
+                    trace.flags |= 1;
+                } else {
+                    trace.flags &= !1;
+                }
+            }
+        }
         let new_path = match &route.rewrite {
             Some(rw) => Some(rw.apply(&ctx.req.path)),
             None if ctx.req.path != upstream_request.uri.path() => Some(ctx.req.path.clone()),
@@ -1266,7 +1281,11 @@ fn server_span(
         req.headers
             .get(http::header::HOST)
             .and_then(|h| h.to_str().ok())
-            .map(|h| h.rsplit_once(':').map_or(h, |(h, _)| h).to_string())
+            .map(|h| match h.strip_prefix('[') {
+                // An IPv6 literal: the address inside the brackets.
+                Some(rest) => rest.split(']').next().unwrap_or(rest).to_string(),
+                None => h.rsplit_once(':').map_or(h, |(h, _)| h).to_string(),
+            })
     });
     if let Some(host) = host {
         a.push(KeyValue::new("server.address", host));
@@ -1302,13 +1321,22 @@ fn server_span(
     if let Some(c) = cache {
         a.push(KeyValue::new("sallyport.cache", c.to_string()));
     }
+    if let Some((_, decision)) = ctx.req.log_fields.iter().rev().find(|(k, _)| *k == "quota") {
+        if let Some(d) = decision.as_str() {
+            a.push(KeyValue::new("sallyport.quota.decision", d.to_string()));
+        }
+    }
     if enduser {
         if let Some(sub) = ctx.req.principal.as_ref().and_then(|p| p.subject.clone()) {
             a.push(KeyValue::new("enduser.id", sub));
         }
     }
     // Status Error only for 5xx (a 4xx is the client's failure, not the server's).
-    let error = (status >= 500).then(|| ctx.error_code.unwrap_or("5xx").to_string());
+    // The gateway's own error code, or the upstream's status code it passed on.
+    let error = (status >= 500).then(|| {
+        ctx.error_code
+            .map_or_else(|| status.to_string(), str::to_string)
+    });
     if let Some(e) = &error {
         a.push(KeyValue::new("error.type", e.clone()));
     }

@@ -73,7 +73,7 @@ impl Telemetry {
             .with_timeout(config.export_timeout.get())
             .with_headers(headers)
             .build()
-            .map_err(|e| anyhow::anyhow!("telemetry.otlp_endpoint: {e}"))?;
+            .map_err(|e| anyhow::anyhow!("telemetry: the OTLP exporter: {e}"))?;
         let instance = format!(
             "{}/{}",
             hostname().unwrap_or_else(|| "unknown".into()),
@@ -314,8 +314,12 @@ impl SpanRecorder {
             if let Some(s) = a.status {
                 attributes.push(KeyValue::new("http.response.status_code", i64::from(s)));
             }
-            if let Some(e) = a.error {
-                attributes.push(KeyValue::new("error.type", e));
+            match (a.error, a.status) {
+                (Some(e), _) => attributes.push(KeyValue::new("error.type", e)),
+                (None, Some(s)) if s >= 500 => {
+                    attributes.push(KeyValue::new("error.type", s.to_string()))
+                }
+                _ => {}
             }
             let mut events = Vec::new();
             if let Some(t) = a.connected {

@@ -378,6 +378,9 @@ impl Plugin for Quota {
             Err(err) => return Ok(Flow::Respond(Reply::Error(err))),
         };
         *state = Some(decision);
+        // The decision is in the access log (`quota`) and on the request's span.
+        let verdict = if decision.allowed { "allowed" } else { "rejected" };
+        ctx.log_fields.push(("quota", verdict.into()));
         if decision.allowed {
             self.count(ctx, "allowed");
             return Ok(Flow::Continue);
