@@ -30,7 +30,7 @@ use crate::log_window::{LogWindow, Verdict, ERROR_LOG_INTERVAL};
 use crate::metrics::{method_label, status_label};
 use crate::path::normalize;
 use crate::router::{request_host, Lookup};
-use crate::snapshot::{Route, Snapshot};
+use crate::snapshot::{ChainEntry, Route, Snapshot};
 use crate::telemetry::{ServerSpan, SpanRecorder};
 use crate::upstream::Pool;
 use crate::Shared;
@@ -177,6 +177,19 @@ impl Gateway {
                 .await?;
         }
         Ok(())
+    }
+
+    /// A plugin answered with an error: who refused the request, for the access log and
+    /// `sallyport_plugin_rejections_total`.
+    fn note_rejection(&self, ctx: &mut Ctx, route: &Route, entry: &ChainEntry, reply: &Reply) {
+        if let Reply::Error(err) = reply {
+            ctx.rejected_by = Some((Arc::clone(&entry.name), err.reason));
+            self.shared
+                .metrics
+                .plugin_rejections
+                .with_label_values(&[&*route.name, &*entry.name, err.reason])
+                .inc();
+        }
     }
 
     /// Applies a plugin's answer.
@@ -503,14 +516,7 @@ impl ProxyHttp for Gateway {
                     .plugin
                     .preflight(session, &mut ctx.req, &mut ctx.states[i])?;
                 if let Flow::Respond(reply) = flow {
-                    if let Reply::Error(err) = &reply {
-                        ctx.rejected_by = Some((Arc::clone(&entry.name), err.reason));
-                        self.shared
-                            .metrics
-                            .plugin_rejections
-                            .with_label_values(&[&*route.name, &*entry.name, err.reason])
-                            .inc();
-                    }
+                    self.note_rejection(ctx, &route, entry, &reply);
                     // The preflight answer is complete: no response hook runs for it.
                     ctx.ran = 0;
                     self.reply(session, ctx, reply).await?;
@@ -552,14 +558,7 @@ impl ProxyHttp for Gateway {
                 .request_filter(session, &mut ctx.req, &mut ctx.states[i])
                 .await?;
             if let Flow::Respond(reply) = flow {
-                if let Reply::Error(err) = &reply {
-                    ctx.rejected_by = Some((Arc::clone(&entry.name), err.reason));
-                    self.shared
-                        .metrics
-                        .plugin_rejections
-                        .with_label_values(&[&*route.name, &*entry.name, err.reason])
-                        .inc();
-                }
+                self.note_rejection(ctx, &route, entry, &reply);
                 self.reply(session, ctx, reply).await?;
                 return Ok(true);
             }
@@ -1212,13 +1211,6 @@ impl ProxyHttp for Gateway {
             self.shared.access_log.write(&record);
         }
         if let Some(spans) = ctx.spans.take() {
-            let server = server_span(
-                session,
-                ctx,
-                status,
-                cache,
-                spans.telemetry.record_enduser(),
-            );
             let trace = match &ctx.req.trace {
                 Some(t) => (
                     t.trace_id,
@@ -1227,6 +1219,17 @@ impl ProxyHttp for Gateway {
                 ),
                 None => (rand::random::<[u8; 16]>(), None, None),
             };
+            // Decided before anything is built: an unsampled request builds no attribute.
+            if !spans.telemetry.sampled(&trace.0, trace.2) {
+                return;
+            }
+            let server = server_span(
+                session,
+                ctx,
+                status,
+                cache,
+                spans.telemetry.record_enduser(),
+            );
             spans.finish(trace, server, &ctx.req.call_spans);
         }
     }

@@ -294,12 +294,9 @@ pub struct ServerSpan {
 pub type TraceOf = ([u8; 16], Option<[u8; 8]>, Option<bool>);
 
 impl SpanRecorder {
-    /// Records the request's spans when the trace is sampled.
+    /// Records the request's spans (for a sampled trace: see [`Telemetry::sampled`]).
     pub fn finish(self, trace: TraceOf, server: ServerSpan, calls: &[sallyport_plugins::CallSpan]) {
-        let (trace_id, parent, parent_sampled) = trace;
-        if !self.telemetry.sampled(&trace_id, parent_sampled) {
-            return;
-        }
+        let (trace_id, parent, _) = trace;
         let end = SystemTime::now();
         for (i, a) in self.attempts.iter().enumerate() {
             let mut attributes = vec![
