@@ -557,6 +557,7 @@ impl ProxyHttp for Gateway {
                 .plugin
                 .request_filter(session, &mut ctx.req, &mut ctx.states[i])
                 .await?;
+            decide_sampling(ctx);
             if let Flow::Respond(reply) = flow {
                 self.note_rejection(ctx, &route, entry, &reply);
                 self.reply(session, ctx, reply).await?;
@@ -801,17 +802,6 @@ impl ProxyHttp for Gateway {
         let Some(route) = ctx.route.clone() else {
             return Ok(());
         };
-        // A trace the gateway starts is sampled as telemetry decides, so the services'
-        // traceparent agrees with what the gateway exports.
-        if let (Some(spans), Some(trace)) = (&ctx.spans, &mut ctx.req.trace) {
-            if trace.client_parent_id.is_none() {
-                if spans.telemetry.sampled(&trace.trace_id, None) {
-                    trace.flags |= 1;
-                } else {
-                    trace.flags &= !1;
-                }
-            }
-        }
         let new_path = match &route.rewrite {
             Some(rw) => Some(rw.apply(&ctx.req.path)),
             None if ctx.req.path != upstream_request.uri.path() => Some(ctx.req.path.clone()),
@@ -1231,6 +1221,26 @@ impl ProxyHttp for Gateway {
                 spans.telemetry.record_enduser(),
             );
             spans.finish(trace, server, &ctx.req.call_spans);
+        }
+    }
+}
+
+/// Once the `trace` plugin made the request's trace context: a trace the gateway starts is
+/// sampled as telemetry decides, before any call or answer carries its `traceparent`, so
+/// services record exactly the traces whose gateway spans are exported.
+fn decide_sampling(ctx: &mut Ctx) {
+    let (Some(spans), Some(trace)) = (&mut ctx.spans, &mut ctx.req.trace) else {
+        return;
+    };
+    if spans.sampling_decided {
+        return;
+    }
+    spans.sampling_decided = true;
+    if trace.client_parent_id.is_none() {
+        if spans.telemetry.sampled(&trace.trace_id, None) {
+            trace.flags |= 1;
+        } else {
+            trace.flags &= !1;
         }
     }
 }

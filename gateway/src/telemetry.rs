@@ -240,6 +240,8 @@ pub struct SpanRecorder {
     /// The SERVER span's id.
     pub span_id: [u8; 8],
     pub attempts: Vec<AttemptSpan>,
+    /// The trace's sampled flag was set from telemetry's decision (see `decide_sampling`).
+    pub sampling_decided: bool,
 }
 
 /// A random span id (never all zero).
@@ -254,6 +256,7 @@ impl SpanRecorder {
             start: SystemTime::now(),
             span_id: new_span_id(),
             attempts: Vec::new(),
+            sampling_decided: false,
         }
     }
 

@@ -142,11 +142,17 @@ impl Cache {
         if let Some(p) = &ctx.principal {
             let claim = |n| p.claim_str(n).unwrap_or_default();
             return match &p.subject {
+                // The client and its scopes too: an app with narrower scopes acting for the same
+                // user must not be served what a fuller one was.
                 Some(subject) => format!(
-                    "principal\0{}\0{}\0{subject}\0{}",
+                    "principal\0{}\0{}\0{subject}\0{}\0{}\0{}\0{}\0{}",
                     p.verified_by,
                     claim("iss"),
-                    claim("tenant")
+                    claim("tenant"),
+                    claim("azp"),
+                    claim("client_id"),
+                    claim("scope"),
+                    claim("scp")
                 )
                 .into_bytes(),
                 // No subject to tell callers apart: every verified claim does.
@@ -230,7 +236,7 @@ impl Plugin for Cache {
     }
 
     async fn stop(&self) {
-        self.store.clear();
+        self.store.retire();
     }
 
     fn request_cache(
@@ -285,11 +291,15 @@ impl Plugin for Cache {
         for name in &self.key_headers {
             let values: Vec<&[u8]> = req.headers.get_all(name).iter().map(|v| v.as_bytes()).collect();
             let joined = values.join(&b", "[..]);
+            // Hex keeps every byte distinct (a lossy decoding would merge invalid UTF-8).
             primary.push_str(&format!("|{}:", joined.len()));
-            primary.push_str(&String::from_utf8_lossy(&joined));
+            primary.push_str(&crate::context::hex(&joined));
         }
         let mut key = CacheKey::new(primary, "");
-        key.extensions.insert(EntryTarget(Arc::from(target)));
+        key.extensions.insert(EntryTarget {
+            target: Arc::from(target),
+            host: Arc::from(host.as_str()),
+        });
         Ok(Some(key))
     }
 
@@ -456,9 +466,10 @@ impl Plugin for Cache {
             return Ok(());
         }
         // RFC 9111 4.4: a non-error response to an unsafe request invalidates the target URI
-        // and the same-origin Location and Content-Location.
-        self.store.purge_target(&target_of(ctx, req));
+        // and the same-origin Location and Content-Location, on this host only.
         let host = host_of(req);
+        let own = host.unwrap_or("").to_ascii_lowercase();
+        self.store.purge_target_on(&target_of(ctx, req), &own);
         for name in [LOCATION, CONTENT_LOCATION] {
             if let Some(t) = response
                 .headers
@@ -466,7 +477,7 @@ impl Plugin for Cache {
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| same_origin_target(v, host))
             {
-                self.store.purge_target(&t);
+                self.store.purge_target_on(&t, &own);
             }
         }
         Ok(())

@@ -189,7 +189,7 @@ pub fn initial_age(headers: &HeaderMap, request_time: SystemTime, now: SystemTim
         .and_then(|date| now.duration_since(date).ok())
         .unwrap_or(Duration::ZERO);
     let response_delay = now.duration_since(request_time).unwrap_or(Duration::ZERO);
-    apparent_age.max(age_value + response_delay)
+    apparent_age.max(age_value.saturating_add(response_delay))
 }
 
 /// Whether (and how long) a response may be stored by a shared cache: RFC 9111 3 and 4.2, plus
@@ -265,6 +265,9 @@ pub fn storable(
         // `private="x"` and `no-cache="x"` name fields a shared cache must not keep.
         cc.strip_private_headers(&mut header);
     }
+    // One client's cookie is never replayed to the others: the client of the miss gets it
+    // from the upstream's own response, a hit never does.
+    header.remove_header(&SET_COOKIE);
     Ok(Storable {
         epoch,
         fresh_until,
@@ -321,7 +324,8 @@ pub fn on_hit(
 /// each field the 304 carries replaces the stored ones, except the ones that describe the
 /// stored body or the connection.
 pub fn refresh_header(stored: &ResponseHeader, not_modified: &ResponseHeader) -> ResponseHeader {
-    const KEEP: [&str; 6] = [
+    const KEEP: [&str; 7] = [
+        "set-cookie",
         "content-length",
         "content-encoding",
         "content-range",

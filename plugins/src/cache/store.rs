@@ -31,10 +31,14 @@ use prometheus::{IntCounter, IntGauge};
 /// budget full of tiny entries is still a bounded amount of memory.
 const ENTRY_OVERHEAD: usize = 256;
 
-/// The request target an entry was stored for, carried in the [`CacheKey`]'s extensions from
-/// the plugin's `cache_key` to the store's `get_miss_handler`.
+/// The request target (path and query) and host an entry was stored for, carried in the
+/// [`CacheKey`]'s extensions from the plugin's `cache_key` to the store's `get_miss_handler`.
 #[derive(Debug, Clone)]
-pub struct EntryTarget(pub Arc<str>);
+pub struct EntryTarget {
+    pub target: Arc<str>,
+    /// Lowercased `Host` of the request.
+    pub host: Arc<str>,
+}
 
 struct Entry {
     /// `CacheMeta::serialize` output: internal meta and response header.
@@ -42,6 +46,7 @@ struct Entry {
     body: Arc<[Bytes]>,
     body_len: usize,
     target: Arc<str>,
+    host: Arc<str>,
     weight: usize,
 }
 
@@ -76,6 +81,9 @@ impl State {
 
 /// An in-memory response store with a byte budget.
 pub struct MemoryStore {
+    /// Set when a reload replaced the plugin: writes still in flight are dropped, so nothing
+    /// is stored where nobody will read or evict it.
+    retired: std::sync::atomic::AtomicBool,
     budget: usize,
     max_object: usize,
     state: Mutex<State>,
@@ -86,6 +94,7 @@ pub struct MemoryStore {
 impl MemoryStore {
     pub fn new(budget: usize, max_object: usize, bytes: IntGauge, evictions: IntCounter) -> Self {
         MemoryStore {
+            retired: std::sync::atomic::AtomicBool::new(false),
             budget,
             max_object,
             state: Mutex::new(State {
@@ -115,7 +124,7 @@ impl MemoryStore {
     /// Admits an entry, evicting the least recently used until it fits. An entry larger than
     /// the whole budget is not stored.
     fn admit(&self, key: HashBinary, entry: Entry) -> bool {
-        if entry.weight > self.budget {
+        if entry.weight > self.budget || self.retired.load(std::sync::atomic::Ordering::Relaxed) {
             return false;
         }
         let mut state = self.state.lock();
@@ -162,6 +171,23 @@ impl MemoryStore {
         removed
     }
 
+    /// Removes the entries stored for `target` on one host (an unsafe request's invalidation).
+    pub fn purge_target_on(&self, target: &str, host: &str) -> usize {
+        let mut state = self.state.lock();
+        let keys: Vec<HashBinary> = state
+            .targets
+            .get(target)
+            .map(|k| k.iter().copied().collect())
+            .unwrap_or_default();
+        let on_host: Vec<HashBinary> = keys
+            .into_iter()
+            .filter(|k| state.entries.peek(k).is_some_and(|e| &*e.host == host))
+            .collect();
+        let removed = on_host.iter().filter(|k| state.remove(k)).count();
+        self.bytes.set(state.used as i64);
+        removed
+    }
+
     /// Removes every entry whose target starts with `prefix`.
     pub fn purge_prefix(&self, prefix: &str) -> usize {
         let mut state = self.state.lock();
@@ -176,8 +202,10 @@ impl MemoryStore {
         removed
     }
 
-    /// Empties the store (when a reload replaced the plugin).
-    pub fn clear(&self) {
+    /// Empties the store for good (a reload replaced the plugin): later writes are dropped.
+    pub fn retire(&self) {
+        self.retired
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         let mut state = self.state.lock();
         state.entries.clear();
         state.targets.clear();
@@ -212,15 +240,16 @@ impl Storage for MemoryStore {
         meta: &CacheMeta,
         _trace: &SpanHandle,
     ) -> Result<MissHandler> {
-        let target = key
+        let (target, host) = key
             .extensions
             .get::<EntryTarget>()
-            .map(|t| Arc::clone(&t.0))
-            .unwrap_or_else(|| Arc::from(""));
+            .map(|t| (Arc::clone(&t.target), Arc::clone(&t.host)))
+            .unwrap_or_else(|| (Arc::from(""), Arc::from("")));
         Ok(Box::new(Miss {
             store: self,
             key: key.combined_bin(),
             target,
+            host,
             meta: meta.serialize()?,
             chunks: Vec::new(),
             len: 0,
@@ -251,6 +280,9 @@ impl Storage for MemoryStore {
         meta: &CacheMeta,
         _trace: &SpanHandle,
     ) -> Result<bool> {
+        if self.retired.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(false);
+        }
         let meta = meta.serialize()?;
         let key = key.combined_bin();
         let mut state = self.state.lock();
@@ -263,6 +295,7 @@ impl Storage for MemoryStore {
             body: Arc::clone(&old.body),
             body_len: old.body_len,
             target: Arc::clone(&old.target),
+            host: Arc::clone(&old.host),
         };
         state.used = state.used - old.weight + updated.weight;
         state.entries.put(key, Arc::new(updated));
@@ -287,11 +320,21 @@ struct Hit {
     pos: usize,
     /// Absolute end (exclusive).
     end: usize,
+    /// The chunk the walk is at, and its absolute start: reads only move forward (a seek
+    /// starts over), so a whole body is one pass over its chunks.
+    chunk: usize,
+    chunk_start: usize,
 }
 
 impl Hit {
     fn new(entry: Arc<Entry>, pos: usize, end: usize) -> Self {
-        Hit { entry, pos, end }
+        Hit {
+            entry,
+            pos,
+            end,
+            chunk: 0,
+            chunk_start: 0,
+        }
     }
 
     /// The rest of the chunk holding `pos`, cut at `end`.
@@ -299,16 +342,16 @@ impl Hit {
         if self.pos >= self.end {
             return None;
         }
-        let mut start = 0;
-        for chunk in self.entry.body.iter() {
-            let chunk_end = start + chunk.len();
+        while let Some(chunk) = self.entry.body.get(self.chunk) {
+            let chunk_end = self.chunk_start + chunk.len();
             if self.pos < chunk_end {
-                let from = self.pos - start;
-                let to = chunk.len().min(self.end - start);
-                self.pos = start + to;
+                let from = self.pos - self.chunk_start;
+                let to = chunk.len().min(self.end - self.chunk_start);
+                self.pos = self.chunk_start + to;
                 return Some(chunk.slice(from..to));
             }
-            start = chunk_end;
+            self.chunk += 1;
+            self.chunk_start = chunk_end;
         }
         None
     }
@@ -343,6 +386,8 @@ impl HandleHit for Hit {
         }
         self.pos = start;
         self.end = end.map_or(len, |e| e.min(len));
+        self.chunk = 0;
+        self.chunk_start = 0;
         Ok(())
     }
 
@@ -364,6 +409,7 @@ struct Miss {
     store: &'static MemoryStore,
     key: HashBinary,
     target: Arc<str>,
+    host: Arc<str>,
     meta: (Vec<u8>, Vec<u8>),
     chunks: Vec<Bytes>,
     len: usize,
@@ -405,6 +451,7 @@ impl HandleMiss for Miss {
             body: Arc::from(self.chunks),
             body_len: self.len,
             target: self.target,
+            host: self.host,
             weight,
         };
         let admitted = self.store.admit(self.key, entry);
@@ -436,7 +483,10 @@ mod tests {
 
     fn key(target: &str) -> CacheKey {
         let mut key = CacheKey::new(format!("host{target}"), "");
-        key.extensions.insert(EntryTarget(Arc::from(target)));
+        key.extensions.insert(EntryTarget {
+            target: Arc::from(target),
+            host: Arc::from("host"),
+        });
         key
     }
 
@@ -534,7 +584,12 @@ mod tests {
         put(s, "/items/1", &[b"1"]).await;
         assert_eq!(s.purge_prefix("/items/"), 2);
         assert_eq!(s.len(), 1);
-        s.clear();
+        put(s, "/items/3", &[b"3"]).await;
+        assert_eq!(s.purge_target_on("/items/3", "other-host"), 0);
+        assert_eq!(s.purge_target_on("/items/3", "host"), 1);
+        s.retire();
         assert!(s.is_empty() && s.used() == 0);
+        put(s, "/late", &[b"l"]).await;
+        assert!(s.is_empty(), "a retired store keeps nothing");
     }
 }

@@ -209,7 +209,13 @@ impl Exchanger {
                 }
             }
         };
-        // If the request running the exchange goes away, another waiter runs it.
+        // If the request running the exchange goes away, another waiter runs it; if none is
+        // waiting, the guard takes the unfinished entry out.
+        let _guard = InflightGuard {
+            inflight: &self.inflight,
+            key,
+            cell: Arc::clone(&cell),
+        };
         let answer = cell.get_or_init(|| self.exchange(subject)).await.clone();
         // Whoever finishes first retires the shared entry (and caches the answer), so an
         // abandoned exchange never leaves it behind.
@@ -260,11 +266,18 @@ impl Exchanger {
         };
         let body: serde_json::Value = resp.json().await.ok()?;
         let token = body.get("access_token")?.as_str()?.to_string();
-        let lifetime = body.get("expires_in").and_then(|v| v.as_u64()).unwrap_or(60);
+        // At most a day, whatever the IdP says (no overflow, no token kept forever).
+        let lifetime = body
+            .get("expires_in")
+            .and_then(|v| v.as_u64())
+            .unwrap_or(60)
+            .min(86_400);
         // Reused for 90% of its lifetime, so it never expires on its way to the service.
         Some(Cached {
             token,
-            reuse_until: sent + Duration::from_secs(lifetime).mul_f64(0.9),
+            reuse_until: sent
+                .checked_add(Duration::from_secs(lifetime).mul_f64(0.9))
+                .unwrap_or(sent),
         })
     }
 }
@@ -280,6 +293,42 @@ fn form_encode(s: &str) -> String {
         }
     }
     out
+}
+
+/// The claims of a JWT's payload, read without checking anything: only to compare a token
+/// with the principal `jwt` verified.
+fn payload(token: &str) -> Option<serde_json::Map<String, serde_json::Value>> {
+    use base64::Engine;
+    let part = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(part.trim_end_matches('='))
+        .ok()?;
+    match serde_json::from_slice(&bytes).ok()? {
+        serde_json::Value::Object(map) => Some(map),
+        _ => None,
+    }
+}
+
+/// Removes a shared exchange that nobody finished (its requests went away) from the map.
+struct InflightGuard<'a> {
+    inflight: &'a Mutex<HashMap<[u8; 32], Inflight>>,
+    key: [u8; 32],
+    cell: Inflight,
+}
+
+impl Drop for InflightGuard<'_> {
+    fn drop(&mut self) {
+        if self.cell.initialized() {
+            return;
+        }
+        let mut inflight = self.inflight.lock();
+        // Only the last holder besides the map (this guard) takes it out.
+        if inflight.get(&self.key).is_some_and(|c| Arc::ptr_eq(c, &self.cell))
+            && Arc::strong_count(&self.cell) <= 2
+        {
+            inflight.remove(&self.key);
+        }
+    }
 }
 
 /// The client's bearer token, the subject of an exchange.
@@ -317,62 +366,66 @@ impl Plugin for IdentityToken {
         ctx: &mut RequestCtx,
         state: &mut TokenState,
     ) -> Result<Flow> {
-        let Some(principal) = &ctx.principal else {
+        // Sign mode mints in upstream_request_filter, once the pool (the default audience) is
+        // final: a traffic_split later in the chain may still change it.
+        let (Some(principal), Issue::Exchange(exchanger)) = (&ctx.principal, &self.issue) else {
             return Ok(Flow::Continue);
         };
-        let count = |result: &str| {
-            self.results.with_label_values(&[&*self.name, result]).inc();
+        // Only the token `jwt` verified is a subject token: an API key (`key_auth`) is not
+        // exchanged, and a bearer other than the verified token (jwt reading another header
+        // or a cookie) is refused rather than exchanged.
+        if principal.verified_by != "jwt" {
+            return Ok(Flow::Continue);
+        }
+        let subject = bearer(session.req_header())
+            .filter(|t| payload(t).is_some_and(|claims| claims == *principal.claims));
+        let answer = match subject {
+            Some(subject) => exchanger.token(subject).await,
+            None => None,
         };
-        match &self.issue {
-            Issue::Sign(signer) => {
-                let audience = signer
-                    .audience
-                    .as_deref()
-                    .or(ctx.upstream.as_deref())
-                    .unwrap_or(&ctx.route);
-                let (token, minted) = match signer.token(principal, audience, SystemTime::now()) {
-                    Ok(t) => t,
-                    Err(e) => {
-                        count("failed");
-                        return Err(e);
-                    }
-                };
-                count(if minted { "minted" } else { "cached" });
+        match answer {
+            Some((token, exchanged)) => {
+                self.count(if exchanged { "exchanged" } else { "cached" });
                 state.token = Some(token);
+                Ok(Flow::Continue)
             }
-            Issue::Exchange(exchanger) => {
-                // Only a token `jwt` verified is a subject token: an API key sent as a bearer
-                // (`key_auth`) must never reach the identity provider.
-                let subject = bearer(session.req_header()).filter(|_| principal.verified_by == "jwt");
-                let Some(subject) = subject else {
-                    return Ok(Flow::Continue);
-                };
-                match exchanger.token(subject).await {
-                    Some((token, exchanged)) => {
-                        count(if exchanged { "exchanged" } else { "cached" });
-                        state.token = Some(token);
-                    }
-                    None => {
-                        count("failed");
-                        return Ok(Flow::Respond(Reply::Error(ApiError::new(
-                            502,
-                            "token_exchange_failed",
-                            "the gateway could not obtain a token for the service",
-                        ))));
-                    }
-                }
+            None => {
+                self.count("failed");
+                Ok(Flow::Respond(Reply::Error(ApiError::new(
+                    502,
+                    "token_exchange_failed",
+                    "the gateway could not obtain a token for the service",
+                ))))
             }
         }
-        Ok(Flow::Continue)
     }
 
     async fn upstream_request_filter(
         &self,
         _session: &mut Session,
         upstream_request: &mut RequestHeader,
-        _ctx: &mut RequestCtx,
+        ctx: &mut RequestCtx,
         state: &mut TokenState,
     ) -> Result<()> {
+        if let (Some(principal), Issue::Sign(signer)) = (&ctx.principal, &self.issue) {
+            if state.token.is_none() {
+                let audience = signer
+                    .audience
+                    .as_deref()
+                    .or(ctx.upstream.as_deref())
+                    .unwrap_or(&ctx.route);
+                match signer.token(principal, audience, SystemTime::now()) {
+                    Ok((token, minted)) => {
+                        self.count(if minted { "minted" } else { "cached" });
+                        state.token = Some(token);
+                    }
+                    Err(e) => {
+                        self.count("failed");
+                        return Err(e);
+                    }
+                }
+            }
+        }
         let Some(token) = &state.token else {
             return Ok(());
         };
@@ -385,6 +438,12 @@ impl Plugin for IdentityToken {
             upstream_request.insert_header(self.header.clone(), token.as_str())?;
         }
         Ok(())
+    }
+}
+
+impl IdentityToken {
+    fn count(&self, result: &str) {
+        self.results.with_label_values(&[&*self.name, result]).inc();
     }
 }
 

@@ -252,6 +252,11 @@ impl Plugin for JsonTransform {
             return Ok(());
         }
         response.remove_header(&CONTENT_LENGTH);
+        // Pingora chose the framing before this hook: without a length, say chunked, or the
+        // body would go close-delimited and end the connection (HTTP/2 drops the header).
+        if !no_body {
+            response.insert_header(http::header::TRANSFER_ENCODING, "chunked")?;
+        }
         if let Some(etag) = response.headers.get(ETAG).cloned() {
             if !etag.as_bytes().starts_with(b"W/") {
                 let mut weak = b"W/".to_vec();
