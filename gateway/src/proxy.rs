@@ -1228,6 +1228,7 @@ impl ProxyHttp for Gateway {
 /// Once the `trace` plugin made the request's trace context: a trace the gateway starts is
 /// sampled as telemetry decides, before any call or answer carries its `traceparent`, so
 /// services record exactly the traces whose gateway spans are exported.
+/// An unsampled request stops recording here: it costs nothing more.
 fn decide_sampling(ctx: &mut Ctx) {
     let (Some(spans), Some(trace)) = (&mut ctx.spans, &mut ctx.req.trace) else {
         return;
@@ -1236,12 +1237,17 @@ fn decide_sampling(ctx: &mut Ctx) {
         return;
     }
     spans.sampling_decided = true;
+    let parent_sampled = trace.client_parent_id.map(|_| trace.flags & 1 == 1);
+    let sampled = spans.telemetry.sampled(&trace.trace_id, parent_sampled);
     if trace.client_parent_id.is_none() {
-        if spans.telemetry.sampled(&trace.trace_id, None) {
+        if sampled {
             trace.flags |= 1;
         } else {
             trace.flags &= !1;
         }
+    }
+    if !sampled {
+        ctx.spans = None;
     }
 }
 
