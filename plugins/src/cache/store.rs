@@ -160,30 +160,25 @@ impl MemoryStore {
 
     /// Removes every entry stored for `target` (all hosts, variants and principals).
     pub fn purge_target(&self, target: &str) -> usize {
-        let mut state = self.state.lock();
-        let keys: Vec<HashBinary> = state
-            .targets
-            .get(target)
-            .map(|k| k.iter().copied().collect())
-            .unwrap_or_default();
-        let removed = keys.iter().filter(|k| state.remove(k)).count();
-        self.bytes.set(state.used as i64);
-        removed
+        self.purge_target_where(target, |_| true)
     }
 
     /// Removes the entries stored for `target` on one host (an unsafe request's invalidation).
     pub fn purge_target_on(&self, target: &str, host: &str) -> usize {
+        self.purge_target_where(target, |e| &*e.host == host)
+    }
+
+    fn purge_target_where(&self, target: &str, which: impl Fn(&Entry) -> bool) -> usize {
         let mut state = self.state.lock();
-        let keys: Vec<HashBinary> = state
-            .targets
-            .get(target)
-            .map(|k| k.iter().copied().collect())
-            .unwrap_or_default();
-        let on_host: Vec<HashBinary> = keys
-            .into_iter()
-            .filter(|k| state.entries.peek(k).is_some_and(|e| &*e.host == host))
-            .collect();
-        let removed = on_host.iter().filter(|k| state.remove(k)).count();
+        let keys: Vec<HashBinary> = match state.targets.get(target) {
+            Some(keys) => keys
+                .iter()
+                .copied()
+                .filter(|k| state.entries.peek(k).is_some_and(|e| which(e)))
+                .collect(),
+            None => Vec::new(),
+        };
+        let removed = keys.iter().filter(|k| state.remove(k)).count();
         self.bytes.set(state.used as i64);
         removed
     }
