@@ -781,3 +781,63 @@ fn invalid_cache_settings_are_config_errors_with_their_path() {
     assert_ne!(code, 0);
     assert!(err.contains("max_sise"), "{err}");
 }
+
+/// An aggregate answers in its own request_filter, before Pingora's cache: a cache plugin
+/// listed ahead of it keeps the merged answer (per caller when the request has credentials).
+#[tokio::test]
+async fn aggregate_answers_are_cached_too_and_per_caller() {
+    let (origin, _) = counting(&[("content-type", "application/json")]).await;
+    let origin_json = Origin::start(|req| {
+        OriginResponse::new(
+            200,
+            format!(
+                "{{\"for\":\"{}\"}}",
+                req.header("authorization").unwrap_or("anonymous")
+            ),
+        )
+        .header("content-type", "application/json")
+    })
+    .await;
+    drop(origin);
+    let config = format!(
+        "{}\n[upstreams.app]\nendpoints = [\"{}\"]\n\
+         [plugins.edge-cache]\ntype = \"cache\"\n\
+         [plugins.dash]\ntype = \"aggregate\"\ncache_control = \"max-age=60\"\nforward_headers = [\"authorization\"]\ncalls = [{{ name = \"me\", upstream = \"app\", path = \"/me\" }}]\n\
+         [[routes]]\nname = \"dash\"\npath = \"/dash\"\nmethods = [\"GET\"]\nplugins = [\"edge-cache\", \"dash\"]\n",
+        server(""),
+        origin_json.addr
+    );
+    let gw = Gateway::start(&config).await;
+    let first = get(&gw, "/dash", &[]).await;
+    assert_eq!(first.status, 200);
+    assert!(
+        first.cache_status().contains("fwd=uri-miss") && first.cache_status().contains("stored"),
+        "{}",
+        first.cache_status()
+    );
+    let second = get(&gw, "/dash", &[]).await;
+    assert_eq!(second.body, first.body);
+    assert!(
+        second.cache_status().starts_with("sallyport; hit"),
+        "{}",
+        second.cache_status()
+    );
+    assert!(second.header("age").parse::<u64>().is_ok());
+    assert_eq!(origin_json.hits(), 1);
+    // Two callers never share an answer made for one of them.
+    let alice = get(&gw, "/dash", &[("authorization", "Bearer alice")]).await;
+    let bob = get(&gw, "/dash", &[("authorization", "Bearer bob")]).await;
+    assert!(
+        alice.body.contains("alice") && bob.body.contains("bob"),
+        "{} {}",
+        alice.body,
+        bob.body
+    );
+    assert_eq!(
+        get(&gw, "/dash", &[("authorization", "Bearer alice")])
+            .await
+            .body,
+        alice.body
+    );
+    assert_eq!(origin_json.hits(), 3);
+}

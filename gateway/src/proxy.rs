@@ -196,7 +196,21 @@ impl Gateway {
     async fn reply(&self, session: &mut Session, ctx: &mut Ctx, reply: Reply) -> Result<()> {
         match reply {
             Reply::Error(err) => self.respond_error(session, ctx, err).await,
-            Reply::Full { header, body } => self.respond(session, ctx, *header, body).await,
+            Reply::Full { header, body } => {
+                // A cache plugin ahead of the answering one may keep the answer.
+                if let Some(route) = ctx.route.as_ref().filter(|r| r.hooks.cache).cloned() {
+                    for i in route.entries_running(ctx.ran, |h| h.cache) {
+                        route.chain[i].plugin.reply_cache(
+                            session,
+                            &header,
+                            &body,
+                            &mut ctx.req,
+                            &mut ctx.states[i],
+                        );
+                    }
+                }
+                self.respond(session, ctx, *header, body).await
+            }
         }
     }
 

@@ -300,6 +300,19 @@ pub trait Plugin: Send + Sync + 'static {
         Ok(Flow::Continue)
     }
 
+    /// A plugin of the chain answered the request itself with a complete response
+    /// (`Reply::Full`, e.g. `aggregate`): the route's cache plugins that ran before it may
+    /// store it (the header as the plugin made it, before any response hook). Chain order.
+    fn reply_cache(
+        &self,
+        _session: &Session,
+        _header: &ResponseHeader,
+        _body: &bytes::Bytes,
+        _ctx: &mut RequestCtx,
+        _state: &mut Self::State,
+    ) {
+    }
+
     /// The admin API's `POST /cache/purge`: removes this plugin's stored entries for one
     /// request target or every target under a prefix, and says how many it removed. Called
     /// outside any request, on every plugin of the running config.
@@ -566,6 +579,14 @@ pub trait DynPlugin: Send + Sync + 'static {
         state: &mut ErasedState,
     ) -> Result<Flow>;
     fn cache_purge(&self, target: &CachePurge) -> usize;
+    fn reply_cache(
+        &self,
+        session: &Session,
+        header: &ResponseHeader,
+        body: &bytes::Bytes,
+        ctx: &mut RequestCtx,
+        state: &mut ErasedState,
+    );
     async fn response_filter(
         &self,
         session: &mut Session,
@@ -874,6 +895,19 @@ impl<P: Plugin> DynPlugin for Erased<P> {
 
     fn cache_purge(&self, target: &CachePurge) -> usize {
         self.plugin.cache_purge(target)
+    }
+
+    fn reply_cache(
+        &self,
+        session: &Session,
+        header: &ResponseHeader,
+        body: &bytes::Bytes,
+        ctx: &mut RequestCtx,
+        state: &mut ErasedState,
+    ) {
+        if let Ok(state) = typed(state) {
+            self.plugin.reply_cache(session, header, body, ctx, state);
+        }
     }
 
     fn response_filter<'a, 's, 'r, 'c, 'st, 'f>(

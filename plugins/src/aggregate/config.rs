@@ -23,6 +23,15 @@ pub struct AggregateConfig {
     pub forward_headers: Vec<Parsed<HeaderName>>,
     /// The calls, run in parallel; the response lists them in this order.
     pub calls: Vec<CallConfig>,
+    /// `Cache-Control` of a complete answer (one with `warnings`, a degraded one, is always
+    /// `no-store`). E.g. `"max-age=30"` lets a `cache` plugin listed before this one on the
+    /// route keep it (per caller when the request carries credentials).
+    #[serde(default = "default_cache_control")]
+    pub cache_control: String,
+}
+
+fn default_cache_control() -> String {
+    "no-store".into()
 }
 
 /// One call of an aggregate endpoint.

@@ -67,6 +67,8 @@ struct Call {
 
 /// The built `aggregate` plugin.
 pub struct Aggregate {
+    /// `Cache-Control` of complete answers.
+    cache_control: http::HeaderValue,
     calls: Vec<Call>,
     timeout: Duration,
     max_body: usize,
@@ -78,6 +80,9 @@ pub struct Aggregate {
 /// Checks a config without the pools (what `--check` can see); every problem with its path.
 pub fn validate(c: &AggregateConfig) -> Vec<BuildError> {
     let mut errors = Vec::new();
+    if http::HeaderValue::from_str(&c.cache_control).is_err() {
+        errors.push(BuildError::new("cache_control", "is not a valid header value"));
+    }
     if c.timeout.get().is_zero() {
         errors.push(BuildError::new("timeout", "must be greater than 0"));
     }
@@ -183,7 +188,11 @@ impl Aggregate {
                 })
             })
             .collect::<std::result::Result<_, Vec<BuildError>>>()?;
+        let cache_control = http::HeaderValue::from_str(&c.cache_control).map_err(|_| {
+            vec![BuildError::new("cache_control", "is not a valid header value")]
+        })?;
         Ok(Erased::into_dyn(Aggregate {
+            cache_control,
             calls,
             timeout: c.timeout.get(),
             max_body: usize::try_from(c.max_body.get()).unwrap_or(usize::MAX),
@@ -451,7 +460,11 @@ impl Plugin for Aggregate {
 
         let mut header = ResponseHeader::build(200, Some(4))?;
         header.insert_header(http::header::CONTENT_TYPE, "application/json")?;
-        header.insert_header(http::header::CACHE_CONTROL, "no-store")?;
+        if warnings.is_empty() {
+            header.insert_header(http::header::CACHE_CONTROL, self.cache_control.clone())?;
+        } else {
+            header.insert_header(http::header::CACHE_CONTROL, "no-store")?;
+        }
         header.insert_header(
             X_AGGREGATE_COMPLETE,
             if warnings.is_empty() { "true" } else { "false" },

@@ -88,6 +88,18 @@ pub struct CacheState {
     not_stored: Option<&'static str>,
     /// The header of an upstream 304 that revalidated the entry (RFC 9111 4.3.4).
     not_modified: Option<ResponseHeader>,
+    /// On a route a plugin answers (no upstream): the key its answer is kept under (until
+    /// stored), and the verdict.
+    reply: Option<ReplyCache>,
+}
+
+/// Caching the answer of a plugin (`aggregate`), outside Pingora's cache: looked up in this
+/// plugin's `request_filter`, stored by `reply_cache`.
+struct ReplyCache {
+    key: Option<CacheKey>,
+    result: &'static str,
+    ttl: Option<i64>,
+    stored: bool,
 }
 
 impl Cache {
@@ -175,6 +187,43 @@ impl Cache {
     }
 }
 
+impl Cache {
+    /// The key of a request: the pool it goes to, its host, target and `key_headers`; with
+    /// `identity` (answers of plugins, kept per caller) a hash of that too.
+    fn key(&self, req: &RequestHeader, ctx: &RequestCtx, identity: Option<&[u8]>) -> CacheKey {
+        let host = host_of(req).unwrap_or("").to_ascii_lowercase();
+        let target = target_of(ctx, req);
+        // The pool the request goes to is part of the key: a `traffic_split` canary's answers
+        // are never served to requests of the stable pool. Only the primary part is hashed:
+        // every part is length-prefixed so no two different requests frame to the same bytes.
+        let pool = ctx.upstream.as_deref().unwrap_or("");
+        let mut primary = format!(
+            "{}:{pool}{}:{host}{}:{target}",
+            pool.len(),
+            host.len(),
+            target.len()
+        );
+        for name in &self.key_headers {
+            let values: Vec<&[u8]> = req.headers.get_all(name).iter().map(|v| v.as_bytes()).collect();
+            let joined = values.join(&b", "[..]);
+            // Hex keeps every byte distinct (a lossy decoding would merge invalid UTF-8).
+            primary.push_str(&format!("|{}:", joined.len()));
+            primary.push_str(&crate::context::hex(&joined));
+        }
+        if let Some(id) = identity {
+            use sha2::Digest;
+            primary.push_str("|id:");
+            primary.push_str(&crate::context::hex(&sha2::Sha256::digest(id)));
+        }
+        let mut key = CacheKey::new(primary, "");
+        key.extensions.insert(EntryTarget {
+            target: Arc::from(target),
+            host: Arc::from(host.as_str()),
+        });
+        key
+    }
+}
+
 /// The request's authority as the client wrote it (`Host`, or the absolute-form target's).
 fn host_of(request: &RequestHeader) -> Option<&str> {
     request
@@ -228,6 +277,8 @@ impl Plugin for Cache {
 
     fn hooks(&self) -> Hooks {
         Hooks {
+            // request_filter: answers of plugins (aggregate) are looked up there.
+            request_filter: true,
             cache: true,
             upstream_response: true,
             response_filter: true,
@@ -237,6 +288,93 @@ impl Plugin for Cache {
 
     async fn stop(&self) {
         self.store.retire();
+    }
+
+    /// On a route a plugin answers (no upstream pool), before that plugin runs: a fresh stored
+    /// answer is sent from here; otherwise `reply_cache` keeps the plugin's answer. Such
+    /// answers are kept per caller whenever the request carries credentials.
+    async fn request_filter(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        state: &mut CacheState,
+    ) -> Result<Flow> {
+        let req = session.req_header();
+        if ctx.upstream.is_some() || !matches!(req.method, Method::GET | Method::HEAD) {
+            return Ok(Flow::Continue);
+        }
+        state.directives = RequestDirectives::parse(&req.headers);
+        state.credentialed = policy::credentialed(&req.headers, ctx.principal.is_some());
+        let identity = state.credentialed.then(|| Self::identity(ctx, req));
+        let key = self.key(req, ctx, identity.as_deref());
+        let now = SystemTime::now();
+        let fresh = self.store.get(&key).filter(|(meta, _)| {
+            meta.is_fresh(now) && policy::on_hit(meta, &state.directives, now).is_none()
+        });
+        if let Some((meta, body)) = fresh {
+            let mut header = meta.response_header_copy();
+            header.insert_header(http::header::AGE, meta.age().as_secs())?;
+            state.reply = Some(ReplyCache {
+                key: None,
+                result: "hit",
+                ttl: Some(ttl(&meta, now)),
+                stored: false,
+            });
+            return Ok(Flow::Respond(Reply::Full {
+                header: Box::new(header),
+                body,
+            }));
+        }
+        if state.directives.only_if_cached {
+            state.not_stored = Some("only-if-cached");
+            return Ok(Flow::Respond(Reply::Error(ApiError::new(
+                504,
+                "not_cached",
+                "the response is not in the cache and the request says only-if-cached",
+            ))));
+        }
+        state.reply = Some(ReplyCache {
+            key: Some(key),
+            result: "miss",
+            ttl: None,
+            stored: false,
+        });
+        Ok(Flow::Continue)
+    }
+
+    fn reply_cache(
+        &self,
+        _session: &Session,
+        header: &ResponseHeader,
+        body: &bytes::Bytes,
+        ctx: &mut RequestCtx,
+        state: &mut CacheState,
+    ) {
+        let Some(reply) = state.reply.as_mut() else {
+            return;
+        };
+        let Some(key) = reply.key.take() else {
+            return;
+        };
+        let now = SystemTime::now();
+        let request_time = now.checked_sub(ctx.received_at.elapsed()).unwrap_or(now);
+        // Kept per caller (the identity is in the key), so RFC 9111 3.5's rule for shared
+        // entries does not apply; every other storage rule does.
+        let rules = Rules {
+            shared_when_authenticated: false,
+            ..self.rules.clone()
+        };
+        match policy::storable(header, &state.directives, false, &rules, request_time, now) {
+            Ok(storable) => {
+                let meta = storable.into_meta(now);
+                reply.ttl = Some(ttl(&meta, now));
+                reply.stored = self.store.put(&key, &meta, body.clone());
+                if !reply.stored {
+                    state.not_stored = Some("too-large");
+                }
+            }
+            Err(why) => state.not_stored = Some(why),
+        }
     }
 
     fn request_cache(
@@ -275,33 +413,9 @@ impl Plugin for Cache {
         if !state.enabled {
             return Ok(None);
         }
-        let req = session.req_header();
-        let host = host_of(req).unwrap_or("").to_ascii_lowercase();
-        let target = target_of(ctx, req);
-        // The pool the request goes to is part of the key: a `traffic_split` canary's answers
-        // are never served to requests of the stable pool. Only the primary part is hashed:
-        // every part is length-prefixed so no two different requests frame to the same bytes.
-        let pool = ctx.upstream.as_deref().unwrap_or("");
-        let mut primary = format!(
-            "{}:{pool}{}:{host}{}:{target}",
-            pool.len(),
-            host.len(),
-            target.len()
-        );
-        for name in &self.key_headers {
-            let values: Vec<&[u8]> = req.headers.get_all(name).iter().map(|v| v.as_bytes()).collect();
-            let joined = values.join(&b", "[..]);
-            // Hex keeps every byte distinct (a lossy decoding would merge invalid UTF-8).
-            primary.push_str(&format!("|{}:", joined.len()));
-            primary.push_str(&crate::context::hex(&joined));
-        }
-        let mut key = CacheKey::new(primary, "");
-        key.extensions.insert(EntryTarget {
-            target: Arc::from(target),
-            host: Arc::from(host.as_str()),
-        });
-        Ok(Some(key))
+        Ok(Some(self.key(session.req_header(), ctx, None)))
     }
+
 
     fn cache_vary(
         &self,
@@ -490,11 +604,29 @@ impl Plugin for Cache {
         ctx: &mut RequestCtx,
         state: &mut CacheState,
     ) -> Result<()> {
-        if !state.enabled && state.bypass.is_none() && state.not_stored.is_none() {
-            return Ok(());
-        }
         if ctx.cache_result.is_some() {
             // Another cache plugin of the route (later in the chain) already reported.
+            return Ok(());
+        }
+        if let Some(reply) = &state.reply {
+            // A plugin's answer, looked up and stored outside Pingora's cache.
+            let mut status = match reply.result {
+                "hit" => format!("{CACHE_NAME}; hit"),
+                _ => format!("{CACHE_NAME}; fwd=uri-miss"),
+            };
+            if let Some(t) = reply.ttl {
+                status.push_str(&format!("; ttl={t}"));
+            }
+            if reply.stored {
+                status.push_str("; stored");
+            } else if let Some(why) = state.not_stored.filter(|_| reply.result != "hit") {
+                status.push_str(&format!("; detail={why}"));
+            }
+            ctx.cache_result = Some(reply.result);
+            response.insert_header(CACHE_STATUS, status)?;
+            return Ok(());
+        }
+        if !state.enabled && state.bypass.is_none() && state.not_stored.is_none() {
             return Ok(());
         }
         let (result, status) = cache_status(session, response, state);

@@ -158,6 +158,42 @@ impl MemoryStore {
         evicted
     }
 
+    /// A stored response read at once (for answers a plugin made, served without Pingora):
+    /// its metadata and whole body.
+    pub fn get(&self, key: &CacheKey) -> Option<(CacheMeta, Bytes)> {
+        let entry = self.state.lock().entries.get(&key.combined_bin()).cloned()?;
+        let meta = CacheMeta::deserialize(&entry.meta.0, &entry.meta.1).ok()?;
+        let mut body = bytes::BytesMut::with_capacity(entry.body_len);
+        for chunk in entry.body.iter() {
+            body.extend_from_slice(chunk);
+        }
+        Some((meta, body.freeze()))
+    }
+
+    /// Stores a complete response at once; `false` when it is not kept (too large, retired).
+    pub fn put(&self, key: &CacheKey, meta: &CacheMeta, body: Bytes) -> bool {
+        if body.len() > self.max_object {
+            return false;
+        }
+        let Ok(meta) = meta.serialize() else {
+            return false;
+        };
+        let (target, host) = key
+            .extensions
+            .get::<EntryTarget>()
+            .map(|t| (Arc::clone(&t.target), Arc::clone(&t.host)))
+            .unwrap_or_else(|| (Arc::from(""), Arc::from("")));
+        let entry = Entry {
+            weight: weight(&meta, body.len(), &target),
+            meta,
+            body_len: body.len(),
+            body: Arc::from(vec![body]),
+            target,
+            host,
+        };
+        self.admit(key.combined_bin(), entry)
+    }
+
     /// Removes every entry stored for `target` (all hosts, variants and principals).
     pub fn purge_target(&self, target: &str) -> usize {
         self.purge_target_where(target, |_| true)
