@@ -163,6 +163,10 @@ impl MemoryStore {
     pub fn get(&self, key: &CacheKey) -> Option<(CacheMeta, Bytes)> {
         let entry = self.state.lock().entries.get(&key.combined_bin()).cloned()?;
         let meta = CacheMeta::deserialize(&entry.meta.0, &entry.meta.1).ok()?;
+        // `put` stores one chunk: share it rather than copy the body on every hit.
+        if let [whole] = &*entry.body {
+            return Some((meta, whole.clone()));
+        }
         let mut body = bytes::BytesMut::with_capacity(entry.body_len);
         for chunk in entry.body.iter() {
             body.extend_from_slice(chunk);
