@@ -1,9 +1,11 @@
 //! Outbound calls from plugins (aggregation) to the snapshot's pools, through Pingora's pooled
-//! connector: same endpoint selection, health, timeouts and retry rule as proxied requests.
+//! connector: same endpoint selection, health (active and passive), timeouts, retry policy,
+//! retry budget and `max_in_flight` as proxied requests.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
@@ -11,7 +13,18 @@ use pingora::connectors::http::Connector;
 use pingora::http::RequestHeader;
 use sallyport_plugins::{CallError, RequestCtx, UpstreamRequest, UpstreamResponse, Upstreams};
 
+use crate::resilience::{Failure, TryState};
 use crate::upstream::Pool;
+
+/// How a try failed.
+struct TryError {
+    error: CallError,
+    /// The connection was made (the request may have reached the endpoint).
+    connected: bool,
+    /// It failed on a reused pooled connection before any answer: the endpoint had closed
+    /// it, so the request never reached it.
+    stale: bool,
+}
 
 /// The pools of one snapshot, callable by plugins.
 pub struct PoolCalls {
@@ -24,21 +37,30 @@ impl PoolCalls {
         PoolCalls { pools, connector }
     }
 
-    /// One attempt on one endpoint. `Err((error, connected))`: whether the failure came after
-    /// a connection was established (then the request may have reached the upstream).
+    /// One try on one endpoint.
     async fn attempt(
         &self,
         pool: &Pool,
         addr_label: &str,
         peer: &pingora::upstreams::peer::HttpPeer,
         req: &UpstreamRequest,
-    ) -> Result<UpstreamResponse, (CallError, bool)> {
-        let (mut session, _reused) = self
-            .connector
-            .get_http_session(peer)
-            .await
-            .map_err(|e| (call_error(&e), false))?;
-        let upstream_err = |e: Box<pingora::Error>| (call_error(&e), true);
+        timeout: std::time::Duration,
+    ) -> Result<UpstreamResponse, TryError> {
+        let (mut session, reused) =
+            self.connector
+                .get_http_session(peer)
+                .await
+                .map_err(|e| TryError {
+                    error: call_error(&e),
+                    connected: false,
+                    stale: false,
+                })?;
+        let mut answered = false;
+        let upstream_err = |e: Box<pingora::Error>| TryError {
+            error: call_error(&e),
+            connected: true,
+            stale: false,
+        };
 
         let mut header = RequestHeader::build(
             req.method.clone(),
@@ -62,29 +84,41 @@ impl PoolCalls {
                 .insert_header(http::header::CONTENT_LENGTH, req.body.len())
                 .map_err(upstream_err)?;
         }
-        session.set_write_timeout(Some(pool.config.write_timeout.get()));
-        session.set_read_timeout(Some(pool.config.read_timeout.get()));
-        session
-            .write_request_header(Box::new(header))
-            .await
-            .map_err(upstream_err)?;
-        if !req.body.is_empty() {
-            session
-                .write_request_body(req.body.clone(), true)
-                .await
-                .map_err(upstream_err)?;
-        }
-        session.finish_request_body().await.map_err(upstream_err)?;
-        session.read_response_header().await.map_err(upstream_err)?;
+        session.set_write_timeout(Some(pool.config.write_timeout.get().min(timeout)));
+        session.set_read_timeout(Some(pool.config.read_timeout.get().min(timeout)));
+        let exchange = async {
+            session.write_request_header(Box::new(header)).await?;
+            if !req.body.is_empty() {
+                session.write_request_body(req.body.clone(), true).await?;
+            }
+            session.finish_request_body().await?;
+            session.read_response_header().await?;
+            answered = true;
+            Ok::<_, Box<pingora::Error>>(())
+        };
+        exchange.await.map_err(|e| TryError {
+            stale: reused && !answered && !matches!(call_error(&e), CallError::Timeout),
+            ..upstream_err(e)
+        })?;
         let (status, headers) = match session.response_header() {
             Some(h) => (h.status.as_u16(), h.headers.clone()),
-            None => return Err((CallError::Upstream("no response header".into()), true)),
+            None => {
+                return Err(TryError {
+                    error: CallError::Upstream("no response header".into()),
+                    connected: true,
+                    stale: false,
+                })
+            }
         };
         let mut body = BytesMut::new();
         while let Some(chunk) = session.read_response_body().await.map_err(upstream_err)? {
             if body.len() + chunk.len() > req.max_body {
                 // The connection still carries unread body: drop it rather than pool it.
-                return Err((CallError::BodyTooLarge(req.max_body), true));
+                return Err(TryError {
+                    error: CallError::BodyTooLarge(req.max_body),
+                    connected: true,
+                    stale: false,
+                });
             }
             body.extend_from_slice(&chunk);
         }
@@ -98,19 +132,27 @@ impl PoolCalls {
         })
     }
 
+    /// Tries endpoints of the pool until one answers or the pool's retry policy (with its
+    /// budget, and `deadline`) says to stop; a status `retry_on` names is tried again too.
     async fn send_to_pool(
         &self,
-        pool: &Pool,
+        pool: &Arc<Pool>,
         req: UpstreamRequest,
+        deadline: Instant,
     ) -> Result<UpstreamResponse, CallError> {
+        let Some(_slot) = pool.enter() else {
+            return Err(CallError::Overloaded(pool.name.to_string()));
+        };
+        pool.first_try(Instant::now());
+        let key = req.balance_key.as_deref();
         let mut tried: Vec<SocketAddr> = Vec::new();
         loop {
-            let Some(backend) = pool.select(req.balance_key.as_deref(), &tried) else {
-                return Err(if tried.is_empty() {
-                    CallError::Unavailable(pool.name.to_string())
-                } else {
-                    CallError::Upstream(format!("every endpoint of upstream {} failed", pool.name))
-                });
+            let selected = pool.select(key, &tried).or_else(|| {
+                // A retry goes back to a tried endpoint only when no other one is left.
+                (!tried.is_empty()).then(|| pool.select(key, &[])).flatten()
+            });
+            let Some(backend) = selected else {
+                return Err(CallError::Unavailable(pool.name.to_string()));
             };
             let Some(addr) = backend.as_inet().copied() else {
                 return Err(CallError::Upstream(
@@ -118,20 +160,71 @@ impl PoolCalls {
                 ));
             };
             tried.push(addr);
-            let peer = pool.peer(&backend);
+            let current = pool.begin_try(&backend);
+            let timeout = pool.retry.try_timeout(
+                deadline.saturating_duration_since(Instant::now()),
+                None,
+                Instant::now(),
+            );
+            let mut peer = pool.peer(&backend);
+            let cut = |d: Option<std::time::Duration>| d.map(|d| d.min(timeout));
+            peer.options.connection_timeout = cut(peer.options.connection_timeout);
+            peer.options.total_connection_timeout = cut(peer.options.total_connection_timeout);
             let host = pool
                 .host_header(&addr)
                 .map_or_else(|| addr.to_string(), str::to_string);
-            match self.attempt(pool, &host, &peer, &req).await {
-                Ok(resp) => return Ok(resp),
-                Err((err, connected)) => {
-                    // Nothing reached the upstream when connecting failed: any method may
-                    // go to another endpoint, as proxied requests do.
-                    let may_retry = !connected && tried.len() <= pool.config.retries;
-                    if !may_retry {
-                        return Err(err);
+            let outcome = match tokio::time::timeout(
+                timeout,
+                self.attempt(pool, &host, &peer, &req, timeout),
+            )
+            .await
+            {
+                Ok(outcome) => outcome,
+                Err(_) => Err(TryError {
+                    error: CallError::Timeout,
+                    connected: true,
+                    stale: false,
+                }),
+            };
+            let now = Instant::now();
+            let (failure, stale) = match &outcome {
+                Ok(resp) => {
+                    if let Some(t) = &current {
+                        pool.answered(t, resp.status, now);
                     }
+                    if !pool.retry.retries_status(resp.status) {
+                        return outcome.map_err(|e| e.error);
+                    }
+                    (Failure::Status(resp.status), false)
                 }
+                Err(e) if matches!(e.error, CallError::BodyTooLarge(_)) => {
+                    return outcome.map_err(|e| e.error);
+                }
+                Err(e) => {
+                    if let Some(t) = &current {
+                        pool.failed(t, now);
+                    }
+                    let kind = match (&e.error, e.connected) {
+                        (_, false) => Failure::ConnectFailure,
+                        (CallError::Timeout, true) => Failure::Timeout,
+                        (_, true) => Failure::Reset,
+                    };
+                    (kind, e.stale)
+                }
+            };
+            drop(current);
+            let state = TryState {
+                tries: tried.len(),
+                idempotent_method: req.method.is_idempotent(),
+                idempotency_key: req.headers.iter().any(|(n, _)| n == "idempotency-key"),
+                replayable: true,
+                deadline: Some(deadline),
+                stale_connection: stale,
+            };
+            match pool.retry(failure, &state, now) {
+                Ok(wait) if !wait.is_zero() => tokio::time::sleep(wait).await,
+                Ok(_) => {}
+                Err(_) => return outcome.map_err(|e| e.error),
             }
         }
     }
@@ -175,8 +268,9 @@ impl Upstreams for PoolCalls {
             .pools
             .get(upstream)
             .ok_or_else(|| CallError::UnknownUpstream(upstream.to_string()))?;
-        let deadline = req.timeout;
-        match tokio::time::timeout(deadline, self.send_to_pool(pool, req)).await {
+        let limit = req.timeout;
+        let deadline = Instant::now() + limit;
+        match tokio::time::timeout(limit, self.send_to_pool(pool, req, deadline)).await {
             Ok(result) => result,
             Err(_) => Err(CallError::Timeout),
         }

@@ -328,9 +328,9 @@ pub struct UpstreamConfig {
     /// How long an idle pooled connection to an endpoint is kept.
     #[serde(default = "default_idle_timeout")]
     pub idle_timeout: HumanDuration,
-    /// Further endpoints tried when connecting fails (idempotent methods only).
-    #[serde(default = "default_retries")]
-    pub retries: usize,
+    /// Further tries after a failed connect (the older spelling of `retry.attempts - 1`).
+    #[serde(default)]
+    pub retries: Option<usize>,
     /// Speak TLS to the endpoints.
     #[serde(default)]
     pub tls: bool,
@@ -345,6 +345,171 @@ pub struct UpstreamConfig {
     /// Active health checks; without this table endpoints count as healthy.
     #[serde(default)]
     pub health: Option<HealthConfig>,
+    /// Passive health: endpoints that fail real traffic are ejected for a while.
+    #[serde(default)]
+    pub outlier: Option<OutlierConfig>,
+    /// When and how a failed try is repeated; without it, a failed connect is tried once more.
+    #[serde(default)]
+    pub retry: Option<RetryConfig>,
+    /// Load limits of the pool (a circuit breaker on concurrency).
+    #[serde(default)]
+    pub limits: LimitsConfig,
+}
+
+impl UpstreamConfig {
+    /// Total tries of one request: `retry.attempts`, else `retries + 1`, else 2.
+    pub fn attempts(&self) -> usize {
+        match (&self.retry, self.retries) {
+            (
+                Some(RetryConfig {
+                    attempts: Some(n), ..
+                }),
+                _,
+            ) => *n,
+            (_, Some(r)) => r.saturating_add(1),
+            _ => DEFAULT_ATTEMPTS,
+        }
+    }
+}
+
+/// A failed connect is tried once more on another endpoint unless configured otherwise.
+const DEFAULT_ATTEMPTS: usize = 2;
+
+/// `[upstreams.NAME.outlier]`: passive health.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct OutlierConfig {
+    /// Failures in a row (connect errors, timeouts, resets, `failure_statuses`) that eject
+    /// an endpoint.
+    #[serde(default = "default_consecutive_failures")]
+    pub consecutive_failures: u32,
+    #[serde(default = "default_failure_statuses")]
+    pub failure_statuses: Vec<u16>,
+    /// Ejection time = `base_ejection` x times ejected, at most `max_ejection`, plus jitter.
+    #[serde(default = "default_base_ejection")]
+    pub base_ejection: HumanDuration,
+    #[serde(default = "default_max_ejection")]
+    pub max_ejection: HumanDuration,
+    /// Never eject more than this share of the pool; at least one endpoint always stays.
+    #[serde(default = "default_max_ejected_percent")]
+    pub max_ejected_percent: u32,
+}
+
+/// `[upstreams.NAME.retry]`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RetryConfig {
+    /// Total tries, the first included.
+    #[serde(default)]
+    pub attempts: Option<usize>,
+    /// `connect_failure`, `timeout`, `reset`, `502`, `503`, `504`.
+    #[serde(default = "default_retry_on")]
+    pub retry_on: Vec<Parsed<RetryCondition>>,
+    /// Only idempotent methods are retried after the request may have reached an endpoint;
+    /// `false` also retries requests that carry an `Idempotency-Key`.
+    #[serde(default = "default_true")]
+    pub idempotent_only: bool,
+    /// Deadline of one try (connect and each read/write), within the route's `timeout`.
+    #[serde(default)]
+    pub per_try_timeout: Option<HumanDuration>,
+    #[serde(default)]
+    pub backoff: BackoffConfig,
+    #[serde(default)]
+    pub budget: BudgetConfig,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            attempts: None,
+            retry_on: default_retry_on(),
+            idempotent_only: true,
+            per_try_timeout: None,
+            backoff: BackoffConfig::default(),
+            budget: BudgetConfig::default(),
+        }
+    }
+}
+
+/// Full-jitter exponential backoff between tries: a random wait up to
+/// `min(max, base x 2^(retry - 1))`.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BackoffConfig {
+    #[serde(default = "default_backoff_base")]
+    pub base: HumanDuration,
+    #[serde(default = "default_backoff_max")]
+    pub max: HumanDuration,
+}
+
+impl Default for BackoffConfig {
+    fn default() -> Self {
+        BackoffConfig {
+            base: default_backoff_base(),
+            max: default_backoff_max(),
+        }
+    }
+}
+
+/// Retries a pool may add: at most `ratio` x its requests plus `min_per_second` x 10 over the
+/// last 10 seconds.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BudgetConfig {
+    #[serde(default = "default_budget_ratio")]
+    pub ratio: f64,
+    #[serde(default = "default_budget_min")]
+    pub min_per_second: u32,
+}
+
+impl Default for BudgetConfig {
+    fn default() -> Self {
+        BudgetConfig {
+            ratio: default_budget_ratio(),
+            min_per_second: default_budget_min(),
+        }
+    }
+}
+
+/// `[upstreams.NAME.limits]`.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Requests in flight to the pool beyond which new ones get 503 `upstream_overloaded`.
+    #[serde(default)]
+    pub max_in_flight: Option<usize>,
+}
+
+/// A failure that `retry_on` names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryCondition {
+    /// The connection could not be made (refused, unreachable, connect timeout).
+    ConnectFailure,
+    /// Connected, then no answer within the try's read or write deadline.
+    Timeout,
+    /// Connected, then the connection was reset or closed before an answer.
+    Reset,
+    /// The endpoint answered 502, 503 or 504.
+    Status(u16),
+}
+
+impl ConfigStr for RetryCondition {
+    fn parse_config(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "connect_failure" => RetryCondition::ConnectFailure,
+            "timeout" => RetryCondition::Timeout,
+            "reset" => RetryCondition::Reset,
+            "502" => RetryCondition::Status(502),
+            "503" => RetryCondition::Status(503),
+            "504" => RetryCondition::Status(504),
+            other => {
+                return Err(format!(
+                    "unknown retry condition {other:?}: use connect_failure, timeout, reset, \
+                     \"502\", \"503\" or \"504\""
+                ))
+            }
+        })
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
@@ -354,6 +519,10 @@ pub enum Balance {
     RoundRobin,
     Random,
     ConsistentHash,
+    /// The less loaded of two random endpoints (requests in flight).
+    LeastRequest,
+    /// The cheaper of two random endpoints: peak-EWMA latency x (requests in flight + 1).
+    Ewma,
 }
 
 /// `[upstreams.NAME.health]`.
@@ -419,6 +588,10 @@ pub struct RouteConfig {
     pub rewrite_prefix: Option<Parsed<RoutePath>>,
     #[serde(default)]
     pub plugins: Vec<String>,
+    /// Deadline of the whole exchange with the upstream, across every try: no retry starts
+    /// after it, and each try's timeouts are cut to the time left.
+    #[serde(default)]
+    pub timeout: Option<HumanDuration>,
 }
 
 impl RouteConfig {
@@ -584,8 +757,35 @@ fn default_read_timeout() -> HumanDuration {
 fn default_idle_timeout() -> HumanDuration {
     HumanDuration::from_secs(60)
 }
-fn default_retries() -> usize {
-    1
+fn default_consecutive_failures() -> u32 {
+    5
+}
+fn default_failure_statuses() -> Vec<u16> {
+    vec![502, 503, 504]
+}
+fn default_base_ejection() -> HumanDuration {
+    HumanDuration::from_secs(30)
+}
+fn default_max_ejection() -> HumanDuration {
+    HumanDuration::from_secs(300)
+}
+fn default_max_ejected_percent() -> u32 {
+    50
+}
+fn default_retry_on() -> Vec<Parsed<RetryCondition>> {
+    vec![Parsed::new("connect_failure")]
+}
+fn default_backoff_base() -> HumanDuration {
+    HumanDuration::from_millis(25)
+}
+fn default_backoff_max() -> HumanDuration {
+    HumanDuration::from_millis(250)
+}
+fn default_budget_ratio() -> f64 {
+    0.2
+}
+fn default_budget_min() -> u32 {
+    10
 }
 fn default_health_path() -> Parsed<HealthPath> {
     Parsed::new("/")
@@ -1029,6 +1229,72 @@ fn validate_upstream(path: &str, up: &UpstreamConfig, errors: &mut Vec<ConfigErr
             }
         }
     }
+    validate_resilience(path, up, errors);
+}
+
+/// `outlier`, `retry` (and the older `retries`), `limits`.
+fn validate_resilience(path: &str, up: &UpstreamConfig, errors: &mut Vec<ConfigError>) {
+    let mut err = |key: &str, m: &str| errors.push(ConfigError::new(format!("{path}.{key}"), m));
+    if let Some(o) = &up.outlier {
+        if o.consecutive_failures == 0 {
+            err("outlier.consecutive_failures", "must be at least 1");
+        }
+        if o.failure_statuses.is_empty() {
+            err(
+                "outlier.failure_statuses",
+                "name at least one status (e.g. 503)",
+            );
+        }
+        for (i, s) in o.failure_statuses.iter().enumerate() {
+            if !(400..=599).contains(s) {
+                err(
+                    &format!("outlier.failure_statuses[{i}]"),
+                    &format!("{s} is not an error status (400-599)"),
+                );
+            }
+        }
+        if o.base_ejection.get().is_zero() {
+            err("outlier.base_ejection", "must be greater than 0");
+        }
+        if o.max_ejection.get() < o.base_ejection.get() {
+            err("outlier.max_ejection", "must be at least base_ejection");
+        }
+        if o.max_ejected_percent > 100 {
+            err("outlier.max_ejected_percent", "must be between 0 and 100");
+        }
+    }
+    if let Some(r) = &up.retry {
+        if r.attempts.is_some() && up.retries.is_some() {
+            err(
+                "retries",
+                "set either retries or retry.attempts (retries = N means attempts = N + 1)",
+            );
+        }
+        if r.attempts == Some(0) {
+            err(
+                "retry.attempts",
+                "must be at least 1 (the first try counts)",
+            );
+        }
+        for (i, c) in r.retry_on.iter().enumerate() {
+            if let Some(m) = c.error() {
+                err(&format!("retry.retry_on[{i}]"), m);
+            }
+        }
+        if r.per_try_timeout.is_some_and(|d| d.get().is_zero()) {
+            err("retry.per_try_timeout", "must be greater than 0");
+        }
+        if r.backoff.max.get() < r.backoff.base.get() {
+            err("retry.backoff.max", "must be at least backoff.base");
+        }
+        let ratio = r.budget.ratio;
+        if !(0.0..=1.0).contains(&ratio) {
+            err("retry.budget.ratio", "must be between 0 and 1");
+        }
+    }
+    if up.limits.max_in_flight == Some(0) {
+        err("limits.max_in_flight", "must be at least 1");
+    }
 }
 
 /// The normalised identity of a route's match, for finding routes that can never match.
@@ -1104,6 +1370,12 @@ fn validate_routes(config: &Config, responders: &HashSet<&str>, errors: &mut Vec
             if !config.plugins.contains_key(name) {
                 errors.push(unknown_plugin(&format!("{p}.plugins[{j}]"), name, config));
             }
+        }
+        if r.timeout.is_some_and(|t| t.get().is_zero()) {
+            errors.push(ConfigError::new(
+                format!("{p}.timeout"),
+                "must be greater than 0",
+            ));
         }
         if r.upstream.is_none() {
             let responds = config

@@ -18,6 +18,7 @@ pub mod log_window;
 pub mod metrics;
 pub mod path;
 pub mod proxy;
+pub mod resilience;
 pub mod router;
 pub mod snapshot;
 pub mod telemetry;
@@ -73,6 +74,7 @@ impl Shared {
             plugin_registry: metrics.plugin_registry.clone(),
             public_keys: Arc::default(),
             telemetry_spans: metrics.telemetry_spans.clone(),
+            resilience: metrics.resilience.clone(),
         };
         let snapshot = Snapshot::compile(config, None, &services)?;
         Ok(Arc::new(Shared {
@@ -162,7 +164,8 @@ fn warn_static_changes(old: &Config, new: &Config) {
     }
 }
 
-/// Drives active health checks of the pools in the current snapshot.
+/// Drives active health checks of the pools in the current snapshot, and returns ejected
+/// endpoints to rotation when their time is up (so the gauge and the log line are timely).
 struct HealthChecker {
     shared: Arc<Shared>,
 }
@@ -183,6 +186,7 @@ impl BackgroundService for HealthChecker {
                 if let Some(pass) = pool.due_health_check(now) {
                     tokio::spawn(pass);
                 }
+                pool.return_ejected(now);
             }
         }
     }

@@ -16,6 +16,12 @@ pub struct Metrics {
     pub request_duration: HistogramVec,
     pub upstream_requests: IntCounterVec,
     pub endpoint_healthy: GaugeVec,
+    /// `sallyport_upstream_endpoint_ejected{upstream,endpoint}`, read from the pools.
+    pub endpoint_ejected: GaugeVec,
+    /// `sallyport_upstream_in_flight{upstream}`, read from the pools.
+    pub upstream_in_flight: GaugeVec,
+    /// Retries, ejections and spent retry budgets, counted by the pools.
+    pub resilience: crate::resilience::ResilienceMetrics,
     pub plugin_rejections: IntCounterVec,
     pub plugins: std::sync::Arc<sallyport_plugins::PluginMetrics>,
     pub cache_lookups: IntCounterVec,
@@ -80,6 +86,39 @@ impl Metrics {
             &["upstream", "endpoint"],
         )?;
         registry.register(Box::new(endpoint_healthy.clone()))?;
+        let endpoint_ejected = GaugeVec::new(
+            Opts::new(
+                "sallyport_upstream_endpoint_ejected",
+                "1 while passive health (outlier detection) keeps the endpoint out of rotation, else 0.",
+            ),
+            &["upstream", "endpoint"],
+        )?;
+        registry.register(Box::new(endpoint_ejected.clone()))?;
+        let upstream_in_flight = GaugeVec::new(
+            Opts::new(
+                "sallyport_upstream_in_flight",
+                "Requests being proxied to the upstream now (limits.max_in_flight caps it).",
+            ),
+            &["upstream"],
+        )?;
+        registry.register(Box::new(upstream_in_flight.clone()))?;
+        let resilience = crate::resilience::ResilienceMetrics {
+            ejections: counter(
+                "sallyport_upstream_ejections_total",
+                "Endpoints ejected by outlier detection, by reason (consecutive_failures).",
+                &["upstream", "endpoint", "reason"],
+            )?,
+            retries: counter(
+                "sallyport_upstream_retries_total",
+                "Tries repeated after a failed one, by the failure (connect_failure, timeout, reset, 502, 503, 504).",
+                &["upstream", "reason"],
+            )?,
+            budget_exhausted: counter(
+                "sallyport_upstream_retry_budget_exhausted_total",
+                "Retries not made because the upstream's retry budget was spent.",
+                &["upstream"],
+            )?,
+        };
         // Both results exist from the start, so a dashboard sees 0 rather than no series.
         for result in ["ok", "error"] {
             config_reloads.with_label_values(&[result]);
@@ -121,6 +160,9 @@ impl Metrics {
             request_duration,
             upstream_requests,
             endpoint_healthy,
+            endpoint_ejected,
+            upstream_in_flight,
+            resilience,
             plugin_rejections,
             plugins,
             cache_lookups,
@@ -139,12 +181,22 @@ impl Metrics {
     /// (so endpoints removed by a reload disappear).
     pub fn render(&self, snapshot: &Snapshot) -> Vec<u8> {
         self.endpoint_healthy.reset();
+        self.endpoint_ejected.reset();
+        self.upstream_in_flight.reset();
+        let now = std::time::Instant::now();
         for (name, pool) in &snapshot.pools {
-            for (endpoint, healthy) in pool.endpoint_health() {
+            for e in pool.endpoint_states(now) {
+                let labels = [name.as_str(), e.label];
                 self.endpoint_healthy
-                    .with_label_values(&[name.as_str(), endpoint])
-                    .set(if healthy { 1.0 } else { 0.0 });
+                    .with_label_values(&labels)
+                    .set(if e.healthy { 1.0 } else { 0.0 });
+                self.endpoint_ejected
+                    .with_label_values(&labels)
+                    .set(if e.ejected { 1.0 } else { 0.0 });
             }
+            self.upstream_in_flight
+                .with_label_values(&[name.as_str()])
+                .set(pool.in_flight() as f64);
         }
         let mut out = Vec::with_capacity(8192);
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {

@@ -29,10 +29,11 @@ use crate::conn::{ConnState, Overrun};
 use crate::log_window::{LogWindow, Verdict, ERROR_LOG_INTERVAL};
 use crate::metrics::{method_label, status_label};
 use crate::path::normalize;
+use crate::resilience::{Failure, TryState};
 use crate::router::{request_host, Lookup};
 use crate::snapshot::{ChainEntry, Route, Snapshot};
 use crate::telemetry::{ServerSpan, SpanRecorder};
-use crate::upstream::Pool;
+use crate::upstream::{Pool, PoolSlot, Try};
 use crate::Shared;
 use opentelemetry::KeyValue;
 
@@ -44,6 +45,11 @@ const X_FORWARDED_HOST_NAME: &str = "x-forwarded-host";
 const FORWARDED_NAME: &str = "forwarded";
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static(X_FORWARDED_PROTO_NAME);
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static(X_FORWARDED_HOST_NAME);
+/// Sent on the second and later tries of a request, with the try's number.
+const X_SALLYPORT_ATTEMPT: &str = "x-sallyport-attempt";
+const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+/// The error `upstream_response_filter` raises to try again after a status `retry_on` names.
+const RETRY_STATUS: &str = "retried upstream status";
 
 /// The gateway's `ProxyHttp` app.
 pub struct Gateway {
@@ -116,6 +122,12 @@ pub struct Ctx {
     pool: Option<Arc<Pool>>,
     /// This request's spans while it runs, when `[telemetry]` is configured.
     spans: Option<SpanRecorder>,
+    /// The try under way (its endpoint's load, latency and passive health).
+    current_try: Option<Try>,
+    /// The request's slot in its pool's `limits.max_in_flight`.
+    slot: Option<PoolSlot>,
+    /// The wait before the next try, decided when the last one failed.
+    backoff: Option<std::time::Duration>,
 }
 
 impl Gateway {
@@ -385,6 +397,42 @@ impl Gateway {
         }
     }
 
+    /// Whether the failed try is repeated (the pool's policy, the route's deadline and the
+    /// retry budget); the wait before the next try is kept for `upstream_peer`.
+    fn decide_retry(
+        session: &Session,
+        ctx: &mut Ctx,
+        failure: Failure,
+        stale_connection: bool,
+        now: Instant,
+    ) -> bool {
+        let Some(pool) = ctx.pool.clone() else {
+            return false;
+        };
+        let req = session.req_header();
+        let state = TryState {
+            tries: ctx.tried.len(),
+            idempotent_method: req.method.is_idempotent(),
+            idempotency_key: req.headers.contains_key(&IDEMPOTENCY_KEY),
+            replayable: !session.as_ref().retry_buffer_truncated(),
+            deadline: Self::deadline(ctx),
+            stale_connection,
+        };
+        match pool.retry(failure, &state, now) {
+            Ok(wait) => {
+                ctx.backoff = Some(wait);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// When the route's `timeout` runs out.
+    fn deadline(ctx: &Ctx) -> Option<Instant> {
+        let timeout = ctx.route.as_ref()?.timeout?;
+        Some(ctx.req.received_at + timeout)
+    }
+
     fn upstream_outcome(&self, ctx: &Ctx, outcome: &str) {
         if let Some(pool) = &ctx.pool {
             self.shared
@@ -419,6 +467,9 @@ impl ProxyHttp for Gateway {
             cache_missed: None,
             pool: None,
             spans: None,
+            current_try: None,
+            slot: None,
+            backoff: None,
         }
     }
 
@@ -664,7 +715,10 @@ impl ProxyHttp for Gateway {
         Ok(None)
     }
 
-    /// Picks a healthy endpoint the request has not tried yet; 503 when none is healthy.
+    /// Takes a slot of the pool's `max_in_flight` (503 `upstream_overloaded` when full), waits
+    /// out a retry's backoff, picks a healthy endpoint the request has not tried yet (one it
+    /// tried when no other is left; 503 when none is healthy), and cuts the try's timeouts to
+    /// `per_try_timeout` and the route's deadline.
     async fn upstream_peer(&self, session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
         let route = ctx
             .route
@@ -674,13 +728,40 @@ impl ProxyHttp for Gateway {
             .pool
             .clone()
             .ok_or_else(|| Error::explain(ErrorType::InternalError, "route has no upstream"))?;
+        if ctx.tried.is_empty() {
+            let Some(slot) = pool.enter() else {
+                self.upstream_outcome(ctx, "overloaded");
+                ctx.pending_error = Some(ApiError::new(
+                    503,
+                    "upstream_overloaded",
+                    format!(
+                        "upstream {} has its limits.max_in_flight requests under way",
+                        pool.name
+                    ),
+                ));
+                return Error::e_explain(ErrorType::HTTPStatus(503), "upstream overloaded");
+            };
+            ctx.slot = Some(slot);
+            pool.first_try(Instant::now());
+        } else if let Some(wait) = ctx.backoff.take() {
+            if !wait.is_zero() {
+                tokio::time::sleep(wait).await;
+            }
+        }
         let key = match pool.config.balance {
             crate::config::Balance::ConsistentHash => {
                 pool.hash_key.value(session.req_header(), &ctx.req)
             }
             _ => None,
         };
-        let Some(backend) = pool.select(key.as_deref().map(str::as_bytes), &ctx.tried) else {
+        let key = key.as_deref().map(str::as_bytes);
+        let selected = pool.select(key, &ctx.tried).or_else(|| {
+            // A retry goes back to a tried endpoint only when no other one is left.
+            (!ctx.tried.is_empty())
+                .then(|| pool.select(key, &[]))
+                .flatten()
+        });
+        let Some(backend) = selected else {
             let err = if ctx.tried.is_empty() {
                 self.upstream_outcome(ctx, "unavailable");
                 ApiError::new(
@@ -705,7 +786,28 @@ impl ProxyHttp for Gateway {
                 spans.attempt(*addr, ctx.req.trace.as_ref().map(|t| t.span_id));
             }
         }
+        ctx.current_try = pool.begin_try(&backend);
         let mut peer = pool.peer(&backend);
+        let deadline = Self::deadline(ctx);
+        if deadline.is_some() || pool.retry.per_try_timeout.is_some() {
+            let now = Instant::now();
+            if deadline.is_some_and(|d| now >= d) {
+                ctx.pending_error = Some(ApiError::new(
+                    504,
+                    "upstream_timeout",
+                    "the upstream did not answer within the route's timeout",
+                ));
+                return Error::e_explain(ErrorType::HTTPStatus(504), "route timeout passed");
+            }
+            let cut = |d: Option<std::time::Duration>| {
+                d.map(|d| pool.retry.try_timeout(d, deadline, now))
+            };
+            let o = &mut peer.options;
+            o.connection_timeout = cut(o.connection_timeout);
+            o.total_connection_timeout = cut(o.total_connection_timeout);
+            o.read_timeout = cut(o.read_timeout);
+            o.write_timeout = cut(o.write_timeout);
+        }
         if route.hooks.upstream_peer {
             for (i, entry) in route.chain.iter().enumerate() {
                 if entry.hooks.upstream_peer {
@@ -736,12 +838,12 @@ impl ProxyHttp for Gateway {
         Ok(())
     }
 
-    /// Retries a failed connect on another endpoint, up to `retries`, for every method: nothing
-    /// was sent, so a second endpoint cannot see the request twice. (Failures after the
-    /// connection was made are not retried at all.)
+    /// Counts the failure against the endpoint (passive health), then retries on another
+    /// endpoint when `retry_on` has `connect_failure`, for every method: nothing was sent, so
+    /// a second endpoint cannot see the request twice.
     fn fail_to_connect(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         _peer: &HttpPeer,
         ctx: &mut Ctx,
         mut e: Box<Error>,
@@ -759,11 +861,12 @@ impl ProxyHttp for Gateway {
             });
         }
         self.upstream_outcome(ctx, outcome);
-        let retries = ctx.pool.as_ref().map_or(0, |p| p.config.retries);
-        let retrying = ctx.tried.len() <= retries;
-        if retrying {
-            e.set_retry(true);
+        let now = Instant::now();
+        if let (Some(pool), Some(t)) = (&ctx.pool, &ctx.current_try) {
+            pool.failed(t, now);
         }
+        let retrying = Self::decide_retry(session, ctx, Failure::ConnectFailure, false, now);
+        e.set_retry(retrying);
         let failure = if matches!(e.etype(), ErrorType::ConnectTimedout) {
             UpstreamFailure::ConnectTimeout
         } else {
@@ -773,9 +876,11 @@ impl ProxyHttp for Gateway {
         e
     }
 
-    /// Pingora's retry policy for errors after connecting (idempotent requests whose body is
-    /// still buffered, on a reused connection only), then the chain's `upstream_failure`
-    /// hooks for upstream errors.
+    /// An upstream failure after connecting counts against the endpoint and is retried by the
+    /// pool's policy (`timeout`, `reset`; a request on a pooled connection the endpoint had
+    /// closed is always repeated when idempotent), never once the response has started; then
+    /// the chain's `upstream_failure` hooks. A status retry was decided by
+    /// `upstream_response_filter` already.
     fn error_while_proxy(
         &self,
         peer: &HttpPeer,
@@ -785,23 +890,40 @@ impl ProxyHttp for Gateway {
         client_reused: bool,
     ) -> Box<Error> {
         let mut e = e.more_context(format!("Peer: {peer}"));
-        if !session.req_header().method.is_idempotent() || session.as_ref().retry_buffer_truncated()
-        {
+        if matches!(e.etype(), ErrorType::Custom(RETRY_STATUS)) {
+            e.set_retry(true);
+            return e;
+        }
+        if e.esource() != &ErrorSource::Upstream {
             e.set_retry(false);
-        } else {
-            e.retry.decide_reuse(client_reused);
+            return e;
         }
-        if e.esource() == &ErrorSource::Upstream {
-            let failure = match e.etype() {
-                ErrorType::ReadTimedout | ErrorType::WriteTimedout => UpstreamFailure::Timeout,
-                _ => UpstreamFailure::Error,
-            };
-            if let Some(a) = ctx.spans.as_mut().and_then(|s| s.last()) {
-                a.error = Some(failure.as_str());
+        let (failure, kind) = match e.etype() {
+            ErrorType::ReadTimedout | ErrorType::WriteTimedout => {
+                (UpstreamFailure::Timeout, Failure::Timeout)
             }
-            let retrying = matches!(e.retry, pingora::RetryType::Decided(true));
-            Self::failure_hooks(ctx, failure, retrying);
+            _ => (UpstreamFailure::Error, Failure::Reset),
+        };
+        // Every try's outcome is counted here (connect failures in fail_to_connect; a failure
+        // after the response head was counted by its status class).
+        if failure == UpstreamFailure::Timeout {
+            self.upstream_outcome(ctx, "timeout");
+        } else if ctx.upstream_response.is_none() {
+            self.upstream_outcome(ctx, "error");
         }
+        let now = Instant::now();
+        if let (Some(pool), Some(t)) = (&ctx.pool, &ctx.current_try) {
+            pool.failed(t, now);
+        }
+        if let Some(a) = ctx.spans.as_mut().and_then(|s| s.last()) {
+            a.error = Some(failure.as_str());
+        }
+        let stale = matches!(e.retry, pingora::RetryType::ReusedOnly) && client_reused;
+        // Once the response head went to the client, another try would answer twice.
+        let retrying =
+            ctx.upstream_response.is_none() && Self::decide_retry(session, ctx, kind, stale, now);
+        e.set_retry(retrying);
+        Self::failure_hooks(ctx, failure, retrying);
         e
     }
 
@@ -854,6 +976,9 @@ impl ProxyHttp for Gateway {
         for (name, value) in &ctx.req.identity_headers {
             upstream_request.insert_header(name.clone(), value.clone())?;
         }
+        if ctx.tried.len() > 1 {
+            upstream_request.insert_header(X_SALLYPORT_ATTEMPT, ctx.tried.len().to_string())?;
+        }
 
         if route.hooks.upstream_request_filter {
             for (i, entry) in route.chain.iter().enumerate() {
@@ -883,19 +1008,22 @@ impl ProxyHttp for Gateway {
         Ok(())
     }
 
-    /// Counts the outcome, then runs the chain's `upstream_response` hooks.
+    /// Counts the outcome and the endpoint's passive health; a status `retry_on` names is
+    /// tried again when the policy allows (the client never sees it); otherwise runs the
+    /// chain's `upstream_response` hooks.
     async fn upstream_response_filter(
         &self,
         session: &mut Session,
         upstream_response: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        ctx.upstream_response = Some(Instant::now());
+        let now = Instant::now();
+        let status = upstream_response.status.as_u16();
         if let Some(a) = ctx.spans.as_mut().and_then(|s| s.last()) {
             a.response = Some(std::time::SystemTime::now());
-            a.status = Some(upstream_response.status.as_u16());
+            a.status = Some(status);
         }
-        let class = match upstream_response.status.as_u16() {
+        let class = match status {
             100..=199 => return Ok(()),
             200..=299 => "2xx",
             300..=399 => "3xx",
@@ -903,6 +1031,24 @@ impl ProxyHttp for Gateway {
             _ => "5xx",
         };
         self.upstream_outcome(ctx, class);
+        if let Some(pool) = ctx.pool.clone() {
+            if let Some(t) = &ctx.current_try {
+                pool.answered(t, status, now);
+            }
+            if pool.retry.retries_status(status)
+                && Self::decide_retry(session, ctx, Failure::Status(status), false, now)
+            {
+                if let Some(a) = ctx.spans.as_mut().and_then(|s| s.last()) {
+                    a.error = Some("status");
+                }
+                Self::failure_hooks(ctx, UpstreamFailure::Status(status), true);
+                return Error::e_explain(
+                    ErrorType::Custom(RETRY_STATUS),
+                    format!("upstream answered {status}, trying again"),
+                );
+            }
+        }
+        ctx.upstream_response = Some(now);
         let Some(route) = ctx.route.clone() else {
             return Ok(());
         };
@@ -1078,23 +1224,6 @@ impl ProxyHttp for Gateway {
         if ctx.req.request_id.is_empty() {
             ctx.req.request_id = request_id::generate();
         }
-        if e.esource() == &ErrorSource::Upstream {
-            if let ErrorType::ReadTimedout | ErrorType::WriteTimedout = e.etype() {
-                self.upstream_outcome(ctx, "timeout");
-            } else if ctx.upstream_started.is_some()
-                && ctx.upstream_response.is_none()
-                // Connect failures were counted in fail_to_connect already.
-                && !matches!(
-                    e.etype(),
-                    ErrorType::ConnectTimedout
-                        | ErrorType::ConnectRefused
-                        | ErrorType::ConnectError
-                        | ErrorType::ConnectNoRoute
-                )
-            {
-                self.upstream_outcome(ctx, "error");
-            }
-        }
         let Some(err) = self.error_for(e, ctx) else {
             return FailToProxy {
                 error_code: 0,
@@ -1128,14 +1257,15 @@ impl ProxyHttp for Gateway {
         self.quiet_failure(ctx)
     }
 
+    /// A status the pool retries is no failure of the gateway: it is counted, not logged.
     fn suppress_proxy_warn_log(
         &self,
         _session: &Session,
         ctx: &Ctx,
-        _error: &Error,
+        error: &Error,
         _context: pingora::proxy::ProxyWarnLogContext,
     ) -> bool {
-        self.quiet_failure(ctx)
+        matches!(error.etype(), ErrorType::Custom(RETRY_STATUS)) || self.quiet_failure(ctx)
     }
 
     /// Runs every plugin's `logging`, then records metrics and one access-log line.

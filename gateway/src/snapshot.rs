@@ -38,6 +38,8 @@ pub struct Route {
     pub hooks: Hooks,
     /// The path rule as written (`http.route` of its spans).
     pub http_route: Arc<str>,
+    /// `timeout`: the deadline of the exchange with the upstream, every try included.
+    pub timeout: Option<std::time::Duration>,
 }
 
 impl Route {
@@ -78,6 +80,8 @@ pub struct Services {
     pub public_keys: Arc<sallyport_plugins::keys::KeyRegistry>,
     /// `sallyport_telemetry_spans_total`.
     pub telemetry_spans: prometheus::IntCounterVec,
+    /// The retry and ejection counters every pool writes to.
+    pub resilience: crate::resilience::ResilienceMetrics,
 }
 
 /// Everything a request needs, compiled from one config file.
@@ -121,10 +125,9 @@ impl Snapshot {
         for (name, up) in &config.upstreams {
             let before = previous.and_then(|p| p.pools.get(name));
             let reused = before.filter(|p| p.same_config(up)).cloned();
-            match reused
-                .map(Ok)
-                .unwrap_or_else(|| Pool::build(name, up, before.map(|p| &**p)).map(Arc::new))
-            {
+            match reused.map(Ok).unwrap_or_else(|| {
+                Pool::build(name, up, before.map(|p| &**p), &services.resilience).map(Arc::new)
+            }) {
                 Ok(pool) => {
                     pools.insert(name.clone(), pool);
                 }
@@ -271,6 +274,7 @@ impl Snapshot {
                 rewrite,
                 chain,
                 hooks,
+                timeout: r.timeout.map(|t| t.get()),
             }));
         }
 
@@ -396,6 +400,7 @@ mod tests {
             plugin_metrics: Arc::new(PluginMetrics::register(&registry).unwrap()),
             plugin_registry: sallyport_plugins::MetricsRegistry::new(registry),
             public_keys: Arc::default(),
+            resilience: crate::resilience::ResilienceMetrics::unregistered(),
             telemetry_spans: prometheus::IntCounterVec::new(
                 prometheus::Opts::new("spans", "spans"),
                 &["result"],

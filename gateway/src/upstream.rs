@@ -1,5 +1,6 @@
 //! Upstream pools: Pingora load balancers (round robin, random, consistent hash; weighted)
-//! over endpoints whose health the gateway tracks itself.
+//! and power-of-two-choices over load or latency (least_request, ewma), over endpoints whose
+//! health the gateway tracks itself, actively and passively.
 //!
 //! Health lives in one [`EndpointHealth`] per endpoint, shared by the pools of successive
 //! snapshots that list the same address under the same pool name: a reload that rebuilds a
@@ -7,11 +8,16 @@
 //! of a pool with active checks is not used until its first check passes; one of a pool
 //! without checks counts as healthy. Checks are driven by the gateway's background task over
 //! the current snapshot, so pools swapped in by a reload are checked too.
-
+//!
+//! Passive health (`[outlier]`) counts the failures of real traffic per endpoint and ejects
+//! an endpoint for a while after `consecutive_failures` in a row; it returns by itself when
+//! the time is up (and, with active checks, only while it passes them too). A pool kept
+//! whole by a reload keeps its ejections. The pool also owns the retry policy and budget,
+//! the in-flight count of `limits.max_in_flight`, and each endpoint's load and latency.
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use pingora::lb::discovery::Static;
@@ -20,7 +26,11 @@ use pingora::lb::selection::{Consistent, Random, RoundRobin};
 use pingora::lb::{Backend, Backends, LoadBalancer};
 use pingora::upstreams::peer::HttpPeer;
 
-use crate::config::{Balance, HealthConfig, HealthKind, UpstreamConfig};
+use crate::config::{Balance, HealthConfig, HealthKind, OutlierConfig, UpstreamConfig};
+use crate::resilience::{
+    ejection_time, Failure, NoRetry, PeakEwma, ResilienceMetrics, RetryBudget, RetryPolicy,
+    TryState, FAILURE_PENALTY,
+};
 use sallyport_plugins::key::RequestKey;
 
 /// Bound on the selection walk (Pingora's `max_iterations`).
@@ -32,6 +42,11 @@ enum Balancer {
     /// Consistent hashing, and round robin over the same endpoints for requests that lack
     /// the hash key (hashing an empty key would send all of them to one endpoint).
     Hash(LoadBalancer<Consistent>, LoadBalancer<RoundRobin>),
+    /// Power of two choices over the pool's own endpoint list (`ewma`: by latency x load,
+    /// else by requests in flight).
+    TwoChoices {
+        ewma: bool,
+    },
 }
 
 impl Balancer {
@@ -44,6 +59,7 @@ impl Balancer {
                 lb.select_with(key, MAX_SELECT_ITERATIONS, accept)
             }
             (Balancer::Hash(_, rr), None) => rr.select_with(b"", MAX_SELECT_ITERATIONS, accept),
+            (Balancer::TwoChoices { .. }, _) => None,
         }
     }
 }
@@ -107,6 +123,60 @@ struct Endpoint {
     /// `host[:port]` as written, for the `Host` header when `preserve_host = false`.
     authority: String,
     health: Arc<EndpointHealth>,
+    /// Selection weight (least_request and ewma divide the cost by it).
+    weight: f64,
+    /// Tries under way on this endpoint.
+    in_flight: AtomicUsize,
+    /// Time to the response header (`ewma`).
+    latency: PeakEwma,
+    /// Failures of real traffic in a row (outlier detection).
+    failures: AtomicU32,
+    /// Nanoseconds after the pool's epoch until which it is ejected; 0: in rotation.
+    ejected_until: AtomicU64,
+    /// `(times ejected, when it last returned)`: the next ejection lasts longer, unless it
+    /// stayed in rotation for `max_ejection`.
+    ejections: Mutex<(u32, Option<Instant>)>,
+}
+
+impl Endpoint {
+    fn ejected_at(&self, now_ns: u64) -> bool {
+        let until = self.ejected_until.load(Ordering::Acquire);
+        until != 0 && now_ns < until
+    }
+}
+
+/// One try on one endpoint: counted in the endpoint's in-flight requests until dropped.
+pub struct Try {
+    endpoint: Arc<Endpoint>,
+    pub started: Instant,
+}
+
+impl Try {
+    pub fn addr(&self) -> SocketAddr {
+        self.endpoint.addr
+    }
+}
+
+impl Drop for Try {
+    fn drop(&mut self) {
+        self.endpoint.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A request's slot in its pool's `limits.max_in_flight`, released when dropped.
+pub struct PoolSlot(Arc<Pool>);
+
+impl Drop for PoolSlot {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// An endpoint's state, for metrics and `/readyz`.
+pub struct EndpointState<'a> {
+    pub label: &'a str,
+    pub healthy: bool,
+    pub ejected: bool,
 }
 
 /// Scheduling state of a pool's active health checks.
@@ -130,6 +200,18 @@ pub struct Pool {
     health: Option<HealthSchedule>,
     /// Rate limit of this pool's request-failure log lines.
     pub error_log: crate::log_window::LogWindow,
+    pub retry: RetryPolicy,
+    budget: RetryBudget,
+    outlier: Option<OutlierConfig>,
+    /// The zero of the endpoints' ejection times.
+    epoch: Instant,
+    /// Endpoints with an ejection time set (0: selection need not look at the clock).
+    ejected: AtomicUsize,
+    /// Serialises ejections and returns (the share of ejected endpoints is a pool rule).
+    ejecting: Mutex<()>,
+    /// Requests being proxied to the pool.
+    in_flight: AtomicUsize,
+    metrics: ResilienceMetrics,
 }
 
 impl Pool {
@@ -140,8 +222,10 @@ impl Pool {
         name: &str,
         config: &UpstreamConfig,
         previous: Option<&Pool>,
+        metrics: &ResilienceMetrics,
     ) -> Result<Pool, String> {
         let checked = config.health.is_some();
+        let epoch = Instant::now();
         let mut endpoints = Vec::with_capacity(config.endpoints.len());
         for e in &config.endpoints {
             let spec = e.value()?;
@@ -160,6 +244,12 @@ impl Pool {
                 host,
                 authority,
                 health,
+                weight: spec.weight.max(1) as f64,
+                in_flight: AtomicUsize::new(0),
+                latency: PeakEwma::new(epoch),
+                failures: AtomicU32::new(0),
+                ejected_until: AtomicU64::new(0),
+                ejections: Mutex::new((0, None)),
             });
             backend.ext.insert(Arc::clone(&endpoint));
             endpoints.push((backend, endpoint));
@@ -176,12 +266,15 @@ impl Pool {
                 LoadBalancer::from_backends(make_backends()),
                 LoadBalancer::from_backends(make_backends()),
             ),
+            Balance::LeastRequest => Balancer::TwoChoices { ewma: false },
+            Balance::Ewma => Balancer::TwoChoices { ewma: true },
         };
         // A static discovery completes immediately; this publishes the endpoints.
         let update = match &balancer {
             Balancer::RoundRobin(lb) => futures_now(lb.update()),
             Balancer::Random(lb) => futures_now(lb.update()),
             Balancer::Hash(lb, rr) => futures_now(lb.update()).and(futures_now(rr.update())),
+            Balancer::TwoChoices { .. } => Ok(()),
         };
         update.map_err(|e| format!("building pool {name}: {e}"))?;
         let hash_key = match &config.hash_key {
@@ -200,6 +293,9 @@ impl Pool {
             }),
             None => None,
         };
+        let budget = config.retry.as_ref().map(|r| r.budget).unwrap_or_default();
+        // Series a dashboard expects to see at 0 before the first event.
+        metrics.budget_exhausted.with_label_values(&[name]);
         Ok(Pool {
             name: Arc::from(name),
             config: config.clone(),
@@ -208,18 +304,257 @@ impl Pool {
             endpoints,
             health,
             error_log: crate::log_window::LogWindow::default(),
+            retry: RetryPolicy::new(config),
+            budget: RetryBudget::new(budget.ratio, budget.min_per_second, epoch),
+            outlier: config.outlier.clone(),
+            epoch,
+            ejected: AtomicUsize::new(0),
+            ejecting: Mutex::new(()),
+            in_flight: AtomicUsize::new(0),
+            metrics: metrics.clone(),
         })
     }
 
-    /// A healthy endpoint not in `exclude`, chosen by the pool's balance. `key` is the
-    /// consistent-hash key; `None` (the request lacks it) balances round robin instead.
-    /// `None` when no endpoint is left.
+    /// Nanoseconds since the pool's epoch, never 0 (0 marks "not ejected").
+    fn since_epoch(&self, now: Instant) -> u64 {
+        u64::try_from(now.saturating_duration_since(self.epoch).as_nanos())
+            .unwrap_or(u64::MAX)
+            .max(1)
+    }
+
+    /// A healthy endpoint not in `exclude` and not ejected, chosen by the pool's balance.
+    /// `key` is the consistent-hash key; `None` (the request lacks it) balances round robin
+    /// instead. When every usable endpoint is ejected, ejections are ignored rather than
+    /// failing the request (the pool keeps serving at its worst). `None` when none is left.
     pub fn select(&self, key: Option<&[u8]>, exclude: &[SocketAddr]) -> Option<Backend> {
-        self.balancer.select(key, |b| {
-            b.ext
-                .get::<Arc<Endpoint>>()
-                .is_some_and(|e| e.health.is_healthy() && !exclude.contains(&e.addr))
+        let ejections = self.ejected.load(Ordering::Acquire) > 0;
+        let now_ns = if ejections {
+            self.since_epoch(Instant::now())
+        } else {
+            0
+        };
+        let pick = |skip_ejected: bool| {
+            let usable = |e: &Endpoint| {
+                e.health.is_healthy()
+                    && !exclude.contains(&e.addr)
+                    && !(skip_ejected && e.ejected_at(now_ns))
+            };
+            match &self.balancer {
+                Balancer::TwoChoices { ewma } => self.two_choices(*ewma, usable),
+                b => b.select(key, |b| {
+                    b.ext.get::<Arc<Endpoint>>().is_some_and(|e| usable(e))
+                }),
+            }
+        };
+        pick(ejections).or_else(|| if ejections { pick(false) } else { None })
+    }
+
+    /// Power of two choices: two distinct random usable endpoints, the cheaper one wins
+    /// (requests in flight, or peak-EWMA latency x (in flight + 1); divided by the weight).
+    fn two_choices(&self, ewma: bool, usable: impl Fn(&Endpoint) -> bool) -> Option<Backend> {
+        use rand::Rng;
+        let count = self.endpoints.iter().filter(|(_, e)| usable(e)).count();
+        let nth = |n: usize| self.endpoints.iter().filter(|(_, e)| usable(e)).nth(n);
+        let mut rng = rand::rng();
+        let first = nth(rng.random_range(0..count.max(1)))?;
+        if count < 2 {
+            return Some(first.0.clone());
+        }
+        let mut other = rng.random_range(0..count - 1);
+        let first_index = self
+            .endpoints
+            .iter()
+            .filter(|(_, e)| usable(e))
+            .position(|(_, e)| Arc::ptr_eq(e, &first.1))
+            .unwrap_or(0);
+        if other >= first_index {
+            other += 1;
+        }
+        let second = nth(other)?;
+        let now = Instant::now();
+        let cost = |e: &Endpoint| {
+            let load = e.in_flight.load(Ordering::Acquire) as f64;
+            let c = if ewma {
+                e.latency.estimate(now) * (load + 1.0)
+            } else {
+                load
+            };
+            c / e.weight
+        };
+        let chosen = if cost(&second.1) < cost(&first.1) {
+            second
+        } else {
+            first
+        };
+        Some(chosen.0.clone())
+    }
+
+    /// Starts a try on the selected endpoint.
+    pub fn begin_try(&self, backend: &Backend) -> Option<Try> {
+        let endpoint = Arc::clone(backend.ext.get::<Arc<Endpoint>>()?);
+        endpoint.in_flight.fetch_add(1, Ordering::AcqRel);
+        Some(Try {
+            endpoint,
+            started: Instant::now(),
         })
+    }
+
+    /// The try got a response header with this status: a success for passive health unless
+    /// the status is one of `outlier.failure_statuses` (or 502-504 without `[outlier]`).
+    pub fn answered(&self, t: &Try, status: u16, now: Instant) {
+        let failed = match &self.outlier {
+            Some(o) => o.failure_statuses.contains(&status),
+            None => (502..=504).contains(&status),
+        };
+        if failed {
+            self.failed(t, now);
+            return;
+        }
+        let e = &t.endpoint;
+        e.latency
+            .observe(now.saturating_duration_since(t.started), now);
+        if e.failures.load(Ordering::Relaxed) != 0 {
+            e.failures.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// The try failed (no connection, timeout, reset, or a failure status): counts towards
+    /// the endpoint's ejection, and as a slow answer for `ewma`.
+    pub fn failed(&self, t: &Try, now: Instant) {
+        let e = &t.endpoint;
+        e.latency.observe(
+            now.saturating_duration_since(t.started)
+                .max(FAILURE_PENALTY),
+            now,
+        );
+        let Some(o) = &self.outlier else {
+            return;
+        };
+        let failures = e.failures.fetch_add(1, Ordering::AcqRel) + 1;
+        if failures < o.consecutive_failures {
+            return;
+        }
+        let _one_at_a_time = self.ejecting.lock();
+        self.return_due(now);
+        let now_ns = self.since_epoch(now);
+        if e.ejected_at(now_ns) || e.failures.load(Ordering::Acquire) < o.consecutive_failures {
+            return;
+        }
+        e.failures.store(0, Ordering::Release);
+        let total = self.endpoints.len();
+        let ejected = self
+            .endpoints
+            .iter()
+            .filter(|(_, x)| x.ejected_at(now_ns))
+            .count();
+        let allowed = (total * o.max_ejected_percent.min(100) as usize / 100).min(total - 1);
+        if ejected >= allowed {
+            return;
+        }
+        let times = {
+            let mut record = e.ejections.lock();
+            let max = o.max_ejection.get();
+            if record
+                .1
+                .is_some_and(|back| now.saturating_duration_since(back) >= max)
+            {
+                record.0 = 0;
+            }
+            record.0 = record.0.saturating_add(1);
+            record.0
+        };
+        let time = ejection_time(
+            o.base_ejection.get(),
+            o.max_ejection.get(),
+            times,
+            rand::random::<f64>(),
+        );
+        e.ejected_until
+            .store(self.since_epoch(now + time), Ordering::Release);
+        self.ejected.fetch_add(1, Ordering::AcqRel);
+        self.metrics
+            .ejections
+            .with_label_values(&[&*self.name, &e.label, "consecutive_failures"])
+            .inc();
+        log::warn!(
+            "upstream {}: endpoint {} ejected for {} after {} failures in a row (ejection {times})",
+            self.name,
+            e.label,
+            humantime::format_duration(Duration::from_millis(time.as_millis() as u64)),
+            o.consecutive_failures,
+        );
+    }
+
+    /// Puts endpoints whose ejection time is up back into rotation (the background task calls
+    /// this often; selection already ignores an ejection that ran out).
+    pub fn return_ejected(&self, now: Instant) {
+        if self.ejected.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        let _one_at_a_time = self.ejecting.lock();
+        self.return_due(now);
+    }
+
+    /// [`Pool::return_ejected`] under the ejection lock.
+    fn return_due(&self, now: Instant) {
+        let now_ns = self.since_epoch(now);
+        for (_, e) in &self.endpoints {
+            let until = e.ejected_until.load(Ordering::Acquire);
+            if until != 0 && now_ns >= until {
+                e.ejected_until.store(0, Ordering::Release);
+                e.failures.store(0, Ordering::Release);
+                e.ejections.lock().1 = Some(now);
+                self.ejected.fetch_sub(1, Ordering::AcqRel);
+                log::warn!(
+                    "upstream {}: endpoint {} returns to rotation after its ejection",
+                    self.name,
+                    e.label
+                );
+            }
+        }
+    }
+
+    /// Whether a failed try is repeated and after what wait: the policy, then the budget
+    /// (counted in the metrics either way).
+    pub fn retry(&self, f: Failure, t: &TryState, now: Instant) -> Result<Duration, NoRetry> {
+        let wait = self.retry.decide(f, t, now, rand::random::<f64>())?;
+        if !self.budget.try_retry(now) {
+            self.metrics
+                .budget_exhausted
+                .with_label_values(&[&*self.name])
+                .inc();
+            return Err(NoRetry::Budget);
+        }
+        self.metrics
+            .retries
+            .with_label_values(&[&*self.name, f.label()])
+            .inc();
+        Ok(wait)
+    }
+
+    /// A request's first try: it counts towards the retry budget.
+    pub fn first_try(&self, now: Instant) {
+        self.budget.request(now);
+    }
+
+    /// Takes a slot of `limits.max_in_flight`; `None` when the pool is full.
+    pub fn enter(self: &Arc<Self>) -> Option<PoolSlot> {
+        let before = self.in_flight.fetch_add(1, Ordering::AcqRel);
+        if self
+            .config
+            .limits
+            .max_in_flight
+            .is_some_and(|max| before >= max)
+        {
+            self.in_flight.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(PoolSlot(Arc::clone(self)))
+    }
+
+    /// Requests being proxied to the pool now.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
     }
 
     fn endpoint(&self, addr: &SocketAddr) -> Option<&Endpoint> {
@@ -257,11 +592,16 @@ impl Pool {
         peer
     }
 
-    /// `(endpoint, healthy)` for every endpoint, in config order.
-    pub fn endpoint_health(&self) -> Vec<(&str, bool)> {
+    /// Every endpoint's health, in config order.
+    pub fn endpoint_states(&self, now: Instant) -> Vec<EndpointState<'_>> {
+        let now_ns = self.since_epoch(now);
         self.endpoints
             .iter()
-            .map(|(_, e)| (e.label.as_str(), e.health.is_healthy()))
+            .map(|(_, e)| EndpointState {
+                label: &e.label,
+                healthy: e.health.is_healthy(),
+                ejected: e.ejected_at(now_ns),
+            })
             .collect()
     }
 

@@ -434,6 +434,9 @@ pub enum UpstreamFailure {
     Timeout,
     /// Connected, then the endpoint failed: reset, closed, or answered something unreadable.
     Error,
+    /// The endpoint answered a status the pool's `retry_on` names (502, 503, 504), and the
+    /// gateway tries again instead of passing it on.
+    Status(u16),
 }
 
 impl UpstreamFailure {
@@ -444,12 +447,16 @@ impl UpstreamFailure {
             UpstreamFailure::ConnectTimeout => "connect_timeout",
             UpstreamFailure::Timeout => "timeout",
             UpstreamFailure::Error => "error",
+            UpstreamFailure::Status(_) => "status",
         }
     }
 
     /// Whether the request may have reached the endpoint.
     pub fn after_connect(self) -> bool {
-        matches!(self, UpstreamFailure::Timeout | UpstreamFailure::Error)
+        matches!(
+            self,
+            UpstreamFailure::Timeout | UpstreamFailure::Error | UpstreamFailure::Status(_)
+        )
     }
 }
 

@@ -39,6 +39,8 @@ pub enum CallError {
     Timeout,
     #[error("no healthy endpoint in upstream {0}")]
     Unavailable(String),
+    #[error("upstream {0} has its limits.max_in_flight requests under way")]
+    Overloaded(String),
     #[error("no upstream named {0}")]
     UnknownUpstream(String),
     #[error("the upstream failed: {0}")]
@@ -65,8 +67,8 @@ pub trait Upstreams: Send + Sync {
         None
     }
 
-    /// Sends one request to a healthy endpoint of the pool; a failed connect is retried on
-    /// another endpoint (any method: nothing was sent; up to the pool's `retries`).
+    /// Sends one request to a healthy endpoint of the pool, with the pool's retry policy,
+    /// retry budget, outlier ejection and `max_in_flight`, all within `request.timeout`.
     async fn send(
         &self,
         upstream: &str,

@@ -263,6 +263,7 @@ fn classify(
             Outcome::Failed("timeout", "no answer within the deadline".into())
         }
         Err(CallError::Unavailable(m)) => Outcome::Failed("unavailable", m),
+        Err(e @ CallError::Overloaded(_)) => Outcome::Failed("unavailable", e.to_string()),
         Err(CallError::UnknownUpstream(m)) => {
             Outcome::Failed("unavailable", format!("no upstream {m}"))
         }
