@@ -14,6 +14,7 @@ mod identity;
 mod operations;
 mod quota;
 mod quota_redis;
+mod resilience;
 mod routing;
 mod telemetry;
 mod tls;

@@ -13,7 +13,7 @@ use pingora::connectors::http::Connector;
 use pingora::http::RequestHeader;
 use sallyport_plugins::{CallError, RequestCtx, UpstreamRequest, UpstreamResponse, Upstreams};
 
-use crate::resilience::{Failure, TryState};
+use crate::resilience::{Failure, TryState, X_SALLYPORT_ATTEMPT};
 use crate::upstream::Pool;
 
 /// How a try failed.
@@ -45,6 +45,7 @@ impl PoolCalls {
         peer: &pingora::upstreams::peer::HttpPeer,
         req: &UpstreamRequest,
         timeout: std::time::Duration,
+        number: usize,
     ) -> Result<UpstreamResponse, TryError> {
         let (mut session, reused) =
             self.connector
@@ -74,6 +75,11 @@ impl PoolCalls {
         for (name, value) in &req.headers {
             header
                 .insert_header(name.clone(), value.clone())
+                .map_err(upstream_err)?;
+        }
+        if number > 1 {
+            header
+                .insert_header(X_SALLYPORT_ATTEMPT, number.to_string())
                 .map_err(upstream_err)?;
         }
         if !req.body.is_empty()
@@ -175,7 +181,7 @@ impl PoolCalls {
                 .map_or_else(|| addr.to_string(), str::to_string);
             let outcome = match tokio::time::timeout(
                 timeout,
-                self.attempt(pool, &host, &peer, &req, timeout),
+                self.attempt(pool, &host, &peer, &req, timeout, tried.len()),
             )
             .await
             {

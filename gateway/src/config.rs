@@ -1566,6 +1566,83 @@ mod tests {
     }
 
     #[test]
+    fn resilience_mistakes_are_reported_with_their_paths() {
+        let text = r#"
+            [server]
+            listen = ["127.0.0.1:8080"]
+            [upstreams.a]
+            endpoints = ["127.0.0.1:3001"]
+            retries = 2
+            [upstreams.a.outlier]
+            consecutive_failures = 0
+            failure_statuses = [200, 503]
+            max_ejected_percent = 120
+            base_ejection = "1m"
+            max_ejection = "10s"
+            [upstreams.a.retry]
+            attempts = 0
+            retry_on = ["503", "500", "teapot", "reset"]
+            per_try_timeout = "0s"
+            budget = { ratio = 1.5 }
+            backoff = { base = "1s", max = "10ms" }
+            [upstreams.a.limits]
+            max_in_flight = 0
+            [[routes]]
+            name = "r"
+            upstream = "a"
+            timeout = "0s"
+        "#;
+        let e = errors_of(text);
+        let paths: Vec<&str> = e
+            .iter()
+            .map(|s| s.split(':').next().unwrap_or(""))
+            .collect();
+        for expected in [
+            "upstreams.a.retries",
+            "upstreams.a.outlier.consecutive_failures",
+            "upstreams.a.outlier.failure_statuses[0]",
+            "upstreams.a.outlier.max_ejected_percent",
+            "upstreams.a.outlier.max_ejection",
+            "upstreams.a.retry.attempts",
+            "upstreams.a.retry.retry_on[1]",
+            "upstreams.a.retry.retry_on[2]",
+            "upstreams.a.retry.per_try_timeout",
+            "upstreams.a.retry.budget.ratio",
+            "upstreams.a.retry.backoff.max",
+            "upstreams.a.limits.max_in_flight",
+            "routes[0].timeout",
+        ] {
+            assert!(paths.contains(&expected), "missing {expected} in {e:#?}");
+        }
+        assert_eq!(paths.len(), 13, "{e:#?}");
+
+        let ok = r#"
+            [server]
+            listen = ["127.0.0.1:8080"]
+            [upstreams.a]
+            endpoints = ["127.0.0.1:3001"]
+            balance = "ewma"
+            retries = 3
+            [upstreams.b]
+            endpoints = ["127.0.0.1:3002"]
+            balance = "least_request"
+            [upstreams.b.retry]
+            attempts = 4
+            [[routes]]
+            name = "r"
+            upstream = "a"
+        "#;
+        let c = parse(ok).unwrap();
+        assert!(validate(&c).is_empty(), "{:?}", validate(&c));
+        assert_eq!(
+            c.upstreams["a"].attempts(),
+            4,
+            "retries = 3 means four tries"
+        );
+        assert_eq!(c.upstreams["b"].attempts(), 4);
+    }
+
+    #[test]
     fn collects_every_error_with_paths() {
         let text = r#"
             [server]

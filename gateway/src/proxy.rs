@@ -29,7 +29,7 @@ use crate::conn::{ConnState, Overrun};
 use crate::log_window::{LogWindow, Verdict, ERROR_LOG_INTERVAL};
 use crate::metrics::{method_label, status_label};
 use crate::path::normalize;
-use crate::resilience::{Failure, TryState};
+use crate::resilience::{Failure, TryState, X_SALLYPORT_ATTEMPT};
 use crate::router::{request_host, Lookup};
 use crate::snapshot::{ChainEntry, Route, Snapshot};
 use crate::telemetry::{ServerSpan, SpanRecorder};
@@ -45,8 +45,6 @@ const X_FORWARDED_HOST_NAME: &str = "x-forwarded-host";
 const FORWARDED_NAME: &str = "forwarded";
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static(X_FORWARDED_PROTO_NAME);
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static(X_FORWARDED_HOST_NAME);
-/// Sent on the second and later tries of a request, with the try's number.
-const X_SALLYPORT_ATTEMPT: &str = "x-sallyport-attempt";
 const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 /// The error `upstream_response_filter` raises to try again after a status `retry_on` names.
 const RETRY_STATUS: &str = "retried upstream status";

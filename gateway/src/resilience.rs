@@ -11,6 +11,10 @@ use prometheus::IntCounterVec;
 
 use crate::config::{RetryCondition, RetryConfig, UpstreamConfig};
 
+/// Sent on the second and later tries of a request (proxied or a plugin's call), with the
+/// try's number, so a service can tell a retry from a new request.
+pub const X_SALLYPORT_ATTEMPT: &str = "x-sallyport-attempt";
+
 /// The window of the retry budget.
 pub const BUDGET_WINDOW_SECS: u64 = 10;
 

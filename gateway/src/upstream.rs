@@ -501,8 +501,9 @@ impl Pool {
         for (_, e) in &self.endpoints {
             let until = e.ejected_until.load(Ordering::Acquire);
             if until != 0 && now_ns >= until {
+                // Failures seen since the time ran out (selection no longer skipped it) still
+                // count: the counter was reset when it was ejected.
                 e.ejected_until.store(0, Ordering::Release);
-                e.failures.store(0, Ordering::Release);
                 e.ejections.lock().1 = Some(now);
                 self.ejected.fetch_sub(1, Ordering::AcqRel);
                 log::warn!(
