@@ -4,7 +4,7 @@
 //! ([`Parsed`]), and [`validate`] reports **every** problem with its path. This module is a
 //! leaf of the crate: it imports only the path rules (`path`, `router`'s pattern parsers) and
 //! the plugin crate. The runtime model compiled from it is the snapshot; pools keep their
-//! `UpstreamConfig` and read a few of its plain values (retries, balance, preserve_host) per
+//! `UpstreamConfig` and read a few of its plain values (balance, preserve_host, limits) per
 //! request.
 
 use std::collections::{BTreeMap, HashSet};
@@ -374,6 +374,8 @@ impl UpstreamConfig {
 
 /// A failed connect is tried once more on another endpoint unless configured otherwise.
 const DEFAULT_ATTEMPTS: usize = 2;
+/// Pingora's `max_retries` (tries of one request), which the gateway keeps at its default.
+pub const MAX_ATTEMPTS: usize = 16;
 
 /// `[upstreams.NAME.outlier]`: passive health.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -1270,11 +1272,16 @@ fn validate_resilience(path: &str, up: &UpstreamConfig, errors: &mut Vec<ConfigE
                 "set either retries or retry.attempts (retries = N means attempts = N + 1)",
             );
         }
-        if r.attempts == Some(0) {
-            err(
+        match r.attempts {
+            Some(0) => err(
                 "retry.attempts",
                 "must be at least 1 (the first try counts)",
-            );
+            ),
+            Some(n) if n > MAX_ATTEMPTS => err(
+                "retry.attempts",
+                &format!("at most {MAX_ATTEMPTS} (Pingora's limit of tries per request)"),
+            ),
+            _ => {}
         }
         for (i, c) in r.retry_on.iter().enumerate() {
             if let Some(m) = c.error() {

@@ -411,8 +411,10 @@ impl Pool {
             return;
         }
         let e = &t.endpoint;
-        e.latency
-            .observe(now.saturating_duration_since(t.started), now);
+        if self.tracks_latency() {
+            e.latency
+                .observe(now.saturating_duration_since(t.started), now);
+        }
         if e.failures.load(Ordering::Relaxed) != 0 {
             e.failures.store(0, Ordering::Relaxed);
         }
@@ -422,11 +424,10 @@ impl Pool {
     /// the endpoint's ejection, and as a slow answer for `ewma`.
     pub fn failed(&self, t: &Try, now: Instant) {
         let e = &t.endpoint;
-        e.latency.observe(
-            now.saturating_duration_since(t.started)
-                .max(FAILURE_PENALTY),
-            now,
-        );
+        if self.tracks_latency() {
+            let took = now.saturating_duration_since(t.started);
+            e.latency.observe(took.max(FAILURE_PENALTY), now);
+        }
         let Some(o) = &self.outlier else {
             return;
         };
@@ -483,6 +484,11 @@ impl Pool {
             humantime::format_duration(Duration::from_millis(time.as_millis() as u64)),
             o.consecutive_failures,
         );
+    }
+
+    /// Only `ewma` reads the latency estimate.
+    fn tracks_latency(&self) -> bool {
+        matches!(self.balancer, Balancer::TwoChoices { ewma: true })
     }
 
     /// Puts endpoints whose ejection time is up back into rotation (the background task calls
