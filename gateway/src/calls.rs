@@ -153,11 +153,8 @@ impl PoolCalls {
         let key = req.balance_key.as_deref();
         let mut tried: Vec<SocketAddr> = Vec::new();
         loop {
-            let selected = pool.select(key, &tried).or_else(|| {
-                // A retry goes back to a tried endpoint only when no other one is left.
-                (!tried.is_empty()).then(|| pool.select(key, &[])).flatten()
-            });
-            let Some(backend) = selected else {
+            // A retry goes back to a tried endpoint only when no other one is left.
+            let Some(backend) = pool.select(key, &tried) else {
                 return Err(CallError::Unavailable(pool.name.to_string()));
             };
             let Some(addr) = backend.as_inet().copied() else {

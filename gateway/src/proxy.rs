@@ -753,13 +753,8 @@ impl ProxyHttp for Gateway {
             _ => None,
         };
         let key = key.as_deref().map(str::as_bytes);
-        let selected = pool.select(key, &ctx.tried).or_else(|| {
-            // A retry goes back to a tried endpoint only when no other one is left.
-            (!ctx.tried.is_empty())
-                .then(|| pool.select(key, &[]))
-                .flatten()
-        });
-        let Some(backend) = selected else {
+        // A retry goes back to a tried endpoint only when no other one is left.
+        let Some(backend) = pool.select(key, &ctx.tried) else {
             let err = if ctx.tried.is_empty() {
                 self.upstream_outcome(ctx, "unavailable");
                 ApiError::new(

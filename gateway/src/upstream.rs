@@ -322,10 +322,12 @@ impl Pool {
             .max(1)
     }
 
-    /// A healthy endpoint not in `exclude` and not ejected, chosen by the pool's balance.
-    /// `key` is the consistent-hash key; `None` (the request lacks it) balances round robin
-    /// instead. When every usable endpoint is ejected, ejections are ignored rather than
-    /// failing the request (the pool keeps serving at its worst). `None` when none is left.
+    /// A healthy endpoint chosen by the pool's balance, in order of preference: one not in
+    /// `exclude` (the endpoints a request already tried) and not ejected; one tried already
+    /// but not ejected; then, when every such endpoint is ejected, the ejected ones (the
+    /// pool keeps serving at its worst rather than failing). `key` is the consistent-hash
+    /// key; `None` (the request lacks it) balances round robin instead. `None` when no
+    /// endpoint is healthy.
     pub fn select(&self, key: Option<&[u8]>, exclude: &[SocketAddr]) -> Option<Backend> {
         let ejections = self.ejected.load(Ordering::Acquire) > 0;
         let now_ns = if ejections {
@@ -333,7 +335,7 @@ impl Pool {
         } else {
             0
         };
-        let pick = |skip_ejected: bool| {
+        let pick = |skip_ejected: bool, exclude: &[SocketAddr]| {
             let usable = |e: &Endpoint| {
                 e.health.is_healthy()
                     && !exclude.contains(&e.addr)
@@ -346,7 +348,18 @@ impl Pool {
                 }),
             }
         };
-        pick(ejections).or_else(|| if ejections { pick(false) } else { None })
+        pick(ejections, exclude)
+            .or_else(|| {
+                (!exclude.is_empty())
+                    .then(|| pick(ejections, &[]))
+                    .flatten()
+            })
+            .or_else(|| ejections.then(|| pick(false, exclude)).flatten())
+            .or_else(|| {
+                (ejections && !exclude.is_empty())
+                    .then(|| pick(false, &[]))
+                    .flatten()
+            })
     }
 
     /// Power of two choices: two distinct random usable endpoints, the cheaper one wins
