@@ -385,6 +385,49 @@ async fn post_is_not_retried_after_a_read_timeout() {
     assert_eq!(r.status(), 504, "without a key it is still not repeated");
 }
 
+/// A retried body is replayed in full and counted once against `server.max_body`: a 60 KB
+/// POST with an `Idempotency-Key` under a 100 KB limit survives a 503 and a retry.
+#[tokio::test]
+async fn a_replayed_body_counts_once_against_max_body() {
+    let first = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&first);
+    let origin = Origin::start(move |_| {
+        if counter.fetch_add(1, Ordering::SeqCst) == 0 {
+            OriginResponse::new(503, "busy")
+        } else {
+            OriginResponse::new(201, "created")
+        }
+    })
+    .await;
+    let config = format!(
+        "{}
+{}[upstreams.pool.retry]
+retry_on = [\"503\"]
+idempotent_only = false
+{}",
+        server("max_body = \"100KB\""),
+        pool(&[&origin], ""),
+        route("")
+    );
+    let gw = Gateway::start(&config).await;
+    let body = vec![b'x'; 60_000];
+    let r = client()
+        .post(gw.url("/orders"))
+        .header("idempotency-key", "k-60k")
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let seen = origin.requests();
+    assert_eq!(seen.len(), 2);
+    assert!(
+        seen.iter().all(|r| r.body == body),
+        "the whole body both times"
+    );
+    assert_eq!(seen[1].header("x-sallyport-attempt"), Some("2"));
+}
+
 /// `max_in_flight = 2` with a slow upstream: of six concurrent requests two are proxied and
 /// four get 503 `upstream_overloaded` at once, without reaching the pool.
 #[tokio::test]

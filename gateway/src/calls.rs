@@ -102,8 +102,10 @@ impl PoolCalls {
             answered = true;
             Ok::<_, Box<pingora::Error>>(())
         };
+        // Pingora marks an error on a pooled connection the endpoint had closed as
+        // `ReusedOnly` (the proxy's stale-connection case).
         exchange.await.map_err(|e| TryError {
-            stale: reused && !answered && !matches!(call_error(&e), CallError::Timeout),
+            stale: reused && !answered && matches!(e.retry, pingora::RetryType::ReusedOnly),
             ..upstream_err(e)
         })?;
         let (status, headers) = match session.response_header() {
@@ -164,11 +166,13 @@ impl PoolCalls {
             };
             tried.push(addr);
             let current = pool.begin_try(&backend);
-            let timeout = pool.retry.try_timeout(
-                deadline.saturating_duration_since(Instant::now()),
-                None,
-                Instant::now(),
-            );
+            let left = deadline.saturating_duration_since(Instant::now());
+            let per_try =
+                pool.retry
+                    .try_timeout(pool.config.read_timeout.get(), None, Instant::now());
+            let timeout = per_try.min(left);
+            // A timeout of a try the deadline cut short is no sign of a sick endpoint.
+            let cut_by_deadline = left < per_try;
             let mut peer = pool.peer(&backend);
             let cut = |d: Option<std::time::Duration>| d.map(|d| d.min(timeout));
             peer.options.connection_timeout = cut(peer.options.connection_timeout);
@@ -204,7 +208,9 @@ impl PoolCalls {
                     return outcome.map_err(|e| e.error);
                 }
                 Err(e) => {
-                    if let Some(t) = &current {
+                    let blameless =
+                        e.stale || (matches!(e.error, CallError::Timeout) && cut_by_deadline);
+                    if let (Some(t), false) = (&current, blameless) {
                         pool.failed(t, now);
                     }
                     let kind = match (&e.error, e.connected) {
@@ -272,7 +278,9 @@ impl Upstreams for PoolCalls {
             .get(upstream)
             .ok_or_else(|| CallError::UnknownUpstream(upstream.to_string()))?;
         let limit = req.timeout;
-        let deadline = Instant::now() + limit;
+        let Some(deadline) = Instant::now().checked_add(limit) else {
+            return Err(CallError::Timeout);
+        };
         match tokio::time::timeout(limit, self.send_to_pool(pool, req, deadline)).await {
             Ok(result) => result,
             Err(_) => Err(CallError::Timeout),

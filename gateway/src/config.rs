@@ -369,6 +369,7 @@ impl UpstreamConfig {
             (_, Some(r)) => r.saturating_add(1),
             _ => DEFAULT_ATTEMPTS,
         }
+        .min(MAX_ATTEMPTS)
     }
 }
 
@@ -1264,6 +1265,15 @@ fn validate_resilience(path: &str, up: &UpstreamConfig, errors: &mut Vec<ConfigE
         if o.max_ejected_percent > 100 {
             err("outlier.max_ejected_percent", "must be between 0 and 100");
         }
+    }
+    if up.retries.is_some_and(|r| r >= MAX_ATTEMPTS) {
+        err(
+            "retries",
+            &format!(
+                "at most {} (Pingora's limit of tries per request)",
+                MAX_ATTEMPTS - 1
+            ),
+        );
     }
     if let Some(r) = &up.retry {
         if r.attempts.is_some() && up.retries.is_some() {

@@ -126,6 +126,8 @@ pub struct Ctx {
     slot: Option<PoolSlot>,
     /// The wait before the next try, decided when the last one failed.
     backoff: Option<std::time::Duration>,
+    /// The try's timeouts were cut to the time left before the route's deadline.
+    cut_by_deadline: bool,
 }
 
 impl Gateway {
@@ -428,7 +430,7 @@ impl Gateway {
     /// When the route's `timeout` runs out.
     fn deadline(ctx: &Ctx) -> Option<Instant> {
         let timeout = ctx.route.as_ref()?.timeout?;
-        Some(ctx.req.received_at + timeout)
+        ctx.req.received_at.checked_add(timeout)
     }
 
     fn upstream_outcome(&self, ctx: &Ctx, outcome: &str) {
@@ -468,6 +470,7 @@ impl ProxyHttp for Gateway {
             current_try: None,
             slot: None,
             backoff: None,
+            cut_by_deadline: false,
         }
     }
 
@@ -741,10 +744,24 @@ impl ProxyHttp for Gateway {
             };
             ctx.slot = Some(slot);
             pool.first_try(Instant::now());
-        } else if let Some(wait) = ctx.backoff.take() {
-            if !wait.is_zero() {
-                tokio::time::sleep(wait).await;
+        } else {
+            if let Some(wait) = ctx.backoff.take() {
+                if !wait.is_zero() {
+                    tokio::time::sleep(wait).await;
+                }
             }
+            // Pingora replays the buffered body through `request_body_filter`.
+            ctx.body_bytes = 0;
+        }
+        let deadline = Self::deadline(ctx);
+        let now = Instant::now();
+        if deadline.is_some_and(|d| now >= d) {
+            ctx.pending_error = Some(ApiError::new(
+                504,
+                "upstream_timeout",
+                "the upstream did not answer within the route's timeout",
+            ));
+            return Error::e_explain(ErrorType::HTTPStatus(504), "route timeout passed");
         }
         let key = match pool.config.balance {
             crate::config::Balance::ConsistentHash => {
@@ -781,20 +798,17 @@ impl ProxyHttp for Gateway {
         }
         ctx.current_try = pool.begin_try(&backend);
         let mut peer = pool.peer(&backend);
-        let deadline = Self::deadline(ctx);
+        ctx.cut_by_deadline = false;
         if deadline.is_some() || pool.retry.per_try_timeout.is_some() {
-            let now = Instant::now();
-            if deadline.is_some_and(|d| now >= d) {
-                ctx.pending_error = Some(ApiError::new(
-                    504,
-                    "upstream_timeout",
-                    "the upstream did not answer within the route's timeout",
-                ));
-                return Error::e_explain(ErrorType::HTTPStatus(504), "route timeout passed");
-            }
+            let per_try = |d: std::time::Duration| pool.retry.try_timeout(d, None, now);
             let cut = |d: Option<std::time::Duration>| {
                 d.map(|d| pool.retry.try_timeout(d, deadline, now))
             };
+            // A timeout of a try the deadline cut short is no sign of a sick endpoint.
+            ctx.cut_by_deadline = peer
+                .options
+                .read_timeout
+                .is_some_and(|d| cut(Some(d)) < Some(per_try(d)));
             let o = &mut peer.options;
             o.connection_timeout = cut(o.connection_timeout);
             o.total_connection_timeout = cut(o.total_connection_timeout);
@@ -887,7 +901,8 @@ impl ProxyHttp for Gateway {
             e.set_retry(true);
             return e;
         }
-        if e.esource() != &ErrorSource::Upstream {
+        // An upgraded connection (WebSocket) idles or closes as it likes: no failure, no retry.
+        if e.esource() != &ErrorSource::Upstream || session.was_upgraded() {
             e.set_retry(false);
             return e;
         }
@@ -899,22 +914,30 @@ impl ProxyHttp for Gateway {
         };
         // Every try's outcome is counted here (connect failures in fail_to_connect; a failure
         // after the response head was counted by its status class).
-        if failure == UpstreamFailure::Timeout {
-            self.upstream_outcome(ctx, "timeout");
-        } else if ctx.upstream_response.is_none() {
-            self.upstream_outcome(ctx, "error");
+        let started = ctx.upstream_response.is_some();
+        if !started {
+            self.upstream_outcome(
+                ctx,
+                if failure == UpstreamFailure::Timeout {
+                    "timeout"
+                } else {
+                    "error"
+                },
+            );
         }
         let now = Instant::now();
-        if let (Some(pool), Some(t)) = (&ctx.pool, &ctx.current_try) {
+        let stale = matches!(e.retry, pingora::RetryType::ReusedOnly) && client_reused;
+        // Not the endpoint's fault: a pooled connection it had closed, or a try whose
+        // deadline the route's timeout had cut short.
+        let blameless = stale || (failure == UpstreamFailure::Timeout && ctx.cut_by_deadline);
+        if let (Some(pool), Some(t), false) = (&ctx.pool, &ctx.current_try, blameless) {
             pool.failed(t, now);
         }
         if let Some(a) = ctx.spans.as_mut().and_then(|s| s.last()) {
             a.error = Some(failure.as_str());
         }
-        let stale = matches!(e.retry, pingora::RetryType::ReusedOnly) && client_reused;
         // Once the response head went to the client, another try would answer twice.
-        let retrying =
-            ctx.upstream_response.is_none() && Self::decide_retry(session, ctx, kind, stale, now);
+        let retrying = !started && Self::decide_retry(session, ctx, kind, stale, now);
         e.set_retry(retrying);
         Self::failure_hooks(ctx, failure, retrying);
         e
@@ -971,6 +994,8 @@ impl ProxyHttp for Gateway {
         }
         if ctx.tried.len() > 1 {
             upstream_request.insert_header(X_SALLYPORT_ATTEMPT, ctx.tried.len().to_string())?;
+        } else {
+            upstream_request.remove_header(X_SALLYPORT_ATTEMPT);
         }
 
         if route.hooks.upstream_request_filter {
@@ -1017,7 +1042,14 @@ impl ProxyHttp for Gateway {
             a.status = Some(status);
         }
         let class = match status {
-            100..=199 => return Ok(()),
+            100..=199 => {
+                // An interim answer (or a `101` upgrade) reached the client: no retry now.
+                ctx.upstream_response = Some(now);
+                if let (Some(pool), Some(t)) = (&ctx.pool, &ctx.current_try) {
+                    pool.answered(t, status, now);
+                }
+                return Ok(());
+            }
             200..=299 => "2xx",
             300..=399 => "3xx",
             400..=499 => "4xx",
@@ -1028,7 +1060,9 @@ impl ProxyHttp for Gateway {
             if let Some(t) = &ctx.current_try {
                 pool.answered(t, status, now);
             }
+            // (Not after an interim answer went to the client.)
             if pool.retry.retries_status(status)
+                && ctx.upstream_response.is_none()
                 && Self::decide_retry(session, ctx, Failure::Status(status), false, now)
             {
                 if let Some(a) = ctx.spans.as_mut().and_then(|s| s.last()) {

@@ -15,6 +15,9 @@ use crate::config::{RetryCondition, RetryConfig, UpstreamConfig};
 /// try's number, so a service can tell a retry from a new request.
 pub const X_SALLYPORT_ATTEMPT: &str = "x-sallyport-attempt";
 
+/// No try starts with less than this left before the route's deadline.
+pub const MIN_TRY_TIME: Duration = Duration::from_millis(5);
+
 /// The window of the retry budget.
 pub const BUDGET_WINDOW_SECS: u64 = 10;
 
@@ -76,8 +79,9 @@ pub struct TryState {
     pub replayable: bool,
     /// When the route's `timeout` runs out.
     pub deadline: Option<Instant>,
-    /// The connection was a reused pooled one that the endpoint had closed: the request did
-    /// not reach it, so an idempotent request is repeated even when `retry_on` lacks `reset`.
+    /// The connection was a reused pooled one that the endpoint had closed: an idempotent
+    /// request is repeated even when `retry_on` lacks `reset` (and without charging the
+    /// budget); a non-idempotent one is not (it may have been written already).
     pub stale_connection: bool,
 }
 
@@ -141,9 +145,10 @@ impl RetryPolicy {
         if t.tries >= self.attempts {
             return Err(NoRetry::Attempts);
         }
-        // Nothing was sent on a failed connect or a stale pooled connection: any request
-        // may go again. Otherwise the endpoint may have acted on it (RFC 9110 section 9.2.2).
-        let reached = f != Failure::ConnectFailure && !stale;
+        // Nothing was sent on a failed connect: any request may go again. Otherwise the
+        // endpoint may have acted on it (RFC 9110 section 9.2.2), a stale pooled connection
+        // included (the request was written before the close was noticed).
+        let reached = f != Failure::ConnectFailure;
         let method_ok =
             t.idempotent_method || !reached || (!self.idempotent_only && t.idempotency_key);
         if !method_ok {
@@ -154,7 +159,9 @@ impl RetryPolicy {
         }
         let wait = self.backoff(t.tries, jitter);
         if let Some(deadline) = t.deadline {
-            if now + wait >= deadline {
+            // A try needs some time to be worth starting.
+            let starts = now.checked_add(wait + MIN_TRY_TIME);
+            if starts.is_none_or(|s| s > deadline) {
                 return Err(NoRetry::Deadline);
             }
         }
@@ -265,7 +272,9 @@ impl RetryBudget {
 /// `max`. `jitter` is a random number in `[0, 1)`.
 pub fn ejection_time(base: Duration, max: Duration, times: u32, jitter: f64) -> Duration {
     let d = base.saturating_mul(times.max(1)).min(max);
-    (d + d.mul_f64(0.1 * jitter.clamp(0.0, 1.0))).min(max)
+    let extra = Duration::try_from_secs_f64(d.as_secs_f64() * 0.1 * jitter.clamp(0.0, 1.0))
+        .unwrap_or_default();
+    d.saturating_add(extra).min(max)
 }
 
 /// How fast an endpoint's latency estimate forgets (Linkerd's default decay).
@@ -414,7 +423,8 @@ mod tests {
             lenient.decide(Failure::Timeout, &post, now, 0.0),
             Err(NoRetry::Method)
         );
-        // A pooled connection the endpoint had closed: the request never reached it.
+        // A pooled connection the endpoint had closed: repeated without `reset` listed, but
+        // only when idempotent (the request may have been written before the close).
         let stale = TryState {
             stale_connection: true,
             ..state(1)
@@ -422,6 +432,14 @@ mod tests {
         assert!(policy("retry_on = []")
             .decide(Failure::Reset, &stale, now, 0.0)
             .is_ok());
+        let stale_post = TryState {
+            idempotent_method: false,
+            ..stale
+        };
+        assert_eq!(
+            policy("retry_on = []").decide(Failure::Reset, &stale_post, now, 0.0),
+            Err(NoRetry::Method)
+        );
         let unreplayable = TryState {
             replayable: false,
             ..state(1)

@@ -33,6 +33,10 @@ use crate::resilience::{
 };
 use sallyport_plugins::key::RequestKey;
 
+/// The least latency `ewma` assumes (nanoseconds), so load still counts for an endpoint
+/// without a sample yet.
+const MIN_LATENCY_NS: f64 = 100_000.0;
+
 /// Bound on the selection walk (Pingora's `max_iterations`).
 const MAX_SELECT_ITERATIONS: usize = 256;
 
@@ -366,29 +370,28 @@ impl Pool {
     /// (requests in flight, or peak-EWMA latency x (in flight + 1); divided by the weight).
     fn two_choices(&self, ewma: bool, usable: impl Fn(&Endpoint) -> bool) -> Option<Backend> {
         use rand::Rng;
-        let count = self.endpoints.iter().filter(|(_, e)| usable(e)).count();
-        let nth = |n: usize| self.endpoints.iter().filter(|(_, e)| usable(e)).nth(n);
+        // Evaluated once: health may change while we choose.
+        let candidates: Vec<&(Backend, Arc<Endpoint>)> =
+            self.endpoints.iter().filter(|(_, e)| usable(e)).collect();
         let mut rng = rand::rng();
-        let first = nth(rng.random_range(0..count.max(1)))?;
-        if count < 2 {
-            return Some(first.0.clone());
-        }
-        let mut other = rng.random_range(0..count - 1);
-        let first_index = self
-            .endpoints
-            .iter()
-            .filter(|(_, e)| usable(e))
-            .position(|(_, e)| Arc::ptr_eq(e, &first.1))
-            .unwrap_or(0);
-        if other >= first_index {
-            other += 1;
-        }
-        let second = nth(other)?;
+        let (first, second) = match candidates.len() {
+            0 => return None,
+            1 => return Some(candidates[0].0.clone()),
+            n => {
+                let a = rng.random_range(0..n);
+                let mut b = rng.random_range(0..n - 1);
+                if b >= a {
+                    b += 1;
+                }
+                (candidates[a], candidates[b])
+            }
+        };
         let now = Instant::now();
         let cost = |e: &Endpoint| {
             let load = e.in_flight.load(Ordering::Acquire) as f64;
             let c = if ewma {
-                e.latency.estimate(now) * (load + 1.0)
+                // An endpoint without a sample would cost 0 whatever its load.
+                e.latency.estimate(now).max(MIN_LATENCY_NS) * (load + 1.0)
             } else {
                 load
             };
@@ -444,6 +447,10 @@ impl Pool {
         let Some(o) = &self.outlier else {
             return;
         };
+        // Tries still under way when it was ejected do not count towards the next ejection.
+        if e.ejected_at(self.since_epoch(now)) {
+            return;
+        }
         let failures = e.failures.fetch_add(1, Ordering::AcqRel) + 1;
         if failures < o.consecutive_failures {
             return;
@@ -483,8 +490,10 @@ impl Pool {
             times,
             rand::random::<f64>(),
         );
-        e.ejected_until
-            .store(self.since_epoch(now + time), Ordering::Release);
+        let until = now
+            .checked_add(time)
+            .map_or(u64::MAX, |t| self.since_epoch(t));
+        e.ejected_until.store(until, Ordering::Release);
         self.ejected.fetch_add(1, Ordering::AcqRel);
         self.metrics
             .ejections
@@ -535,10 +544,13 @@ impl Pool {
     }
 
     /// Whether a failed try is repeated and after what wait: the policy, then the budget
-    /// (counted in the metrics either way).
+    /// (counted in the metrics either way; a stale pooled connection is not charged).
     pub fn retry(&self, f: Failure, t: &TryState, now: Instant) -> Result<Duration, NoRetry> {
         let wait = self.retry.decide(f, t, now, rand::random::<f64>())?;
-        if !self.budget.try_retry(now) {
+        // A pooled connection the endpoint had closed is the gateway's miss, not the
+        // endpoint's failure: repeating it is not charged to the budget.
+        let stale = t.stale_connection && f == Failure::Reset;
+        if !stale && !self.budget.try_retry(now) {
             self.metrics
                 .budget_exhausted
                 .with_label_values(&[&*self.name])
@@ -559,15 +571,18 @@ impl Pool {
 
     /// Takes a slot of `limits.max_in_flight`; `None` when the pool is full.
     pub fn enter(self: &Arc<Self>) -> Option<PoolSlot> {
-        let before = self.in_flight.fetch_add(1, Ordering::AcqRel);
-        if self
-            .config
-            .limits
-            .max_in_flight
-            .is_some_and(|max| before >= max)
-        {
-            self.in_flight.fetch_sub(1, Ordering::AcqRel);
-            return None;
+        match self.config.limits.max_in_flight {
+            None => {
+                self.in_flight.fetch_add(1, Ordering::AcqRel);
+            }
+            // A compare-and-swap, so a transient over-count never refuses anyone.
+            Some(max) => {
+                self.in_flight
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                        (n < max).then_some(n + 1)
+                    })
+                    .ok()?;
+            }
         }
         Some(PoolSlot(Arc::clone(self)))
     }
