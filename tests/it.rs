@@ -16,6 +16,7 @@ mod quota;
 mod quota_redis;
 mod resilience;
 mod routing;
+mod session;
 mod telemetry;
 mod tls;
 mod traffic;

@@ -32,6 +32,10 @@ struct Cli {
     /// Keep received requests in memory (tests only; off by default).
     #[arg(long)]
     record: bool,
+    /// Also run the mock OpenID provider here (`ip:port`; client `web`, secret `web-secret`),
+    /// for the demo's browser login.
+    #[arg(long)]
+    oidc: Option<SocketAddr>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -64,6 +68,20 @@ fn main() -> anyhow::Result<()> {
             println!("sallyport-mock {name} listening on {}", server.addr());
             servers.push(server);
         }
+        let _provider = match cli.oidc {
+            Some(addr) => {
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("--oidc: cannot listen on {addr}"))?;
+                let p = sallyport_mock::oidc::OidcProvider::from_listener(
+                    listener,
+                    sallyport_mock::oidc::OidcConfig::default(),
+                )?;
+                println!("sallyport-mock OpenID provider at {}", p.issuer());
+                Some(p)
+            }
+            None => None,
+        };
         use tokio::signal::unix::{signal, SignalKind};
         let mut term = signal(SignalKind::terminate())?;
         tokio::select! {

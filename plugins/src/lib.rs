@@ -1168,6 +1168,7 @@ plugin_registry! {
     json_transform => JsonTransform(JsonTransformConfig),
     identity_token => IdentityToken(IdentityTokenConfig),
     jwks => Jwks(JwksConfig),
+    session => Session(SessionConfig),
     // Test builds only (feature `testing`): records the hooks it sees in a response header.
     #[cfg(feature = "testing")]
     probe => Probe(ProbeConfig),

@@ -430,6 +430,19 @@ impl Jwt {
     }
 }
 
+/// Verifies a token's signature with a key of `set` and its claims by `validation`: the
+/// claims, or the reason it is refused (`unknown_kid`, `expired`, `bad_signature`, ...).
+/// The `session` plugin verifies ID and logout tokens with it.
+pub(crate) fn decode_claims(
+    set: &KeySet,
+    kid: Option<&str>,
+    alg: Algorithm,
+    token: &str,
+    validation: &Validation,
+) -> std::result::Result<Map<String, Value>, &'static str> {
+    decode(set, kid, alg, token, validation).map_err(|r| r.reason)
+}
+
 fn decode(
     set: &KeySet,
     kid: Option<&str>,

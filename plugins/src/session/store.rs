@@ -1,0 +1,306 @@
+//! Server-side sessions: in this gateway's memory, or in Redis for a fleet. A session is
+//! stored under the SHA-256 of its id, so neither a memory dump nor a Redis `KEYS` reveals a
+//! cookie that would open it. Each entry expires by itself (idle timeout, at most the
+//! absolute one); sessions are also indexed by the provider's `sid` and the subject, so a
+//! back-channel logout finds them.
+
+use std::num::NonZeroUsize;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// One signed-in browser.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SessionRecord {
+    pub subject: String,
+    /// The provider's session id (`sid` of the ID token), for back-channel logout.
+    #[serde(default)]
+    pub idp_sid: Option<String>,
+    /// The ID token's claims (the principal's claims; `user` shows the profile ones).
+    pub claims: Map<String, Value>,
+    pub id_token: String,
+    pub access_token: String,
+    /// Unix seconds.
+    pub access_expires_at: u64,
+    #[serde(default)]
+    pub refresh_token: Option<String>,
+    /// Unix seconds.
+    pub created_at: u64,
+    /// Unix seconds.
+    pub last_seen: u64,
+}
+
+pub enum Store {
+    Memory(MemoryStore),
+    Redis(RedisSessions),
+}
+
+impl Store {
+    pub async fn get(&self, key: &str) -> Result<Option<SessionRecord>, String> {
+        match self {
+            Store::Memory(m) => Ok(m.get(key)),
+            Store::Redis(r) => r.get(key).await,
+        }
+    }
+
+    /// Stores (or replaces) a session for `ttl`.
+    pub async fn put(&self, key: &str, rec: &SessionRecord, ttl: Duration) -> Result<(), String> {
+        match self {
+            Store::Memory(m) => {
+                m.put(key, rec);
+                Ok(())
+            }
+            Store::Redis(r) => r.put(key, rec, ttl).await,
+        }
+    }
+
+    pub async fn delete(&self, key: &str) -> Result<(), String> {
+        match self {
+            Store::Memory(m) => {
+                m.delete(key);
+                Ok(())
+            }
+            Store::Redis(r) => r.delete(key).await,
+        }
+    }
+
+    /// Ends every session of the provider session `sid`, or of `subject` when no `sid` is
+    /// given. Returns how many ended.
+    pub async fn delete_matching(
+        &self,
+        sid: Option<&str>,
+        subject: Option<&str>,
+    ) -> Result<usize, String> {
+        match self {
+            Store::Memory(m) => Ok(m.delete_matching(sid, subject)),
+            Store::Redis(r) => r.delete_matching(sid, subject).await,
+        }
+    }
+}
+
+/// Sessions in this process, the least recently used dropped first beyond `max`. Expiry is
+/// checked on read (the plugin compares the record's times), so no sweeper is needed.
+pub struct MemoryStore {
+    map: Mutex<lru::LruCache<String, SessionRecord>>,
+}
+
+impl MemoryStore {
+    pub fn new(max: usize) -> MemoryStore {
+        MemoryStore {
+            map: Mutex::new(lru::LruCache::new(
+                NonZeroUsize::new(max).unwrap_or(NonZeroUsize::MIN),
+            )),
+        }
+    }
+
+    fn get(&self, key: &str) -> Option<SessionRecord> {
+        self.map.lock().get(key).cloned()
+    }
+
+    fn put(&self, key: &str, rec: &SessionRecord) {
+        self.map.lock().put(key.to_string(), rec.clone());
+    }
+
+    fn delete(&self, key: &str) {
+        self.map.lock().pop(key);
+    }
+
+    fn delete_matching(&self, sid: Option<&str>, subject: Option<&str>) -> usize {
+        let mut map = self.map.lock();
+        let keys: Vec<String> = map
+            .iter()
+            .filter(|(_, r)| matches_logout(r, sid, subject))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in &keys {
+            map.pop(k);
+        }
+        keys.len()
+    }
+}
+
+/// What a back-channel logout token names: its `sid` when it has one, else its `sub`.
+fn matches_logout(r: &SessionRecord, sid: Option<&str>, subject: Option<&str>) -> bool {
+    match (sid, subject) {
+        (Some(sid), _) => r.idp_sid.as_deref() == Some(sid),
+        (None, Some(sub)) => r.subject == sub,
+        (None, None) => false,
+    }
+}
+
+/// Sessions in Redis: `PREFIX:s:KEY` holds the record as JSON with the session's TTL;
+/// `PREFIX:sid:SID` and `PREFIX:sub:SUBJECT` are sets of session keys (for back-channel
+/// logout), kept as long as the longest session in them.
+pub struct RedisSessions {
+    client: redis::Client,
+    timeout: Duration,
+    prefix: String,
+    /// Longest a session lives (the index sets' TTL).
+    absolute: Duration,
+    conn: tokio::sync::OnceCell<redis::aio::ConnectionManager>,
+}
+
+impl RedisSessions {
+    pub fn new(
+        url: &str,
+        timeout: Duration,
+        prefix: String,
+        absolute: Duration,
+    ) -> Result<RedisSessions, String> {
+        let client = redis::Client::open(url).map_err(|e| format!("invalid redis_url: {e}"))?;
+        Ok(RedisSessions {
+            client,
+            timeout,
+            prefix,
+            absolute,
+            conn: tokio::sync::OnceCell::new(),
+        })
+    }
+
+    async fn conn(&self) -> Result<redis::aio::ConnectionManager, String> {
+        let client = self.client.clone();
+        let timeout = self.timeout;
+        self.conn
+            .get_or_try_init(|| async move {
+                let config = redis::aio::ConnectionManagerConfig::new()
+                    .set_connection_timeout(timeout)
+                    .set_response_timeout(timeout)
+                    .set_number_of_retries(1);
+                match tokio::time::timeout(
+                    timeout,
+                    redis::aio::ConnectionManager::new_with_config(client, config),
+                )
+                .await
+                {
+                    Ok(Ok(c)) => Ok(c),
+                    Ok(Err(e)) => Err(format!("redis: {e}")),
+                    Err(_) => Err("redis: connect timed out".to_string()),
+                }
+            })
+            .await
+            .cloned()
+    }
+
+    async fn run<T: redis::FromRedisValue>(&self, cmd: redis::Pipeline) -> Result<T, String> {
+        let mut conn = self.conn().await?;
+        match tokio::time::timeout(self.timeout, cmd.query_async::<T>(&mut conn)).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(format!("redis: {e}")),
+            Err(_) => Err("redis: timed out".into()),
+        }
+    }
+
+    fn key(&self, key: &str) -> String {
+        format!("{}:s:{key}", self.prefix)
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<SessionRecord>, String> {
+        let mut p = redis::pipe();
+        p.get(self.key(key));
+        let (text,): (Option<String>,) = self.run(p).await?;
+        Ok(text.and_then(|t| serde_json::from_str(&t).ok()))
+    }
+
+    async fn put(&self, key: &str, rec: &SessionRecord, ttl: Duration) -> Result<(), String> {
+        let text = serde_json::to_string(rec).map_err(|e| e.to_string())?;
+        let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        let index_ms = u64::try_from(self.absolute.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let mut p = redis::pipe();
+        p.cmd("SET")
+            .arg(self.key(key))
+            .arg(text)
+            .arg("PX")
+            .arg(ms)
+            .ignore();
+        for index in self.indexes(rec) {
+            p.sadd(&index, key).ignore();
+            p.pexpire(&index, index_ms as i64).ignore();
+        }
+        self.run::<()>(p).await
+    }
+
+    fn indexes(&self, rec: &SessionRecord) -> Vec<String> {
+        let mut out = vec![format!("{}:sub:{}", self.prefix, rec.subject)];
+        if let Some(sid) = &rec.idp_sid {
+            out.push(format!("{}:sid:{sid}", self.prefix));
+        }
+        out
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), String> {
+        let mut p = redis::pipe();
+        p.del(self.key(key)).ignore();
+        self.run::<()>(p).await
+    }
+
+    async fn delete_matching(
+        &self,
+        sid: Option<&str>,
+        subject: Option<&str>,
+    ) -> Result<usize, String> {
+        let index = match (sid, subject) {
+            (Some(sid), _) => format!("{}:sid:{sid}", self.prefix),
+            (None, Some(sub)) => format!("{}:sub:{sub}", self.prefix),
+            (None, None) => return Ok(0),
+        };
+        let mut p = redis::pipe();
+        p.smembers(&index);
+        let (keys,): (Vec<String>,) = self.run(p).await?;
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        let mut p = redis::pipe();
+        for k in &keys {
+            p.del(self.key(k));
+        }
+        p.del(&index).ignore();
+        let deleted: Vec<usize> = self.run(p).await?;
+        Ok(deleted.iter().sum())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(sub: &str, sid: Option<&str>) -> SessionRecord {
+        SessionRecord {
+            subject: sub.into(),
+            idp_sid: sid.map(str::to_string),
+            claims: Map::new(),
+            id_token: "id".into(),
+            access_token: "at".into(),
+            access_expires_at: 0,
+            refresh_token: None,
+            created_at: 0,
+            last_seen: 0,
+        }
+    }
+
+    #[test]
+    fn memory_store_ends_sessions_by_provider_sid_or_subject() {
+        let m = MemoryStore::new(10);
+        m.put("k1", &rec("alice", Some("s1")));
+        m.put("k2", &rec("alice", Some("s2")));
+        m.put("k3", &rec("bob", Some("s3")));
+        assert_eq!(m.delete_matching(Some("s1"), Some("alice")), 1, "sid wins");
+        assert!(m.get("k1").is_none() && m.get("k2").is_some());
+        assert_eq!(m.delete_matching(None, Some("alice")), 1);
+        assert!(m.get("k3").is_some());
+        assert_eq!(m.delete_matching(None, None), 0);
+    }
+
+    #[test]
+    fn memory_store_drops_the_least_recently_used_beyond_its_bound() {
+        let m = MemoryStore::new(2);
+        m.put("a", &rec("a", None));
+        m.put("b", &rec("b", None));
+        m.get("a");
+        m.put("c", &rec("c", None));
+        assert!(m.get("a").is_some() && m.get("b").is_none() && m.get("c").is_some());
+    }
+}
