@@ -321,6 +321,29 @@ async fn bad_callbacks_and_open_redirects_are_refused() {
     );
 }
 
+/// An ID token minted for another login (its `nonce` is not this login's) is refused, even
+/// though its signature, issuer and audience are right (OIDC Core 1.0 section 3.1.3.7 #11).
+#[tokio::test]
+async fn an_id_token_with_another_logins_nonce_is_refused() {
+    let provider = OidcProvider::start(OidcConfig {
+        replay_nonce: Some("nonce-of-an-earlier-login".into()),
+        ..OidcConfig::default()
+    })
+    .await
+    .unwrap();
+    let upstream = Origin::start(|_| OriginResponse::new(200, "ok")).await;
+    let gw = start(&config(&provider, &upstream, ""), &key(1)).await;
+    let r = login_response(&gw, "/app/").await;
+    assert_eq!(r.status(), 400);
+    assert!(!set_cookies(&r).contains_key("sp_session"), "no session");
+    assert!(gw.stderr().contains("ID token refused: bad_nonce"));
+    assert_eq!(
+        provider.stats().1,
+        1,
+        "the code was redeemed, the token then refused"
+    );
+}
+
 fn percent_encode(s: &str) -> String {
     s.bytes()
         .map(|b| {

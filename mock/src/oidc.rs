@@ -49,6 +49,8 @@ pub struct OidcConfig {
     pub first_ttl: u64,
     /// Lifetime of a refreshed access token, seconds.
     pub refresh_ttl: u64,
+    /// Put this `nonce` in ID tokens instead of the one the login sent (a replayed token).
+    pub replay_nonce: Option<String>,
 }
 
 impl Default for OidcConfig {
@@ -59,6 +61,7 @@ impl Default for OidcConfig {
             redirect_uris: Vec::new(),
             first_ttl: 3600,
             refresh_ttl: 3600,
+            replay_nonce: None,
         }
     }
 }
@@ -430,7 +433,9 @@ fn token(
                 state,
                 &json!({
                     "iss": state.issuer, "aud": state.cfg.client_id, "sub": grant.sub,
-                    "iat": t, "exp": t + 300, "nonce": grant.nonce, "sid": grant.sid,
+                    "iat": t, "exp": t + 300,
+                    "nonce": state.cfg.replay_nonce.clone().unwrap_or(grant.nonce),
+                    "sid": grant.sid,
                     "name": format!("{} Example", grant.sub), "email": format!("{}@example.test", grant.sub),
                     "email_verified": true, "tenant": "acme",
                 }),
