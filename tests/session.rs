@@ -30,7 +30,8 @@ fn config(provider: &OidcProvider, upstream: &Origin, extra: &str) -> String {
          cookie_keys_env = \"SESSION_KEYS\"\nreturn_to = [\"/\", \"/app/\"]\n\
          trusted_origins = [\"http://app.test\"]\n{extra}\n\
          [[routes]]\nname = \"auth\"\npath_prefix = \"/auth\"\nplugins = [\"web\"]\n\
-         [[routes]]\nname = \"api\"\npath_prefix = \"/api\"\nupstream = \"app\"\nplugins = [\"web\"]\n",
+         [[routes]]\nname = \"api\"\npath_prefix = \"/api\"\nupstream = \"app\"\nplugins = [\"web\"]\n\
+         [[routes]]\nname = \"public\"\npath_prefix = \"/public\"\nupstream = \"app\"\n",
         server(""),
         upstream.addr,
         provider.issuer(),
@@ -184,6 +185,32 @@ async fn login_flow_sets_an_httponly_session_and_proxies_with_bearer_only() {
         Some("theme=dark"),
         "only the app's own cookies go upstream"
     );
+
+    // A route without the plugin never forwards the gateway's cookies either.
+    let r = api(&gw, reqwest::Method::GET, "/public/page", session)
+        .header("cookie", "sp_session_login=x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let public = upstream.requests().last().unwrap().clone();
+    assert_eq!(public.header("cookie"), Some("theme=dark"));
+    assert!(public.header("authorization").is_none());
+
+    // TRACE would echo the token; a WebSocket handshake from another origin is refused.
+    let r = api(&gw, reqwest::Method::TRACE, "/api/orders", session)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 405);
+    let r = api(&gw, reqwest::Method::GET, "/api/ws", session)
+        .header("upgrade", "websocket")
+        .header("connection", "upgrade")
+        .header("origin", "https://evil.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
 
     // The user endpoint shows the profile and the session's end.
     let r = api(&gw, reqwest::Method::GET, "/auth/user", session)
@@ -541,6 +568,16 @@ async fn redis_sessions_are_shared_logged_out_by_back_channel_and_survive_key_ro
         401,
         "ended fleet-wide"
     );
+
+    // The same logout token again is refused (it is good once).
+    let r = reqwest::Client::new()
+        .post(one.url("/auth/backchannel-logout"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(format!("logout_token={token}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400, "replayed logout token");
 
     // A logout token that is not one (no events claim) or is forged is refused.
     let r = reqwest::Client::new()

@@ -99,6 +99,8 @@ pub struct Snapshot {
     pub started: std::sync::atomic::AtomicBool,
     /// Headers that plugins set from verified credentials: removed from every request.
     pub trusted_headers: HeaderSet,
+    /// Cookies that belong to the gateway (sessions): removed from every proxied request.
+    pub gateway_cookies: Vec<String>,
     pub trusted_proxies: Vec<IpNet>,
     /// `server.deny_connections`.
     pub deny_connections: Vec<IpNet>,
@@ -142,6 +144,7 @@ impl Snapshot {
         let mut plugins = BTreeMap::new();
         let mut fresh = Vec::new();
         let mut trusted: Vec<HeaderName> = Vec::new();
+        let mut gateway_cookies: Vec<String> = Vec::new();
         for (name, pc) in &config.plugins {
             let env = BuildEnv {
                 name: Arc::from(name.as_str()),
@@ -165,6 +168,11 @@ impl Snapshot {
                     for h in &built.trusted_headers {
                         if !trusted.contains(h) {
                             trusted.push(h.clone());
+                        }
+                    }
+                    for c in &built.gateway_cookies {
+                        if !gateway_cookies.contains(c) {
+                            gateway_cookies.push(c.clone());
                         }
                     }
                     plugins.insert(name.clone(), built);
@@ -329,6 +337,7 @@ impl Snapshot {
             started: std::sync::atomic::AtomicBool::new(fresh.is_empty()),
             fresh,
             trusted_headers: HeaderSet::from_names(trusted),
+            gateway_cookies,
             trusted_proxies,
             client_ip_header: config.server.client_ip_header,
             max_body: config.server.max_body.get(),

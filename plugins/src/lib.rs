@@ -972,6 +972,9 @@ pub struct BuiltPlugin {
     /// Request headers this plugin sets from verified credentials. The gateway removes all of
     /// them from every incoming request before any plugin runs, so clients cannot forge them.
     pub trusted_headers: Vec<HeaderName>,
+    /// Cookies that belong to the gateway (a session's): removed from every proxied request,
+    /// on every route, so no upstream ever holds one.
+    pub gateway_cookies: Vec<String>,
 }
 
 /// What the gateway hands to a plugin's `build`.
@@ -1052,6 +1055,12 @@ pub trait PluginType: Sized + Send + Sync + 'static {
     /// Request headers the plugin sets from verified credentials: the gateway removes them
     /// from every incoming request before any plugin runs, so clients cannot forge them.
     fn trusted_headers(&self) -> Vec<HeaderName> {
+        Vec::new()
+    }
+
+    /// Cookies the plugin sets for the gateway itself (e.g. a session cookie): the gateway
+    /// removes them from every request it proxies, on every route, not only the plugin's.
+    fn gateway_cookies(&self) -> Vec<String> {
         Vec::new()
     }
 
@@ -1136,14 +1145,15 @@ macro_rules! plugin_registry {
                 &self,
                 env: &BuildEnv,
             ) -> std::result::Result<BuiltPlugin, Vec<BuildError>> {
-                let (plugin, trusted_headers) = match self {
-                    $($(#[$meta])* PluginConfig::$variant(c) => (c.build(env)?, c.trusted_headers()),)*
+                let (plugin, trusted_headers, gateway_cookies) = match self {
+                    $($(#[$meta])* PluginConfig::$variant(c) => (c.build(env)?, c.trusted_headers(), c.gateway_cookies()),)*
                 };
                 Ok(BuiltPlugin {
                     kind: self.kind(),
                     plugin,
                     responds: self.responds(),
                     trusted_headers,
+                    gateway_cookies,
                 })
             }
         }

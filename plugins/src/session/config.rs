@@ -275,6 +275,12 @@ impl SessionConfig {
         if self.login_timeout.get().is_zero() {
             err("login_timeout", "must be greater than 0");
         }
+        if self.trusted_origins.is_empty() {
+            err(
+                "trusted_origins",
+                "list the origins of your app's pages (e.g. \"https://app.example.com\"): unsafe requests and logout are refused from any other",
+            );
+        }
         for (i, o) in self.trusted_origins.iter().enumerate() {
             let ok = reqwest::Url::parse(o).is_ok_and(|u| {
                 u.path() == "/" && u.query().is_none() && o.trim_end_matches('/') == o

@@ -101,6 +101,22 @@ pub fn request_cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str>
         })
 }
 
+/// The value of cookie `name` when the request carries exactly one cookie of that name (a
+/// second one may have been planted by a sibling domain: then neither counts).
+pub fn unique_request_cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    let mut found = headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| {
+            let (k, v) = pair.trim().split_once('=')?;
+            (k.trim() == name).then(|| v.trim())
+        });
+    let first = found.next()?;
+    found.next().is_none().then_some(first)
+}
+
 /// The `Cookie` header without the cookies in `names`; `None` when nothing is left.
 pub fn without_cookies(headers: &HeaderMap, names: &[&str]) -> Option<String> {
     let kept: Vec<&str> = headers
@@ -161,6 +177,10 @@ mod tests {
         assert_eq!(request_cookie(&h, "sid"), Some("xyz"));
         assert_eq!(request_cookie(&h, "b"), Some("2"));
         assert_eq!(request_cookie(&h, "c"), None);
+        assert_eq!(unique_request_cookie(&h, "sid"), Some("xyz"));
+        let mut twice = HeaderMap::new();
+        twice.insert(http::header::COOKIE, "sid=a; sid=b".parse().unwrap());
+        assert_eq!(unique_request_cookie(&twice, "sid"), None, "a planted twin voids both");
         assert_eq!(without_cookies(&h, &["sid"]).as_deref(), Some("a=1; b=2"));
         let mut only = HeaderMap::new();
         only.insert(http::header::COOKIE, "sid=xyz".parse().unwrap());

@@ -19,7 +19,7 @@
 //! Metrics: `sallyport_session_events_total{plugin,event}`.
 
 pub mod config;
-mod cookies;
+pub mod cookies;
 mod oidc;
 mod store;
 
@@ -42,7 +42,7 @@ use sha2::{Digest, Sha256};
 
 pub use config::SessionConfig;
 use config::{ClientAuth, SameSite, StoreKind};
-use cookies::{request_cookie, without_cookies, CookieKeys, CookieStyle};
+use cookies::{request_cookie, CookieKeys, CookieStyle};
 use oidc::{ClientCredentials, Provider};
 use store::{MemoryStore, RedisSessions, SessionRecord, Store};
 
@@ -73,6 +73,18 @@ const PROFILE_CLAIMS: [&str; 17] = [
 ];
 /// Claims that describe the token rather than the user: not kept as the principal's.
 const PROTOCOL_CLAIMS: [&str; 4] = ["nonce", "at_hash", "c_hash", "s_hash"];
+/// What a `Location` path keeps encoded: controls, space, quotes, angle brackets, backtick
+/// (and, by `utf8_percent_encode`, every non-ASCII byte).
+const LOCATION_UNSAFE: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS
+    .add(b' ')
+    .add(b'"')
+    .add(b'<')
+    .add(b'>')
+    .add(b'`');
+/// How long a refresh may hold the fleet-wide lock of its session (Redis store).
+const REFRESH_LOCK: Duration = Duration::from_secs(10);
+/// How long a request waits for another gateway's refresh of its session.
+const REFRESH_WAIT: Duration = Duration::from_secs(5);
 /// Largest back-channel logout request body read.
 const MAX_LOGOUT_BODY: usize = 16 * 1024;
 /// Every event, so each series exists from the start.
@@ -87,11 +99,9 @@ const EVENTS: [&str; 8] = [
     "csrf_rejected",
 ];
 
-/// Per request: whether the session's cookies are removed from the proxied request.
+/// The plugin keeps no per-request state (the gateway strips its cookies on every route).
 #[derive(Default)]
-pub struct SessionState {
-    authenticated: bool,
-}
+pub struct SessionState;
 
 /// What the login cookie carries from `login` to `callback` (sealed).
 #[derive(Serialize, Deserialize)]
@@ -99,6 +109,8 @@ struct LoginState {
     state: String,
     nonce: String,
     verifier: String,
+    /// The `redirect_uri` the authorization request named: the token request repeats it.
+    redirect_uri: String,
     return_to: String,
     /// Unix seconds after which the login is void.
     exp: u64,
@@ -175,7 +187,8 @@ fn allowed_return_to(raw: &str, allowed: &[String]) -> Option<String> {
     let decoded = percent_encoding::percent_decode_str(raw).decode_utf8().ok()?;
     let local = decoded.starts_with('/')
         && !decoded.starts_with("//")
-        && !decoded.contains(['\\', '\r', '\n', '\t'])
+        && !decoded.contains('\\')
+        && !decoded.chars().any(|c| c.is_control())
         && !raw.to_ascii_lowercase().contains("%2f")
         && !decoded.split('/').any(|seg| seg == "..");
     if !local {
@@ -186,7 +199,7 @@ fn allowed_return_to(raw: &str, allowed: &[String]) -> Option<String> {
     allowed
         .iter()
         .any(|a| path == a || (a.len() > 1 && a.ends_with('/') && path.starts_with(a.as_str())))
-        .then(|| decoded.into_owned())
+        .then(|| percent_encoding::utf8_percent_encode(&decoded, LOCATION_UNSAFE).to_string())
 }
 
 /// Whether an unsafe request comes from an allowed page: its `Origin`, or without one its
@@ -250,6 +263,30 @@ fn json_reply(status: u16, value: &Value, cookies: &[String]) -> Result<Reply> {
     })
 }
 
+/// Why a session's access token could not be made fresh.
+enum Stale {
+    /// The session is over (logged out, or the provider refused the refresh).
+    Ended,
+    /// The provider or the store cannot be reached now; the session stays.
+    Unavailable(String),
+}
+
+/// A waiter on a session's refresh lock; the last one out removes the lock from the map.
+struct RefreshEntry<'a> {
+    map: &'a Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    key: &'a str,
+}
+
+impl Drop for RefreshEntry<'_> {
+    fn drop(&mut self) {
+        let mut map = self.map.lock();
+        // The map's own reference plus this waiter's clone.
+        if map.get(self.key).is_some_and(|l| Arc::strong_count(l) <= 2) {
+            map.remove(self.key);
+        }
+    }
+}
+
 /// The outcome of looking up the request's session.
 enum Lookup {
     Live(String, Box<SessionRecord>),
@@ -301,7 +338,8 @@ impl Session {
     }
 
     async fn lookup(&self, req: &RequestHeader) -> std::result::Result<Lookup, ApiError> {
-        let Some(sealed) = request_cookie(&req.headers, &self.cookie) else {
+        // Two cookies of the session's name (one planted by a sibling domain): none counts.
+        let Some(sealed) = cookies::unique_request_cookie(&req.headers, &self.cookie) else {
             return Ok(Lookup::None);
         };
         let Some(sid) = self.keys.open(&self.cookie, sealed) else {
@@ -379,6 +417,7 @@ impl Session {
             state: random_token(),
             nonce: random_token(),
             verifier: random_token(),
+            redirect_uri: self.redirect_uri(session),
             return_to: self.return_to(session.req_header()),
             exp: (self.clock)().saturating_add(self.login_timeout),
         };
@@ -392,7 +431,7 @@ impl Session {
         url.query_pairs_mut()
             .append_pair("response_type", "code")
             .append_pair("client_id", &self.client_id)
-            .append_pair("redirect_uri", &self.redirect_uri(session))
+            .append_pair("redirect_uri", &login.redirect_uri)
             .append_pair("scope", &self.scopes)
             .append_pair("state", &login.state)
             .append_pair("nonce", &login.nonce)
@@ -432,41 +471,47 @@ impl Session {
                 std::slice::from_ref(&clear_login),
             )?))
         };
-        if let Some(code) = query_param(req, "error") {
-            let code: String = code.chars().filter(char::is_ascii_alphanumeric).take(40).collect();
-            return fail(self, "the identity provider refused the login", &format!("provider error {code}"));
-        }
+        // The state first: a cross-site link to the callback cannot even end a login.
         let login: Option<LoginState> = request_cookie(&req.headers, &self.login_cookie)
             .and_then(|sealed| self.keys.open(&self.login_cookie, sealed))
             .and_then(|plain| serde_json::from_str(&plain).ok());
         let Some(login) = login else {
             return fail(self, "no login in progress (start again)", "no or unreadable login cookie");
         };
-        if (self.clock)() >= login.exp {
-            return fail(self, "the login took too long (start again)", "login cookie expired");
-        }
         let state = query_param(req, "state").unwrap_or_default();
         let state_ok: bool =
             subtle::ConstantTimeEq::ct_eq(state.as_bytes(), login.state.as_bytes()).into();
         if !state_ok {
             return fail(self, "the login state does not match (start again)", "state mismatch");
         }
+        if (self.clock)() >= login.exp {
+            return fail(self, "the login took too long (start again)", "login cookie expired");
+        }
+        if let Some(code) = query_param(req, "error") {
+            let code: String = code
+                .chars()
+                .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .take(40)
+                .collect();
+            return fail(self, "the identity provider refused the login", &format!("provider error {code}"));
+        }
         let Some(code) = query_param(req, "code").filter(|c| !c.is_empty()) else {
             return fail(self, "the callback has no code", "no code");
         };
-        let redirect_uri = self.redirect_uri(session);
         let tokens = match self
             .provider
             .token(&[
                 ("grant_type", "authorization_code"),
                 ("code", &code),
-                ("redirect_uri", &redirect_uri),
+                ("redirect_uri", &login.redirect_uri),
                 ("code_verifier", &login.verifier),
             ])
             .await
         {
             Ok(t) => t,
-            Err(e) => return fail(self, "the identity provider did not accept the login", &e),
+            Err(e) => {
+                return fail(self, "the identity provider did not accept the login", &e.message)
+            }
         };
         let Some(id_token) = tokens.id_token.clone() else {
             return fail(self, "the identity provider sent no ID token", "no id_token");
@@ -495,8 +540,16 @@ impl Session {
             refresh_token: tokens.refresh_token,
             created_at: now,
             last_seen: now,
+            version: 0,
         };
         let sid = random_token();
+        let sealed = self
+            .keys
+            .seal(&self.cookie, &sid)
+            .ok_or_else(|| pingora::Error::explain(pingora::ErrorType::InternalError, "no key"))?;
+        let cookie = self.style.set_cookie(&self.cookie, &sealed, self.absolute, None);
+        // The answer is built before the session exists: a failure leaves nothing behind.
+        let answer = redirect(&login.return_to, &[cookie, clear_login])?;
         if let Err(e) = self
             .store
             .put(&store_key(&sid), &rec, Duration::from_secs(self.idle))
@@ -504,13 +557,8 @@ impl Session {
         {
             return Ok(self.error(self.store_unavailable(&e)));
         }
-        let sealed = self
-            .keys
-            .seal(&self.cookie, &sid)
-            .ok_or_else(|| pingora::Error::explain(pingora::ErrorType::InternalError, "no key"))?;
-        let cookie = self.style.set_cookie(&self.cookie, &sealed, self.absolute, None);
         self.count("callback_ok");
-        Ok(Flow::Respond(redirect(&login.return_to, &[cookie, clear_login])?))
+        Ok(Flow::Respond(answer))
     }
 
     /// The checks an unsafe method passes: the CSRF header, and an allowed origin.
@@ -519,42 +567,66 @@ impl Session {
     }
 
     /// Refreshes the access token when it expires within `refresh_before`: one refresh per
-    /// session at a time; the others wait and use its result. `Err`: the session ended.
-    async fn fresh(&self, key: &str, rec: SessionRecord) -> std::result::Result<SessionRecord, ()> {
-        let due = |r: &SessionRecord, now: u64| {
-            r.access_expires_at <= now.saturating_add(self.refresh_before)
-        };
-        if !due(&rec, (self.clock)()) {
+    /// session at a time (in this process, and across the fleet with the Redis store); the
+    /// others wait and use its result.
+    async fn fresh(&self, key: &str, rec: SessionRecord) -> std::result::Result<SessionRecord, Stale> {
+        if !self.due(&rec, (self.clock)()) {
             return Ok(rec);
         }
         let lock = Arc::clone(self.refreshing.lock().entry(key.to_string()).or_default());
+        // Removes the map entry when the last waiter is done, even if its request is dropped.
+        let _entry = RefreshEntry {
+            map: &self.refreshing,
+            key,
+        };
         let _one_at_a_time = lock.lock().await;
-        let result = self.refresh_locked(key, rec, due).await;
-        let mut map = self.refreshing.lock();
-        if map.get(key).is_some_and(|l| Arc::strong_count(l) <= 2) {
-            map.remove(key);
-        }
-        result
+        self.refresh_locked(key).await
     }
 
-    async fn refresh_locked(
+    fn due(&self, r: &SessionRecord, now: u64) -> bool {
+        r.access_expires_at <= now.saturating_add(self.refresh_before)
+    }
+
+    async fn refresh_locked(&self, key: &str) -> std::result::Result<SessionRecord, Stale> {
+        let deadline = std::time::Instant::now() + REFRESH_WAIT;
+        loop {
+            // Another request (or gateway) may have refreshed while this one waited.
+            let rec = match self.store.get(key).await {
+                Ok(Some(current)) => current,
+                Ok(None) => return Err(Stale::Ended),
+                Err(e) => return Err(Stale::Unavailable(e)),
+            };
+            if !self.due(&rec, (self.clock)()) {
+                return Ok(rec);
+            }
+            match self.store.lock(key, REFRESH_LOCK).await {
+                Ok(true) => {
+                    let result = self.refresh_now(key, rec).await;
+                    self.store.unlock(key).await;
+                    return result;
+                }
+                Ok(false) if std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Ok(false) => {
+                    return Err(Stale::Unavailable(
+                        "another gateway's refresh did not finish".into(),
+                    ))
+                }
+                Err(e) => return Err(Stale::Unavailable(e)),
+            }
+        }
+    }
+
+    async fn refresh_now(
         &self,
         key: &str,
         rec: SessionRecord,
-        due: impl Fn(&SessionRecord, u64) -> bool,
-    ) -> std::result::Result<SessionRecord, ()> {
-        // Another request may have refreshed while this one waited.
-        let rec = match self.store.get(key).await {
-            Ok(Some(current)) => current,
-            Ok(None) => return Err(()),
-            Err(_) => rec,
-        };
+    ) -> std::result::Result<SessionRecord, Stale> {
         let now = (self.clock)();
-        if !due(&rec, now) {
-            return Ok(rec);
-        }
+        let still_valid = rec.access_expires_at > now;
         let Some(refresh_token) = rec.refresh_token.clone() else {
-            if rec.access_expires_at > now {
+            if still_valid {
                 return Ok(rec);
             }
             return self.end_session(key).await;
@@ -565,33 +637,64 @@ impl Session {
             .await
         {
             Ok(t) => t,
-            Err(e) => {
-                log::warn!("session {}: token refresh failed, the session ends: {e}", self.name);
+            Err(e) if e.refused => {
+                log::warn!("session {}: the provider refused the refresh, the session ends: {}", self.name, e.message);
                 return self.end_session(key).await;
+            }
+            // The provider is down or failing: keep the session, and its token while valid.
+            Err(e) => {
+                self.count("refresh_error");
+                log::warn!("session {}: token refresh failed: {}", self.name, e.message);
+                return if still_valid {
+                    Ok(rec)
+                } else {
+                    Err(Stale::Unavailable(e.message))
+                };
             }
         };
         let mut next = rec;
+        if let Some(id) = tokens.id_token {
+            match self
+                .provider
+                .verify_refreshed_id_token(&id, &next.subject)
+                .await
+            {
+                Ok(mut claims) => {
+                    for c in PROTOCOL_CLAIMS {
+                        claims.remove(c);
+                    }
+                    next.claims = claims;
+                    next.id_token = id;
+                }
+                Err(reason) => {
+                    log::warn!("session {}: refreshed ID token refused ({reason}), the session ends", self.name);
+                    return self.end_session(key).await;
+                }
+            }
+        }
         next.access_token = tokens.access_token;
         next.access_expires_at = now.saturating_add(tokens.expires_in.unwrap_or(300));
         if let Some(r) = tokens.refresh_token {
             next.refresh_token = Some(r);
         }
-        if let Some(id) = tokens.id_token {
-            next.id_token = id;
-        }
+        next.version = next.version.saturating_add(1);
         let ttl = self.ttl(&next, now);
-        if self.store.put(key, &next, ttl).await.is_err() {
-            return Err(());
+        match self.store.update(key, &next, ttl).await {
+            Ok(true) => {
+                self.count("refresh");
+                Ok(next)
+            }
+            // Logged out meanwhile: the new tokens die with the session.
+            Ok(false) => Err(Stale::Ended),
+            Err(e) => Err(Stale::Unavailable(e)),
         }
-        self.count("refresh");
-        Ok(next)
     }
 
-    /// A refresh failed (or no token is left): the session is over.
-    async fn end_session(&self, key: &str) -> std::result::Result<SessionRecord, ()> {
+    /// The provider refused the refresh (or no token is left): the session is over.
+    async fn end_session(&self, key: &str) -> std::result::Result<SessionRecord, Stale> {
         let _ = self.store.delete(key).await;
         self.count("refresh_error");
-        Err(())
+        Err(Stale::Ended)
     }
 
     /// How long the store keeps a session: until its idle or absolute timeout.
@@ -613,10 +716,23 @@ impl Session {
             Ok(Lookup::Expired) => return self.unauthenticated(session, ctx, "the session expired"),
             Err(e) => return Ok(self.error(e)),
         };
-        let safe = matches!(
-            req.method,
-            Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
-        );
+        if req.method == Method::TRACE {
+            // An echoing upstream would show the access token to the page.
+            return Ok(self.error(
+                ApiError::new(405, "method_not_allowed", "TRACE is not allowed with a session")
+                    .with_header(http::header::ALLOW, "GET, HEAD, OPTIONS, POST, PUT, PATCH, DELETE"),
+            ));
+        }
+        let safe = matches!(req.method, Method::GET | Method::HEAD | Method::OPTIONS);
+        // A WebSocket handshake is a GET that carries the cookie cross-origin; browsers send
+        // its Origin (they cannot add the CSRF header), so the origin is checked.
+        let upgrade = req.headers.contains_key(http::header::UPGRADE);
+        if upgrade && !origin_allowed(req, &self.trusted_origins) {
+            self.count("csrf_rejected");
+            return Ok(self.error(
+                ApiError::new(403, "csrf", "upgrades need an allowed Origin").with_reason("csrf"),
+            ));
+        }
         if !safe && !self.csrf_ok(req) {
             self.count("csrf_rejected");
             return Ok(self.error(
@@ -631,15 +747,30 @@ impl Session {
                 .with_reason("csrf"),
             ));
         }
-        let Ok(mut rec) = self.fresh(&key, rec).await else {
-            return self.unauthenticated(session, ctx, "the session ended (refresh failed)");
+        let mut rec = match self.fresh(&key, rec).await {
+            Ok(rec) => rec,
+            Err(Stale::Ended) => {
+                return self.unauthenticated(session, ctx, "the session ended (refresh refused)")
+            }
+            Err(Stale::Unavailable(e)) => {
+                log::warn!("session {}: cannot refresh now: {e}", self.name);
+                return Ok(self.error(ApiError::new(
+                    503,
+                    "session_refresh_unavailable",
+                    "the session's access token cannot be refreshed right now",
+                )));
+            }
         };
         let now = (self.clock)();
         // Writing `last_seen` on every request would cost a store write each: once per
-        // twentieth of the idle timeout is precise enough.
+        // twentieth of the idle timeout is precise enough. A lost race only skips one touch.
         if now.saturating_sub(rec.last_seen) >= (self.idle / 20).max(1) {
-            rec.last_seen = now;
-            let _ = self.store.put(&key, &rec, self.ttl(&rec, now)).await;
+            let mut touched = rec.clone();
+            touched.last_seen = now;
+            touched.version = touched.version.saturating_add(1);
+            if let Ok(true) = self.store.update(&key, &touched, self.ttl(&touched, now)).await {
+                rec = touched;
+            }
         }
         let bearer = format!("Bearer {}", rec.access_token);
         let value = HeaderValue::from_str(&bearer).map_err(|e| {
@@ -652,7 +783,7 @@ impl Session {
             claims: Arc::new(rec.claims),
             verified_by: "session",
         });
-        state.authenticated = true;
+        let _ = state;
         Ok(Flow::Continue)
     }
 
@@ -698,7 +829,11 @@ impl Session {
         let _ = ctx;
         let back = format!("{}{}", self.origin(session), self.return_to(req));
         let mut logout_url = Value::Null;
-        if let Ok(Lookup::Live(key, rec)) = self.lookup(req).await {
+        let found = match self.lookup(req).await {
+            Ok(found) => found,
+            Err(e) => return Ok(self.error(e)),
+        };
+        if let Lookup::Live(key, rec) = found {
             if let Err(e) = self.store.delete(&key).await {
                 return Ok(self.error(self.store_unavailable(&e)));
             }
@@ -755,6 +890,17 @@ impl Session {
                 return Ok(Flow::Respond(invalid("the logout token is not valid")?));
             }
         };
+        // A logout token is good once (Back-Channel Logout 1.0 section 2.6).
+        let jti = claims.get("jti").and_then(Value::as_str).unwrap_or_default();
+        match self
+            .store
+            .first_use(&store_key(jti), Duration::from_secs(600))
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => return Ok(Flow::Respond(invalid("the logout token was used before")?)),
+            Err(e) => return Ok(self.error(self.store_unavailable(&e))),
+        }
         let sid = claims.get("sid").and_then(Value::as_str);
         let sub = claims.get("sub").and_then(Value::as_str);
         match self.store.delete_matching(sid, sub).await {
@@ -781,7 +927,6 @@ impl Plugin for Session {
     fn hooks(&self) -> Hooks {
         Hooks {
             request_filter: true,
-            upstream_request_filter: true,
             ..Hooks::NONE
         }
     }
@@ -817,33 +962,6 @@ impl Plugin for Session {
             self.guard(session, ctx, state).await
         }
     }
-
-    /// The session's cookies stay at the gateway (the access token went into the identity
-    /// headers the gateway sets).
-    async fn upstream_request_filter(
-        &self,
-        _session: &mut HttpSession,
-        upstream_request: &mut RequestHeader,
-        _ctx: &mut RequestCtx,
-        state: &mut Self::State,
-    ) -> Result<()> {
-        let _ = state.authenticated;
-        if !upstream_request.headers.contains_key(http::header::COOKIE) {
-            return Ok(());
-        }
-        match without_cookies(
-            &upstream_request.headers,
-            &[self.cookie.as_str(), self.login_cookie.as_str()],
-        ) {
-            Some(rest) => {
-                upstream_request.insert_header(http::header::COOKIE, rest)?;
-            }
-            None => {
-                upstream_request.remove_header(&http::header::COOKIE);
-            }
-        }
-        Ok(())
-    }
 }
 
 impl crate::PluginType for SessionConfig {
@@ -858,6 +976,11 @@ impl crate::PluginType for SessionConfig {
     /// config: a SIGHUP logs nobody out.
     fn keeps_state_across_reloads(&self) -> bool {
         true
+    }
+
+    /// The session and login cookies never reach an upstream, on any route.
+    fn gateway_cookies(&self) -> Vec<String> {
+        vec![self.cookie.clone(), format!("{}_login", self.cookie)]
     }
 
     fn build(&self, env: &BuildEnv) -> std::result::Result<Arc<dyn DynPlugin>, Vec<BuildError>> {
@@ -979,6 +1102,7 @@ mod tests {
             refresh_token: None,
             created_at: created,
             last_seen: seen,
+            version: 0,
         }
     }
 

@@ -66,6 +66,24 @@ pub struct TokenResponse {
     pub expires_in: Option<u64>,
 }
 
+/// A token endpoint call that produced no tokens.
+#[derive(Debug)]
+pub struct TokenError {
+    /// The provider refused the grant (`invalid_grant`, a 400/401): the code or refresh
+    /// token is no good. Otherwise the provider was unreachable or failing (try later).
+    pub refused: bool,
+    pub message: String,
+}
+
+/// Longest a back-channel logout token is accepted after its `iat`.
+const LOGOUT_TOKEN_AGE: u64 = 120;
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 /// How the gateway authenticates to the token and revocation endpoints.
 #[derive(Clone)]
 pub enum ClientCredentials {
@@ -182,28 +200,40 @@ impl Provider {
     }
 
     /// Calls the token endpoint with a grant (`authorization_code`, `refresh_token`).
-    pub async fn token(&self, form: &[(&str, &str)]) -> Result<TokenResponse, String> {
-        let meta = self.metadata().await?;
+    pub async fn token(&self, form: &[(&str, &str)]) -> Result<TokenResponse, TokenError> {
+        let transient = |message: String| TokenError {
+            refused: false,
+            message,
+        };
+        let meta = self.metadata().await.map_err(transient)?;
         let resp = self
             .authenticated(self.http.post(&meta.token_endpoint), form)
             .send()
             .await
-            .map_err(|e| format!("token endpoint: {e}"))?;
+            .map_err(|e| transient(format!("token endpoint: {e}")))?;
         let status = resp.status();
         if !status.is_success() {
-            // The provider's `error` code only (RFC 6749 section 5.2); never its description,
-            // which may echo what was sent.
-            let code = resp
+            // The provider's `error` code only (RFC 6749 section 5.2), as a bounded word;
+            // never its description, which may echo what was sent.
+            let code: String = resp
                 .json::<Value>()
                 .await
                 .ok()
                 .and_then(|v| v.get("error").and_then(Value::as_str).map(str::to_string))
-                .unwrap_or_default();
-            return Err(format!("token endpoint: status {status} {code}"));
+                .unwrap_or_default()
+                .chars()
+                .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .take(40)
+                .collect();
+            return Err(TokenError {
+                refused: status == reqwest::StatusCode::BAD_REQUEST
+                    || status == reqwest::StatusCode::UNAUTHORIZED,
+                message: format!("token endpoint: status {status} {code}"),
+            });
         }
         resp.json()
             .await
-            .map_err(|e| format!("token endpoint answer: {e}"))
+            .map_err(|e| transient(format!("token endpoint answer: {e}")))
     }
 
     /// Revokes a refresh token (RFC 7009) when the provider has a revocation endpoint.
@@ -259,15 +289,46 @@ impl Provider {
         token: &str,
         nonce: &str,
     ) -> Result<Map<String, Value>, &'static str> {
-        let claims = self.verify(token, &["iss", "aud", "exp", "iat", "sub"]).await?;
+        let claims = self.verify_id(token).await?;
         if claims.get("nonce").and_then(Value::as_str) != Some(nonce) {
             return Err("bad_nonce");
         }
-        if let Some(Value::Array(aud)) = claims.get("aud") {
-            if aud.len() > 1 && claims.get("azp").and_then(Value::as_str) != Some(&self.client_id)
-            {
-                return Err("bad_azp");
-            }
+        Ok(claims)
+    }
+
+    /// Verifies an ID token from a refresh (OIDC Core 1.0 section 12.2): as at login, without
+    /// a nonce, and for the same subject.
+    pub async fn verify_refreshed_id_token(
+        &self,
+        token: &str,
+        subject: &str,
+    ) -> Result<Map<String, Value>, &'static str> {
+        let claims = self.verify_id(token).await?;
+        if claims.get("sub").and_then(Value::as_str) != Some(subject) {
+            return Err("other_subject");
+        }
+        Ok(claims)
+    }
+
+    /// The checks every ID token passes: signature, `iss`, `aud`, `exp`, `iat` (not in the
+    /// future), a string `sub`, and `azp` (when present, or when `aud` names several).
+    async fn verify_id(&self, token: &str) -> Result<Map<String, Value>, &'static str> {
+        let claims = self.verify(token, &["iss", "aud", "exp", "iat", "sub"]).await?;
+        if claims
+            .get("sub")
+            .and_then(Value::as_str)
+            .is_none_or(str::is_empty)
+        {
+            return Err("bad_subject");
+        }
+        let iat = claims.get("iat").and_then(Value::as_u64).ok_or("bad_iat")?;
+        if iat > now_secs().saturating_add(self.leeway) {
+            return Err("issued_in_the_future");
+        }
+        let several = matches!(claims.get("aud"), Some(Value::Array(a)) if a.len() > 1);
+        let azp = claims.get("azp");
+        if (several || azp.is_some()) && azp.and_then(Value::as_str) != Some(&self.client_id) {
+            return Err("bad_azp");
         }
         Ok(claims)
     }
@@ -277,7 +338,24 @@ impl Provider {
         &self,
         token: &str,
     ) -> Result<Map<String, Value>, &'static str> {
-        let claims = self.verify(token, &["iss", "aud", "iat"]).await?;
+        if let Ok(h) = jsonwebtoken::decode_header(token) {
+            if h.typ.as_deref().is_some_and(|t| {
+                !t.eq_ignore_ascii_case("logout+jwt") && !t.eq_ignore_ascii_case("JWT")
+            }) {
+                return Err("bad_typ");
+            }
+        }
+        let claims = self.verify(token, &["iss", "aud", "iat", "exp", "jti"]).await?;
+        let iat = claims.get("iat").and_then(Value::as_u64).ok_or("bad_iat")?;
+        let now = now_secs();
+        if iat > now.saturating_add(self.leeway)
+            || now > iat.saturating_add(LOGOUT_TOKEN_AGE + self.leeway)
+        {
+            return Err("stale_or_future_iat");
+        }
+        if claims.get("jti").and_then(Value::as_str).is_none_or(str::is_empty) {
+            return Err("bad_jti");
+        }
         let has_event = claims
             .get("events")
             .and_then(Value::as_object)
@@ -288,7 +366,9 @@ impl Provider {
         if claims.contains_key("nonce") {
             return Err("nonce_in_logout_token");
         }
-        if !claims.contains_key("sid") && !claims.contains_key("sub") {
+        let sid = claims.get("sid").and_then(Value::as_str);
+        let sub = claims.get("sub").and_then(Value::as_str);
+        if sid.is_none() && sub.is_none() {
             return Err("no_sid_or_sub");
         }
         Ok(claims)

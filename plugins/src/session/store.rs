@@ -30,6 +30,10 @@ pub struct SessionRecord {
     pub created_at: u64,
     /// Unix seconds.
     pub last_seen: u64,
+    /// Bumped by every update: an update applies only to the version it read, so a slower
+    /// writer never restores a logged-out session or a spent refresh token.
+    #[serde(default)]
+    pub version: u64,
 }
 
 pub enum Store {
@@ -56,6 +60,20 @@ impl Store {
         }
     }
 
+    /// Replaces the session only if it still exists at `rec.version - 1` (`rec` carries the
+    /// bumped version). `Ok(false)`: it was deleted or changed meanwhile.
+    pub async fn update(
+        &self,
+        key: &str,
+        rec: &SessionRecord,
+        ttl: Duration,
+    ) -> Result<bool, String> {
+        match self {
+            Store::Memory(m) => Ok(m.update(key, rec)),
+            Store::Redis(r) => r.update(key, rec, ttl).await,
+        }
+    }
+
     pub async fn delete(&self, key: &str) -> Result<(), String> {
         match self {
             Store::Memory(m) => {
@@ -63,6 +81,30 @@ impl Store {
                 Ok(())
             }
             Store::Redis(r) => r.delete(key).await,
+        }
+    }
+
+    /// Records a one-time token id (a logout token's `jti`) for `ttl`; `Ok(false)` when it
+    /// was seen before.
+    pub async fn first_use(&self, id: &str, ttl: Duration) -> Result<bool, String> {
+        match self {
+            Store::Memory(m) => Ok(m.first_use(id)),
+            Store::Redis(r) => r.first_use(id, ttl).await,
+        }
+    }
+
+    /// Takes the fleet-wide lock of a session's refresh (Redis); the memory store needs none
+    /// (the plugin serialises refreshes in-process). `Ok(false)`: another gateway holds it.
+    pub async fn lock(&self, key: &str, ttl: Duration) -> Result<bool, String> {
+        match self {
+            Store::Memory(_) => Ok(true),
+            Store::Redis(r) => r.lock(key, ttl).await,
+        }
+    }
+
+    pub async fn unlock(&self, key: &str) {
+        if let Store::Redis(r) = self {
+            let _ = r.unlock(key).await;
         }
     }
 
@@ -84,7 +126,12 @@ impl Store {
 /// checked on read (the plugin compares the record's times), so no sweeper is needed.
 pub struct MemoryStore {
     map: Mutex<lru::LruCache<String, SessionRecord>>,
+    /// Logout token ids seen (bounded; a token also expires within minutes).
+    used: Mutex<lru::LruCache<String, ()>>,
 }
+
+/// Logout token ids a memory store remembers.
+const USED_IDS: usize = 10_000;
 
 impl MemoryStore {
     pub fn new(max: usize) -> MemoryStore {
@@ -92,7 +139,25 @@ impl MemoryStore {
             map: Mutex::new(lru::LruCache::new(
                 NonZeroUsize::new(max).unwrap_or(NonZeroUsize::MIN),
             )),
+            used: Mutex::new(lru::LruCache::new(
+                NonZeroUsize::new(USED_IDS).unwrap_or(NonZeroUsize::MIN),
+            )),
         }
+    }
+
+    fn update(&self, key: &str, rec: &SessionRecord) -> bool {
+        let mut map = self.map.lock();
+        match map.get_mut(key) {
+            Some(current) if current.version.saturating_add(1) == rec.version => {
+                *current = rec.clone();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn first_use(&self, id: &str) -> bool {
+        self.used.lock().put(id.to_string(), ()).is_none()
     }
 
     fn get(&self, key: &str) -> Option<SessionRecord> {
@@ -130,9 +195,34 @@ fn matches_logout(r: &SessionRecord, sid: Option<&str>, subject: Option<&str>) -
     }
 }
 
+/// Replaces `KEYS[1]` with `ARGV[1]` (TTL `ARGV[3]` ms) only when it exists at version
+/// `ARGV[2]`.
+const UPDATE: &str = r"
+local cur = redis.call('GET', KEYS[1])
+if not cur then return 0 end
+local v = cjson.decode(cur).version or 0
+if v ~= tonumber(ARGV[2]) then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
+return 1
+";
+
+/// Deletes session `KEYS[1]` and its key `ARGV[2]` from its index sets under prefix `ARGV[1]`.
+const DELETE: &str = r"
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  local r = cjson.decode(cur)
+  redis.call('SREM', ARGV[1] .. ':sub:' .. r.subject, ARGV[2])
+  if type(r.idp_sid) == 'string' then
+    redis.call('SREM', ARGV[1] .. ':sid:' .. r.idp_sid, ARGV[2])
+  end
+end
+return redis.call('DEL', KEYS[1])
+";
+
 /// Sessions in Redis: `PREFIX:s:KEY` holds the record as JSON with the session's TTL;
 /// `PREFIX:sid:SID` and `PREFIX:sub:SUBJECT` are sets of session keys (for back-channel
-/// logout), kept as long as the longest session in them.
+/// logout), kept as long as the longest session in them; `PREFIX:jti:ID` marks a used logout
+/// token; `PREFIX:lock:KEY` is a refresh under way.
 pub struct RedisSessions {
     client: redis::Client,
     timeout: Duration,
@@ -233,7 +323,60 @@ impl RedisSessions {
 
     async fn delete(&self, key: &str) -> Result<(), String> {
         let mut p = redis::pipe();
-        p.del(self.key(key)).ignore();
+        p.cmd("EVAL")
+            .arg(DELETE)
+            .arg(1)
+            .arg(self.key(key))
+            .arg(&self.prefix)
+            .arg(key)
+            .ignore();
+        self.run::<()>(p).await
+    }
+
+    async fn update(&self, key: &str, rec: &SessionRecord, ttl: Duration) -> Result<bool, String> {
+        let text = serde_json::to_string(rec).map_err(|e| e.to_string())?;
+        let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        let mut p = redis::pipe();
+        p.cmd("EVAL")
+            .arg(UPDATE)
+            .arg(1)
+            .arg(self.key(key))
+            .arg(text)
+            .arg(rec.version.saturating_sub(1))
+            .arg(ms);
+        let (done,): (i64,) = self.run(p).await?;
+        Ok(done == 1)
+    }
+
+    async fn first_use(&self, id: &str, ttl: Duration) -> Result<bool, String> {
+        let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        let mut p = redis::pipe();
+        p.cmd("SET")
+            .arg(format!("{}:jti:{id}", self.prefix))
+            .arg(1)
+            .arg("NX")
+            .arg("PX")
+            .arg(ms);
+        let (set,): (Option<String>,) = self.run(p).await?;
+        Ok(set.is_some())
+    }
+
+    async fn lock(&self, key: &str, ttl: Duration) -> Result<bool, String> {
+        let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        let mut p = redis::pipe();
+        p.cmd("SET")
+            .arg(format!("{}:lock:{key}", self.prefix))
+            .arg(1)
+            .arg("NX")
+            .arg("PX")
+            .arg(ms);
+        let (set,): (Option<String>,) = self.run(p).await?;
+        Ok(set.is_some())
+    }
+
+    async fn unlock(&self, key: &str) -> Result<(), String> {
+        let mut p = redis::pipe();
+        p.del(format!("{}:lock:{key}", self.prefix)).ignore();
         self.run::<()>(p).await
     }
 
@@ -256,8 +399,9 @@ impl RedisSessions {
         let mut p = redis::pipe();
         for k in &keys {
             p.del(self.key(k));
+            // Only the keys read: a session added to the set meanwhile stays indexed.
+            p.srem(&index, k).ignore();
         }
-        p.del(&index).ignore();
         let deleted: Vec<usize> = self.run(p).await?;
         Ok(deleted.iter().sum())
     }
@@ -278,7 +422,22 @@ mod tests {
             refresh_token: None,
             created_at: 0,
             last_seen: 0,
+            version: 0,
         }
+    }
+
+    #[test]
+    fn updates_apply_only_to_the_version_they_read() {
+        let m = MemoryStore::new(10);
+        m.put("k", &rec("alice", None));
+        let mut next = rec("alice", None);
+        next.version = 1;
+        assert!(m.update("k", &next));
+        assert!(!m.update("k", &next), "version 1 was already replaced");
+        m.delete("k");
+        next.version = 2;
+        assert!(!m.update("k", &next), "a deleted session stays deleted");
+        assert!(m.first_use("jti-1") && !m.first_use("jti-1"));
     }
 
     #[test]
