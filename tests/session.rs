@@ -371,6 +371,58 @@ async fn an_id_token_with_another_logins_nonce_is_refused() {
     );
 }
 
+/// `private_key_jwt` (RFC 7523, OIDC Core section 9): the gateway authenticates to the
+/// token and revocation endpoints with an assertion signed by its key; the provider accepts
+/// nothing else from this client.
+#[tokio::test]
+async fn private_key_jwt_authenticates_the_gateway_without_a_secret() {
+    let pem = rcgen::KeyPair::generate().unwrap().serialize_pem();
+    let signing = sallyport_plugins::identity_token::keys::SigningKey::from_pem(
+        &pem,
+        jsonwebtoken::Algorithm::ES256,
+        None,
+    )
+    .unwrap();
+    let provider = OidcProvider::start(OidcConfig {
+        client_jwk: Some(signing.jwk.clone()),
+        ..OidcConfig::default()
+    })
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("client.pem");
+    std::fs::write(&key_file, pem).unwrap();
+    let upstream = Origin::start(|_| OriginResponse::new(200, "ok")).await;
+    let cfg = config(
+        &provider,
+        &upstream,
+        &format!(
+            "client_auth = \"private_key_jwt\"\nclient_key_file = \"{}\"",
+            key_file.display()
+        ),
+    )
+    .replace("client_secret_env = \"WEB_SECRET\"\n", "");
+    let gw = Gateway::start_with_env(&cfg, &[("SESSION_KEYS", &key(1))]).await;
+    let session = login(&gw).await;
+    assert_eq!(
+        api(&gw, reqwest::Method::GET, "/api/x", &session)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    // Revocation at logout is authenticated the same way.
+    let r = api(&gw, reqwest::Method::POST, "/auth/logout", &session)
+        .header("x-csrf", "1")
+        .header("origin", "http://app.test")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(provider.stats().3, 1, "revoked with the assertion");
+}
+
 fn percent_encode(s: &str) -> String {
     s.bytes()
         .map(|b| {

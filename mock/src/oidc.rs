@@ -51,6 +51,9 @@ pub struct OidcConfig {
     pub refresh_ttl: u64,
     /// Put this `nonce` in ID tokens instead of the one the login sent (a replayed token).
     pub replay_nonce: Option<String>,
+    /// The client's public JWK for `private_key_jwt` (RFC 7523): with it, the client must
+    /// authenticate with a signed assertion instead of the secret.
+    pub client_jwk: Option<Value>,
 }
 
 impl Default for OidcConfig {
@@ -62,6 +65,7 @@ impl Default for OidcConfig {
             first_ttl: 3600,
             refresh_ttl: 3600,
             replay_nonce: None,
+            client_jwk: None,
         }
     }
 }
@@ -370,8 +374,34 @@ fn authorize(state: &State, q: &HashMap<String, String>) -> Response<Full<Bytes>
     r
 }
 
-/// Client authentication: HTTP Basic or `client_secret_post`.
+/// Client authentication: HTTP Basic, `client_secret_post`, or (with `client_jwk`) only
+/// `private_key_jwt`: an assertion signed by the client's key, `iss` = `sub` = client id,
+/// `aud` this provider's token or revocation endpoint, not expired.
 fn client_ok(state: &State, headers: &http::HeaderMap, f: &HashMap<String, String>) -> bool {
+    if let Some(jwk) = &state.cfg.client_jwk {
+        let jwt_bearer = f.get("client_assertion_type").map(String::as_str)
+            == Some("urn:ietf:params:oauth:client-assertion-type:jwt-bearer");
+        let (Some(assertion), true) = (f.get("client_assertion"), jwt_bearer) else {
+            return false;
+        };
+        let Ok(jwk) = serde_json::from_value::<jsonwebtoken::jwk::Jwk>(jwk.clone()) else {
+            return false;
+        };
+        let (Ok(key), Ok(header)) = (
+            jsonwebtoken::DecodingKey::from_jwk(&jwk),
+            jsonwebtoken::decode_header(assertion),
+        ) else {
+            return false;
+        };
+        let mut v = jsonwebtoken::Validation::new(header.alg);
+        v.set_audience(&[
+            format!("{}/token", state.issuer),
+            format!("{}/revoke", state.issuer),
+        ]);
+        v.set_issuer(&[state.cfg.client_id.as_str()]);
+        v.sub = Some(state.cfg.client_id.clone());
+        return jsonwebtoken::decode::<Value>(assertion, &key, &v).is_ok();
+    }
     let basic = headers
         .get(http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())

@@ -17,9 +17,19 @@ pub struct SessionConfig {
     #[serde(default)]
     pub client_secret_env: Option<String>,
     /// How the gateway authenticates at the token endpoint: `client_secret_basic` (default
-    /// when a secret is set), `client_secret_post`, or `none` (a public client; PKCE only).
+    /// when a secret is set), `client_secret_post`, `private_key_jwt` (a signed assertion,
+    /// RFC 7523, with `client_key_file`), or `none` (a public client; PKCE only).
     #[serde(default)]
     pub client_auth: Option<ClientAuth>,
+    /// The private key (PEM) of `private_key_jwt`.
+    #[serde(default)]
+    pub client_key_file: Option<String>,
+    /// Its algorithm: `ES256` (default), `EdDSA` or `RS256`.
+    #[serde(default = "default_client_key_algorithm")]
+    pub client_key_algorithm: String,
+    /// The `kid` of its assertions (default: the key's RFC 7638 thumbprint).
+    #[serde(default)]
+    pub client_key_id: Option<String>,
     #[serde(default = "default_scopes")]
     pub scopes: Vec<String>,
     #[serde(default)]
@@ -114,6 +124,7 @@ impl Default for SessionPaths {
 pub enum ClientAuth {
     ClientSecretBasic,
     ClientSecretPost,
+    PrivateKeyJwt,
     None,
 }
 
@@ -140,6 +151,9 @@ pub enum Forward {
     Bearer,
 }
 
+fn default_client_key_algorithm() -> String {
+    "ES256".into()
+}
 fn default_scopes() -> Vec<String> {
     vec!["openid".into(), "profile".into()]
 }
@@ -210,12 +224,25 @@ impl SessionConfig {
         if !self.scopes.iter().any(|s| s == "openid") {
             err("scopes", "must include \"openid\"");
         }
-        let needs_secret = !matches!(self.client_auth, Some(ClientAuth::None));
+        let needs_secret = !matches!(
+            self.client_auth,
+            Some(ClientAuth::None | ClientAuth::PrivateKeyJwt)
+        );
         if needs_secret && self.client_secret_env.is_none() {
             err(
                 "client_secret_env",
-                "name the variable holding the client secret, or set client_auth = \"none\"",
+                "name the variable holding the client secret, or set client_auth = \"none\" or \"private_key_jwt\"",
             );
+        }
+        let jwt = matches!(self.client_auth, Some(ClientAuth::PrivateKeyJwt));
+        if jwt && self.client_key_file.is_none() {
+            err("client_key_file", "private_key_jwt needs the client's private key file");
+        }
+        if !jwt && self.client_key_file.is_some() {
+            err("client_key_file", "only used with client_auth = \"private_key_jwt\"");
+        }
+        if !["ES256", "EdDSA", "RS256"].contains(&self.client_key_algorithm.as_str()) {
+            err("client_key_algorithm", "use ES256, EdDSA or RS256");
         }
         let p = &self.paths;
         let all = [

@@ -1010,8 +1010,32 @@ impl crate::PluginType for SessionConfig {
             },
             None => None,
         };
+        let client_key = match (&self.client_auth, &self.client_key_file) {
+            (Some(ClientAuth::PrivateKeyJwt), Some(path)) => {
+                let alg = match self.client_key_algorithm.as_str() {
+                    "EdDSA" => jsonwebtoken::Algorithm::EdDSA,
+                    "RS256" => jsonwebtoken::Algorithm::RS256,
+                    _ => jsonwebtoken::Algorithm::ES256,
+                };
+                match std::fs::read_to_string(path).map_err(|e| format!("cannot read {path}: {e}")).and_then(|text| {
+                    crate::identity_token::keys::SigningKey::from_pem(&text, alg, self.client_key_id.as_deref())
+                        .map_err(|e| format!("{path}: {e}"))
+                }) {
+                    Ok(k) => Some(Arc::new(k)),
+                    Err(e) => {
+                        errors.push(BuildError::new("client_key_file", e));
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
         let credentials = match (self.client_auth, secret) {
             (Some(ClientAuth::None), _) => ClientCredentials::Public,
+            (Some(ClientAuth::PrivateKeyJwt), _) => match client_key {
+                Some(k) => ClientCredentials::PrivateKeyJwt(k),
+                None => ClientCredentials::Public,
+            },
             (Some(ClientAuth::ClientSecretPost), Some(s)) => ClientCredentials::Post(s),
             (_, Some(s)) => ClientCredentials::Basic(s),
             (_, None) => ClientCredentials::Public,

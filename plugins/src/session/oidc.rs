@@ -89,6 +89,8 @@ fn now_secs() -> u64 {
 pub enum ClientCredentials {
     Basic(String),
     Post(String),
+    /// RFC 7523 section 2.2 / OIDC Core section 9: a JWT signed with the client's key.
+    PrivateKeyJwt(Arc<crate::identity_token::keys::SigningKey>),
     Public,
 }
 
@@ -207,7 +209,7 @@ impl Provider {
         };
         let meta = self.metadata().await.map_err(transient)?;
         let resp = self
-            .authenticated(self.http.post(&meta.token_endpoint), form)
+            .authenticated(self.http.post(&meta.token_endpoint), &meta.token_endpoint, form)
             .send()
             .await
             .map_err(|e| transient(format!("token endpoint: {e}")))?;
@@ -248,7 +250,7 @@ impl Provider {
             ("token", refresh_token),
             ("token_type_hint", "refresh_token"),
         ];
-        match self.authenticated(self.http.post(url), &form).send().await {
+        match self.authenticated(self.http.post(url), url, &form).send().await {
             Ok(r) if r.status().is_success() => {}
             Ok(r) => log::warn!("OpenID provider {}: revocation answered {}", self.issuer, r.status()),
             Err(e) => log::warn!("OpenID provider {}: revocation failed: {e}", self.issuer),
@@ -258,9 +260,11 @@ impl Provider {
     fn authenticated(
         &self,
         req: reqwest::RequestBuilder,
+        endpoint: &str,
         form: &[(&str, &str)],
     ) -> reqwest::RequestBuilder {
         let mut fields: Vec<(&str, &str)> = form.to_vec();
+        let assertion;
         let req = match &self.credentials {
             ClientCredentials::Basic(secret) => {
                 // RFC 6749 section 2.3.1: both parts form-urlencoded before Basic.
@@ -273,6 +277,24 @@ impl Provider {
                 fields.push(("client_id", &self.client_id));
                 fields.push(("client_secret", secret));
                 return req.form(&fields);
+            }
+            ClientCredentials::PrivateKeyJwt(key) => {
+                let now = now_secs();
+                let claims = serde_json::json!({
+                    "iss": self.client_id, "sub": self.client_id, "aud": endpoint,
+                    "iat": now, "exp": now + 60,
+                    "jti": super::random_token(),
+                });
+                let mut header = jsonwebtoken::Header::new(key.algorithm);
+                header.kid = Some(key.kid.clone());
+                assertion = jsonwebtoken::encode(&header, &claims, &key.encoding).unwrap_or_default();
+                fields.push(("client_id", &self.client_id));
+                fields.push((
+                    "client_assertion_type",
+                    "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+                ));
+                fields.push(("client_assertion", &assertion));
+                req
             }
             ClientCredentials::Public => {
                 fields.push(("client_id", &self.client_id));
