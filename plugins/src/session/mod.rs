@@ -784,6 +784,18 @@ impl Session {
             verified_by: "session",
         });
         let _ = state;
+        // Later plugins (an aggregate forwarding `cookie`) never see the gateway's cookies.
+        let req = session.req_header_mut();
+        if req.headers.contains_key(http::header::COOKIE) {
+            match cookies::without_cookies(&req.headers, &[&self.cookie, &self.login_cookie]) {
+                Some(rest) => {
+                    req.insert_header(http::header::COOKIE, rest)?;
+                }
+                None => {
+                    req.remove_header(&http::header::COOKIE);
+                }
+            }
+        }
         Ok(Flow::Continue)
     }
 
