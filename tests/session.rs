@@ -423,6 +423,30 @@ async fn private_key_jwt_authenticates_the_gateway_without_a_secret() {
     assert_eq!(provider.stats().3, 1, "revoked with the assertion");
 }
 
+/// Plugins after `session` see its principal: `authorize` checks the ID token's claims.
+#[tokio::test]
+async fn later_plugins_see_the_sessions_principal() {
+    let provider = OidcProvider::start(OidcConfig::default()).await.unwrap();
+    let upstream = Origin::start(|_| OriginResponse::new(200, "ok")).await;
+    let extra = "[plugins.acme-only]\ntype = \"authorize\"\nclaims = { tenant = \"acme\" }\n\
+                 [plugins.globex-only]\ntype = \"authorize\"\nclaims = { tenant = \"globex\" }\n\
+                 [[routes]]\nname = \"acme\"\npath_prefix = \"/acme\"\nupstream = \"app\"\nplugins = [\"web\", \"acme-only\"]\n\
+                 [[routes]]\nname = \"globex\"\npath_prefix = \"/globex\"\nupstream = \"app\"\nplugins = [\"web\", \"globex-only\"]\n";
+    let cfg = format!("{}{extra}", config(&provider, &upstream, ""));
+    let gw = start(&cfg, &key(1)).await;
+    let session = login(&gw).await;
+    let r = api(&gw, reqwest::Method::GET, "/acme/x", &session)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = api(&gw, reqwest::Method::GET, "/globex/x", &session)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+}
+
 fn percent_encode(s: &str) -> String {
     s.bytes()
         .map(|b| {
