@@ -9,6 +9,7 @@ mod aggregate;
 mod auth;
 mod cache;
 mod clients;
+mod fleet;
 mod headers;
 mod identity;
 mod operations;

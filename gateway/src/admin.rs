@@ -1,6 +1,8 @@
 //! The admin listener: `GET /metrics` (Prometheus text), `GET /healthz` (the process is alive),
 //! `GET /readyz` (a config is loaded and every pool finished its first health-check pass),
-//! `POST /cache/purge` (removes stored responses of every `cache` plugin that allows it).
+//! `POST /cache/purge` (removes stored responses of every `cache` plugin that allows it),
+//! `GET /config` (the running config's hash, load time, files, and its effective form with
+//! secrets redacted).
 
 use std::sync::Arc;
 
@@ -163,6 +165,17 @@ impl ServeHttp for Admin {
                 }
             }
             "/cache/purge" => self.purge(session, &snapshot).await,
+            "/config" => {
+                let source = self.shared.source.load_full();
+                let loaded_at = humantime::format_rfc3339_seconds(source.loaded_at).to_string();
+                let body = serde_json::json!({
+                    "hash": source.hash,
+                    "loaded_at": loaded_at,
+                    "files": source.files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>(),
+                    "config": source.effective,
+                });
+                reply(StatusCode::OK, "application/json", body.to_string().into_bytes())
+            }
             "/.well-known/jwks.json" => reply(
                 StatusCode::OK,
                 "application/jwk-set+json",
@@ -171,7 +184,7 @@ impl ServeHttp for Admin {
             _ => reply(
                 StatusCode::NOT_FOUND,
                 "application/json",
-                br#"{"error":{"status":404,"code":"not_found","message":"admin endpoints: /metrics, /healthz, /readyz, /.well-known/jwks.json, POST /cache/purge"}}"#.to_vec(),
+                br#"{"error":{"status":404,"code":"not_found","message":"admin endpoints: /metrics, /healthz, /readyz, /config, /.well-known/jwks.json, POST /cache/purge"}}"#.to_vec(),
             ),
         }
     }

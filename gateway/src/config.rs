@@ -37,6 +37,10 @@ pub struct Config {
     /// `[telemetry]`: OpenTelemetry trace export; absent = no export and no cost.
     #[serde(default)]
     pub telemetry: Option<TelemetryConfig>,
+    /// More files (glob patterns relative to this file's folder) whose `[upstreams.*]`,
+    /// `[plugins.*]` and `[[routes]]` are merged in (see `source`).
+    #[serde(default)]
+    pub include: Vec<String>,
 }
 
 /// `[telemetry]`: spans exported over OTLP/HTTP (protobuf) to a collector.
@@ -166,6 +170,10 @@ fn validate_telemetry(t: &TelemetryConfig, errors: &mut Vec<ConfigError>) {
 pub struct ServerConfig {
     /// Plain HTTP listeners, `"ip:port"`.
     pub listen: Vec<Parsed<SocketAddr>>,
+    /// Reload by itself when the config file or an included file changes (also a
+    /// Kubernetes ConfigMap's atomic symlink swap), as a SIGHUP would.
+    #[serde(default)]
+    pub watch: bool,
     /// TLS listeners: `[[server.tls]] listen = "..", cert = "..", key = ".."`.
     #[serde(default)]
     pub tls: Vec<TlsListener>,

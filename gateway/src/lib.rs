@@ -21,6 +21,7 @@ pub mod proxy;
 pub mod resilience;
 pub mod router;
 pub mod snapshot;
+pub mod source;
 pub mod telemetry;
 pub mod upstream;
 
@@ -46,6 +47,8 @@ use crate::snapshot::{Services, Snapshot};
 pub struct Shared {
     pub config_path: PathBuf,
     pub snapshot: ArcSwap<Snapshot>,
+    /// The files, hash and effective form of the running config (`GET /config`).
+    pub source: ArcSwap<source::ConfigSource>,
     pub metrics: Metrics,
     pub access_log: AccessLog,
     pub services: Services,
@@ -55,7 +58,7 @@ pub struct Shared {
 impl Shared {
     /// Loads, validates and compiles the config file.
     pub fn load(config_path: &Path) -> anyhow::Result<Arc<Shared>> {
-        let config = config::load(config_path)?;
+        let (config, source) = source::load(config_path)?;
         let target = config
             .server
             .access_log
@@ -77,9 +80,11 @@ impl Shared {
             resilience: metrics.resilience.clone(),
         };
         let snapshot = Snapshot::compile(config, None, &services)?;
+        metrics.config_loaded(&source.hash);
         Ok(Arc::new(Shared {
             config_path: config_path.to_path_buf(),
             snapshot: ArcSwap::from_pointee(snapshot),
+            source: ArcSwap::from_pointee(source),
             metrics,
             access_log,
             services,
@@ -95,10 +100,10 @@ impl Shared {
         let _one_at_a_time = self.reload_lock.lock().await;
         let me = Arc::clone(self);
         let result = tokio::task::spawn_blocking(move || {
-            config::load(&me.config_path).and_then(|config| {
+            source::load(&me.config_path).and_then(|(config, source)| {
                 let current = me.snapshot.load();
                 warn_static_changes(&current.config, &config);
-                Snapshot::compile(config, Some(&current), &me.services)
+                Snapshot::compile(config, Some(&current), &me.services).map(|s| (s, source))
             })
         })
         .await
@@ -109,10 +114,12 @@ impl Shared {
             )))
         });
         match result {
-            Ok(snapshot) => {
+            Ok((snapshot, source)) => {
                 snapshot.start_plugins().await;
                 let next = Arc::new(snapshot);
                 let replaced = self.snapshot.swap(Arc::clone(&next));
+                self.metrics.config_loaded(&source.hash);
+                self.source.store(Arc::new(source));
                 self.metrics.config_reloads.with_label_values(&["ok"]).inc();
                 log::info!("config reloaded from {}", self.config_path.display());
                 replaced.stop_plugins_not_in(Some(&next)).await;
@@ -208,6 +215,73 @@ impl BackgroundService for PluginLifecycle {
             .load_full()
             .stop_plugins_not_in(None)
             .await;
+    }
+}
+
+/// `server.watch`: reloads when the config's files change. The folders of the main file and
+/// of every include pattern are watched (a Kubernetes ConfigMap swaps a `..data` symlink in
+/// the folder, which a watch on the file itself would miss); events are debounced, and a
+/// reload happens only when the files' bytes changed since the last attempt, so one edit is
+/// one reload (a bad edit is one failed reload, the old config keeps running).
+struct WatchConfig {
+    shared: Arc<Shared>,
+}
+
+/// Quiet time after the last file event before the files are read.
+const WATCH_DEBOUNCE: Duration = Duration::from_millis(300);
+
+#[async_trait]
+impl BackgroundService for WatchConfig {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        use notify::Watcher;
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut watcher = match notify::recommended_watcher(move |event| {
+            let _ = tx.send(event);
+        }) {
+            Ok(w) => w,
+            Err(e) => {
+                log::error!("server.watch: cannot watch files ({e}); reload with SIGHUP");
+                return;
+            }
+        };
+        let path = self.shared.config_path.clone();
+        let mut watched: Vec<PathBuf> = Vec::new();
+        let mut last = source::fingerprint(&path);
+        loop {
+            let config = self.shared.snapshot.load_full();
+            for dir in source::watched_dirs(&path, &config.config) {
+                if !watched.contains(&dir) {
+                    match watcher.watch(&dir, notify::RecursiveMode::NonRecursive) {
+                        Ok(()) => watched.push(dir),
+                        Err(e) => log::warn!("server.watch: cannot watch {}: {e}", dir.display()),
+                    }
+                }
+            }
+            tokio::select! {
+                got = rx.recv() => if got.is_none() { return },
+                _ = shutdown.changed() => return,
+            }
+            // Debounce: wait until the events stop.
+            loop {
+                tokio::select! {
+                    got = tokio::time::timeout(WATCH_DEBOUNCE, rx.recv()) => match got {
+                        Ok(Some(_)) => continue,
+                        Ok(None) => return,
+                        Err(_) => break,
+                    },
+                    _ = shutdown.changed() => return,
+                }
+            }
+            let now = source::fingerprint(&path);
+            if now != last {
+                last = now;
+                log::info!(
+                    "server.watch: {} or an included file changed",
+                    path.display()
+                );
+                let _ = self.shared.reload().await;
+            }
+        }
     }
 }
 
@@ -377,6 +451,16 @@ pub fn run(shared: Arc<Shared>, options: RunOptions) -> anyhow::Result<()> {
     );
     lifecycle.threads = Some(1);
     server.add_service(lifecycle);
+    if server_conf.watch {
+        let mut watch = background_service(
+            "sallyport config watch",
+            WatchConfig {
+                shared: Arc::clone(&shared),
+            },
+        );
+        watch.threads = Some(1);
+        server.add_service(watch);
+    }
     let mut reload = background_service("sallyport reload", ReloadOnHangup { shared });
     reload.threads = Some(1);
     server.add_service(reload);

@@ -45,7 +45,7 @@ fn main() -> ExitCode {
     sallyport_plugins::jwt::crypto::install();
 
     if cli.check {
-        return match sallyport::config::load(&cli.conf) {
+        return match sallyport::source::load(&cli.conf) {
             Ok(_) => {
                 println!("{}: ok", cli.conf.display());
                 ExitCode::SUCCESS

@@ -26,6 +26,8 @@ pub struct Metrics {
     pub plugins: std::sync::Arc<sallyport_plugins::PluginMetrics>,
     pub cache_lookups: IntCounterVec,
     pub config_reloads: IntCounterVec,
+    /// `sallyport_config_info{hash}` = 1 for the running config.
+    pub config_info: GaugeVec,
     /// `sallyport_telemetry_spans_total{result}`: exported, dropped, failed.
     pub telemetry_spans: IntCounterVec,
     pub connections: crate::conn::ConnMetrics,
@@ -69,6 +71,14 @@ impl Metrics {
             "Config reloads, by result (ok or error).",
             &["result"],
         )?;
+        let config_info = GaugeVec::new(
+            Opts::new(
+                "sallyport_config_info",
+                "1, labelled with the hash of the running (effective, merged) config.",
+            ),
+            &["hash"],
+        )?;
+        registry.register(Box::new(config_info.clone()))?;
         let request_duration = HistogramVec::new(
             HistogramOpts::new(
                 "sallyport_request_duration_seconds",
@@ -167,6 +177,7 @@ impl Metrics {
             plugins,
             cache_lookups,
             config_reloads,
+            config_info,
             telemetry_spans,
             connections: crate::conn::ConnMetrics {
                 open: connections_open,
@@ -175,6 +186,12 @@ impl Metrics {
                 timeouts: client_timeouts,
             },
         })
+    }
+
+    /// A config with this hash is now running.
+    pub fn config_loaded(&self, hash: &str) {
+        self.config_info.reset();
+        self.config_info.with_label_values(&[hash]).set(1.0);
     }
 
     /// The Prometheus text exposition, with endpoint health read from the current snapshot
