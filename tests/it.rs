@@ -22,3 +22,4 @@ mod telemetry;
 mod tls;
 mod traffic;
 mod upstreams;
+mod websocket;

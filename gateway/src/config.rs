@@ -603,6 +603,14 @@ pub struct RouteConfig {
     /// after it, and each try's timeouts are cut to the time left.
     #[serde(default)]
     pub timeout: Option<HumanDuration>,
+    /// How long an upgraded connection (WebSocket) may stay quiet in either direction before
+    /// the gateway closes it; replaces the pool's read and write timeouts after the upgrade.
+    #[serde(default = "default_websocket_idle")]
+    pub websocket_idle_timeout: HumanDuration,
+}
+
+fn default_websocket_idle() -> HumanDuration {
+    HumanDuration::from_secs(3600)
 }
 
 impl RouteConfig {
@@ -1395,6 +1403,12 @@ fn validate_routes(config: &Config, responders: &HashSet<&str>, errors: &mut Vec
             if !config.plugins.contains_key(name) {
                 errors.push(unknown_plugin(&format!("{p}.plugins[{j}]"), name, config));
             }
+        }
+        if r.websocket_idle_timeout.get().is_zero() {
+            errors.push(ConfigError::new(
+                format!("{p}.websocket_idle_timeout"),
+                "must be greater than 0",
+            ));
         }
         if r.timeout.is_some_and(|t| t.get().is_zero()) {
             errors.push(ConfigError::new(

@@ -657,7 +657,9 @@ impl ProxyHttp for Gateway {
                 conn.body_done();
             }
         }
-        if let Some(b) = body {
+        // After an upgrade (WebSocket) the body is a stream of frames: `max_body` bounds
+        // request bodies, not a conversation.
+        if let (Some(b), false) = (body.as_ref(), session.was_upgraded()) {
             ctx.body_bytes += b.len() as u64;
             let max = ctx.snapshot.as_ref().map_or(u64::MAX, |s| s.max_body);
             if ctx.body_bytes > max {
@@ -814,6 +816,12 @@ impl ProxyHttp for Gateway {
             o.total_connection_timeout = cut(o.total_connection_timeout);
             o.read_timeout = cut(o.read_timeout);
             o.write_timeout = cut(o.write_timeout);
+        }
+        // An upgrade (WebSocket) becomes a long-lived stream: quiet periods are bounded by
+        // the route's `websocket_idle_timeout`, not by the pool's per-read timeout.
+        if session.is_upgrade_req() {
+            peer.options.read_timeout = Some(route.websocket_idle);
+            peer.options.write_timeout = Some(route.websocket_idle);
         }
         if route.hooks.upstream_peer {
             for (i, entry) in route.chain.iter().enumerate() {

@@ -40,6 +40,8 @@ pub struct Route {
     pub http_route: Arc<str>,
     /// `timeout`: the deadline of the exchange with the upstream, every try included.
     pub timeout: Option<std::time::Duration>,
+    /// `websocket_idle_timeout`: the read and write timeouts of an upgraded connection.
+    pub websocket_idle: std::time::Duration,
 }
 
 impl Route {
@@ -283,6 +285,7 @@ impl Snapshot {
                 chain,
                 hooks,
                 timeout: r.timeout.map(|t| t.get()),
+                websocket_idle: r.websocket_idle_timeout.get(),
             }));
         }
 
