@@ -11,6 +11,7 @@ mod cache;
 mod clients;
 mod fleet;
 mod headers;
+mod http2;
 mod identity;
 mod operations;
 mod quota;

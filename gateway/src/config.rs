@@ -174,6 +174,10 @@ pub struct ServerConfig {
     /// Kubernetes ConfigMap's atomic symlink swap), as a SIGHUP would.
     #[serde(default)]
     pub watch: bool,
+    /// Plain listeners also accept HTTP/2 with prior knowledge (h2c); HTTP/1 keeps working
+    /// on the same port.
+    #[serde(default)]
+    pub h2c: bool,
     /// TLS listeners: `[[server.tls]] listen = "..", cert = "..", key = ".."`.
     #[serde(default)]
     pub tls: Vec<TlsListener>,
@@ -304,6 +308,9 @@ pub struct TlsListener {
     pub listen: Parsed<SocketAddr>,
     pub cert: String,
     pub key: String,
+    /// Offer HTTP/2 by ALPN (`h2`, then `http/1.1`).
+    #[serde(default = "default_true")]
+    pub http2: bool,
 }
 
 /// `server.client_ip_header`.

@@ -159,6 +159,8 @@ fn warn_static_changes(old: &Config, new: &Config) {
         ("run_dir", o.run_dir != n.run_dir),
         ("upgrade_sock", o.upgrade_sock != n.upgrade_sock),
         ("pid_file", o.pid_file != n.pid_file),
+        ("watch", o.watch != n.watch),
+        ("h2c", o.h2c != n.h2c),
     ]
     .into_iter()
     .filter_map(|(k, c)| c.then_some(k))
@@ -372,10 +374,15 @@ pub fn run(shared: Arc<Shared>, options: RunOptions) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("pid file {}: {e}", pid_file.display()))?;
     }
 
-    let app = pingora::proxy::http_proxy(
+    let mut app = pingora::proxy::http_proxy(
         &server.configuration,
         proxy::Gateway::new(Arc::clone(&shared)),
     );
+    if server_conf.h2c {
+        let mut options = pingora::apps::HttpServerOptions::default();
+        options.h2c = true;
+        app.server_options = Some(options);
+    }
     let limits = conn::Limits {
         max_connections: server_conf.max_connections,
         header_timeout: server_conf.header_timeout.get(),
@@ -408,8 +415,11 @@ pub fn run(shared: Arc<Shared>, options: RunOptions) -> anyhow::Result<()> {
     }
     for (i, tls) in server_conf.tls.iter().enumerate() {
         let key = format!("server.tls[{i}].listen");
-        let settings = TlsSettings::intermediate(&tls.cert, &tls.key)
+        let mut settings = TlsSettings::intermediate(&tls.cert, &tls.key)
             .map_err(|e| anyhow::anyhow!("{key}: {e}"))?;
+        if tls.http2 {
+            settings.enable_h2();
+        }
         proxy.add_listener(bind(key, &tls.listen)?.tls(settings).l4_buffer(buffers));
     }
     proxy.set_connection_filter(Arc::new(conn::DenyConnections {

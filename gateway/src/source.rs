@@ -210,9 +210,13 @@ pub fn load(path: &Path) -> Result<(Config, ConfigSource), ConfigErrors> {
                 .collect(),
         ));
     }
-    let effective = serde_json::to_value(&table).unwrap_or(Value::Null);
+    let mut effective = serde_json::to_value(&table).unwrap_or(Value::Null);
+    if let Value::Object(m) = &mut effective {
+        m.remove("include");
+    }
     let shown = redact_config(effective.clone());
-    let hash = Sha256::digest(effective.to_string().as_bytes())
+    // Canonical: keys sorted at every level, so key order and file layout do not matter.
+    let hash = Sha256::digest(canonical(&effective).as_bytes())
         .iter()
         .take(8)
         .map(|b| format!("{b:02x}"))
@@ -224,6 +228,28 @@ pub fn load(path: &Path) -> Result<(Config, ConfigSource), ConfigErrors> {
         effective: shown,
     };
     Ok((config, source))
+}
+
+/// JSON with every object's keys sorted.
+fn canonical(v: &Value) -> String {
+    match v {
+        Value::Object(m) => {
+            let mut keys: Vec<&String> = m.keys().collect();
+            keys.sort();
+            let parts: Vec<String> = keys
+                .into_iter()
+                .map(|k| format!("{}:{}", Value::String(k.clone()), canonical(&m[k])))
+                .collect();
+            format!("{{{}}}", parts.join(","))
+        }
+        Value::Array(items) => {
+            format!(
+                "[{}]",
+                items.iter().map(canonical).collect::<Vec<_>>().join(",")
+            )
+        }
+        other => other.to_string(),
+    }
 }
 
 /// An error path with the included file it points into: `upstreams.orders.endpoints[0]
