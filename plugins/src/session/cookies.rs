@@ -88,31 +88,29 @@ impl CookieStyle {
     }
 }
 
-/// The value of cookie `name` in a request's `Cookie` headers (the first one).
-pub fn request_cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+/// Every `(name, value)` pair of a request's `Cookie` headers (RFC 6265 section 5.4 syntax),
+/// in order, trimmed.
+pub fn cookie_pairs(headers: &HeaderMap) -> impl Iterator<Item = (&str, &str)> {
     headers
-        .get_all(http::header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .find_map(|pair| {
-            let (k, v) = pair.trim().split_once('=')?;
-            (k.trim() == name).then(|| v.trim())
-        })
-}
-
-/// The value of cookie `name` when the request carries exactly one cookie of that name (a
-/// second one may have been planted by a sibling domain: then neither counts).
-pub fn unique_request_cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    let mut found = headers
         .get_all(http::header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|pair| {
             let (k, v) = pair.trim().split_once('=')?;
-            (k.trim() == name).then(|| v.trim())
-        });
+            Some((k.trim(), v.trim()))
+        })
+}
+
+/// The value of cookie `name` in a request's `Cookie` headers (the first one).
+pub fn request_cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    cookie_pairs(headers).find_map(|(k, v)| (k == name).then_some(v))
+}
+
+/// The value of cookie `name` when the request carries exactly one cookie of that name (a
+/// second one may have been planted by a sibling domain: then neither counts).
+pub fn unique_request_cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    let mut found = cookie_pairs(headers).filter_map(|(k, v)| (k == name).then_some(v));
     let first = found.next()?;
     found.next().is_none().then_some(first)
 }

@@ -348,30 +348,21 @@ impl RedisSessions {
         Ok(done == 1)
     }
 
-    async fn first_use(&self, id: &str, ttl: Duration) -> Result<bool, String> {
+    /// `SET key 1 NX PX ttl`: whether this call created it.
+    async fn set_once(&self, key: String, ttl: Duration) -> Result<bool, String> {
         let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
         let mut p = redis::pipe();
-        p.cmd("SET")
-            .arg(format!("{}:jti:{id}", self.prefix))
-            .arg(1)
-            .arg("NX")
-            .arg("PX")
-            .arg(ms);
+        p.cmd("SET").arg(key).arg(1).arg("NX").arg("PX").arg(ms);
         let (set,): (Option<String>,) = self.run(p).await?;
         Ok(set.is_some())
     }
 
+    async fn first_use(&self, id: &str, ttl: Duration) -> Result<bool, String> {
+        self.set_once(format!("{}:jti:{id}", self.prefix), ttl).await
+    }
+
     async fn lock(&self, key: &str, ttl: Duration) -> Result<bool, String> {
-        let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
-        let mut p = redis::pipe();
-        p.cmd("SET")
-            .arg(format!("{}:lock:{key}", self.prefix))
-            .arg(1)
-            .arg("NX")
-            .arg("PX")
-            .arg(ms);
-        let (set,): (Option<String>,) = self.run(p).await?;
-        Ok(set.is_some())
+        self.set_once(format!("{}:lock:{key}", self.prefix), ttl).await
     }
 
     async fn unlock(&self, key: &str) -> Result<(), String> {

@@ -154,15 +154,8 @@ pub fn bucket(plugin: &str, key: &str) -> u64 {
 
 /// The value of cookie `name` in the request's `Cookie` headers (RFC 6265 5.4 syntax).
 pub fn cookie<'a>(req: &'a RequestHeader, name: &str) -> Option<&'a str> {
-    req.headers
-        .get_all(http::header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .find_map(|pair| {
-            let (k, v) = pair.trim().split_once('=')?;
-            (k.trim() == name).then(|| v.trim().trim_matches('"'))
-        })
+    crate::session::cookies::cookie_pairs(&req.headers)
+        .find_map(|(k, v)| (k == name).then(|| v.trim_matches('"')))
 }
 
 fn query<'a>(req: &'a RequestHeader, name: &str) -> Option<&'a str> {
