@@ -68,6 +68,12 @@ async fn h2c_with_prior_knowledge_and_http1_share_the_port() {
         "{statuses:?}\n{}",
         gw.stderr()
     );
+    // The upstream learns the client's host from :authority.
+    let echo = json(h2.get(at("app.test", "/echo/h")).send().await.unwrap()).await;
+    assert_eq!(
+        echo["headers"]["x-forwarded-host"],
+        format!("app.test:{port}")
+    );
     // HTTP/1.1 on the same port.
     let r = http1.get(&url).send().await.unwrap();
     assert_eq!(r.version(), http::Version::HTTP_11);
@@ -76,6 +82,30 @@ async fn h2c_with_prior_knowledge_and_http1_share_the_port() {
     assert!(log
         .iter()
         .any(|l| l["status"] == 401 && l["route"] == "secure"));
+}
+
+/// Waiting for the HTTP/2 preface is bounded like a request head: a client that connects to
+/// an h2c listener and sends nothing is closed after `header_timeout`.
+#[tokio::test]
+async fn a_silent_client_on_an_h2c_listener_is_closed_at_the_header_timeout() {
+    use tokio::io::AsyncReadExt;
+    let up = mock("app").await;
+    let gw = Gateway::start(&format!(
+        "{}\n{}",
+        server("h2c = true\nheader_timeout = \"500ms\""),
+        routes(up.addr())
+    ))
+    .await;
+    let mut silent = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = Vec::new();
+    let closed = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        silent.read_to_end(&mut buf),
+    )
+    .await;
+    assert!(closed.is_ok(), "closed, not held open");
+    assert!(started.elapsed() >= std::time::Duration::from_millis(400));
 }
 
 #[tokio::test]

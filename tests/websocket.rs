@@ -124,7 +124,7 @@ async fn frames_flow_both_ways_after_an_authenticated_handshake() {
 #[tokio::test]
 async fn an_idle_websocket_lives_until_the_routes_idle_timeout() {
     let upstream = echo_server().await;
-    let cfg = config(upstream, "websocket_idle_timeout = \"1500ms\"")
+    let cfg = config(upstream, "websocket_idle_timeout = \"3s\"")
         .replace("endpoints = [", "read_timeout = \"300ms\"\nendpoints = [");
     let gw = Gateway::start(&cfg).await;
     let token = hs256(
@@ -139,14 +139,14 @@ async fn an_idle_websocket_lives_until_the_routes_idle_timeout() {
         .insert("authorization", format!("Bearer {token}").parse().unwrap());
     let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
     // Quiet for longer than read_timeout: still open.
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
     ws.send(Message::text("still there?")).await.unwrap();
     assert_eq!(
         ws.next().await.unwrap().unwrap(),
         Message::text("still there?")
     );
     // Quiet for longer than websocket_idle_timeout: the gateway ends it.
-    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
         loop {
             match ws.next().await {
                 None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,

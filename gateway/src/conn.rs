@@ -485,9 +485,24 @@ impl GetSocketDigest for Guarded {
 }
 
 #[async_trait]
+/// Pingora peeks for the HTTP/2 preface (`server.h2c`) before any read: the phase's
+/// deadline bounds that wait too, so a silent client cannot hold its slot there.
 impl Peek for Guarded {
     async fn try_peek(&mut self, buf: &mut [u8]) -> std::io::Result<bool> {
-        self.inner.try_peek(buf).await
+        let Some((at, what)) = self.deadline() else {
+            return self.inner.try_peek(buf).await;
+        };
+        match tokio::time::timeout_at(at, self.inner.try_peek(buf)).await {
+            Ok(peeked) => peeked,
+            Err(_) => {
+                *self.state.overrun.lock() = Some(what);
+                self.timeouts.with_label_values(&[what.as_str()]).inc();
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "nothing received within the client deadline",
+                ))
+            }
+        }
     }
 }
 

@@ -378,11 +378,12 @@ pub fn run(shared: Arc<Shared>, options: RunOptions) -> anyhow::Result<()> {
         &server.configuration,
         proxy::Gateway::new(Arc::clone(&shared)),
     );
-    if server_conf.h2c {
-        let mut options = pingora::apps::HttpServerOptions::default();
-        options.h2c = true;
-        app.server_options = Some(options);
-    }
+    // HTTP/2 connections (h2 by ALPN, h2c) are closed after `idle_timeout` without a stream,
+    // as idle HTTP/1.1 keep-alive connections are.
+    let mut server_options = pingora::apps::HttpServerOptions::default();
+    server_options.h2c = server_conf.h2c;
+    server_options.h2_idle_timeout = Some(server_conf.idle_timeout.get());
+    app.server_options = Some(server_options);
     let limits = conn::Limits {
         max_connections: server_conf.max_connections,
         header_timeout: server_conf.header_timeout.get(),

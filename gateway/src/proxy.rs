@@ -322,12 +322,15 @@ impl Gateway {
             Some(prev) => format!("{prev}, {peer}"),
             None => peer.to_string(),
         };
+        // `Host`, or an HTTP/2 client's `:authority`.
+        let req = session.req_header();
+        let client_host = req
+            .headers
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| req.uri.authority().map(|a| a.as_str()));
         if snapshot.client_ip_header == ClientIpHeader::Forwarded {
-            let host = session
-                .req_header()
-                .headers
-                .get(http::header::HOST)
-                .and_then(|h| h.to_str().ok());
+            let host = client_host;
             let hop = crate::client_ip::forwarded_element(
                 peer,
                 if https { "https" } else { "http" },
@@ -349,12 +352,7 @@ impl Gateway {
             upstream_request.insert_header(X_FORWARDED_PROTO_NAME, proto)?;
         }
         if !trusted || !upstream_request.headers.contains_key(&X_FORWARDED_HOST) {
-            match session
-                .req_header()
-                .headers
-                .get(http::header::HOST)
-                .cloned()
-            {
+            match client_host.map(str::to_string) {
                 Some(host) => upstream_request.insert_header(X_FORWARDED_HOST_NAME, host)?,
                 None => {
                     upstream_request.remove_header(&X_FORWARDED_HOST);
@@ -822,6 +820,9 @@ impl ProxyHttp for Gateway {
         if session.is_upgrade_req() {
             peer.options.read_timeout = Some(route.websocket_idle);
             peer.options.write_timeout = Some(route.websocket_idle);
+            // The client's side too: Pingora's per-read timeout would end a quiet socket.
+            session.set_read_timeout(Some(route.websocket_idle));
+            session.set_write_timeout(Some(route.websocket_idle));
         }
         if route.hooks.upstream_peer {
             for (i, entry) in route.chain.iter().enumerate() {
