@@ -353,6 +353,18 @@ pub struct UpstreamConfig {
     /// in `endpoints` (its IP address when written as one).
     #[serde(default)]
     pub sni: Option<String>,
+    /// Verify the endpoints' certificates and host names (TLS only). Default: true.
+    #[serde(default)]
+    pub verify: Option<bool>,
+    /// PEM file of the CAs that sign the endpoints' certificates (instead of the system's).
+    #[serde(default)]
+    pub ca_file: Option<String>,
+    /// PEM certificate chain (leaf first) the gateway presents to the endpoints (mTLS).
+    #[serde(default)]
+    pub client_cert: Option<String>,
+    /// PEM private key of `client_cert`.
+    #[serde(default)]
+    pub client_key: Option<String>,
     /// Send the client's `Host` upstream (`true`), or the endpoint's host as written in
     /// `endpoints` (`false`, for virtual-hosted upstreams).
     #[serde(default = "default_true")]
@@ -1211,11 +1223,40 @@ fn validate_upstream(path: &str, up: &UpstreamConfig, errors: &mut Vec<ConfigErr
             ));
         }
     }
-    if up.sni.is_some() && !up.tls {
+    for (key, set) in [
+        ("sni", up.sni.is_some()),
+        ("verify", up.verify.is_some()),
+        ("ca_file", up.ca_file.is_some()),
+        ("client_cert", up.client_cert.is_some()),
+        ("client_key", up.client_key.is_some()),
+    ] {
+        if set && !up.tls {
+            errors.push(ConfigError::new(
+                format!("{path}.{key}"),
+                "only used with tls = true",
+            ));
+        }
+    }
+    if up.client_cert.is_some() != up.client_key.is_some() {
         errors.push(ConfigError::new(
-            format!("{path}.sni"),
-            "only used with tls = true",
+            format!("{path}.client_key"),
+            "client_cert and client_key go together",
         ));
+    }
+    if let Some(f) = &up.ca_file {
+        if let Err(m) = read_certs(f) {
+            errors.push(ConfigError::new(format!("{path}.ca_file"), m));
+        }
+    }
+    if let Some(f) = &up.client_cert {
+        if let Err(m) = read_certs(f) {
+            errors.push(ConfigError::new(format!("{path}.client_cert"), m));
+        }
+    }
+    if let Some(f) = &up.client_key {
+        if let Err(m) = read_key(f) {
+            errors.push(ConfigError::new(format!("{path}.client_key"), m));
+        }
     }
     if let Some(h) = &up.health {
         let hp = format!("{path}.health");
@@ -1256,6 +1297,32 @@ fn validate_upstream(path: &str, up: &UpstreamConfig, errors: &mut Vec<ConfigErr
         }
     }
     validate_resilience(path, up, errors);
+}
+
+/// The DER certificates of a PEM file, each checked to be a readable X.509 certificate.
+pub fn read_certs(path: &str) -> Result<Vec<Vec<u8>>, String> {
+    use rustls_pki_types::pem::PemObject;
+    let certs: Vec<Vec<u8>> = rustls_pki_types::CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("cannot read {path}: {e}"))?
+        .map(|c| c.map(|c| c.to_vec()))
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{path}: not a PEM certificate file: {e}"))?;
+    if certs.is_empty() {
+        return Err(format!("{path}: no certificate in it"));
+    }
+    for der in &certs {
+        x509_parser::parse_x509_certificate(der)
+            .map_err(|e| format!("{path}: a certificate cannot be parsed: {e}"))?;
+    }
+    Ok(certs)
+}
+
+/// The DER private key of a PEM file (PKCS#8, PKCS#1 or SEC1).
+pub fn read_key(path: &str) -> Result<Vec<u8>, String> {
+    use rustls_pki_types::pem::PemObject;
+    rustls_pki_types::PrivateKeyDer::from_pem_file(path)
+        .map(|k| k.secret_der().to_vec())
+        .map_err(|e| format!("{path}: no private key read: {e}"))
 }
 
 /// `outlier`, `retry` (and the older `retries`), `limits`.

@@ -255,6 +255,15 @@ impl Gateway {
             {
                 504
             }
+            ErrorType::TLSHandshakeFailure | ErrorType::InvalidCert
+                if e.esource() == &ErrorSource::Upstream =>
+            {
+                return Some(ApiError::new(
+                    502,
+                    "upstream_tls",
+                    "the TLS handshake with the upstream failed (certificate or protocol)",
+                ));
+            }
             _ => match e.esource() {
                 ErrorSource::Upstream => 502,
                 ErrorSource::Downstream => match e.etype() {

@@ -216,6 +216,56 @@ pub struct Pool {
     /// Requests being proxied to the pool.
     in_flight: AtomicUsize,
     metrics: ResilienceMetrics,
+    /// TLS to the endpoints: verification, own CAs, a client certificate.
+    tls: UpstreamTls,
+}
+
+/// How the gateway speaks TLS to a pool's endpoints.
+#[derive(Clone)]
+struct UpstreamTls {
+    verify: bool,
+    ca: Option<Arc<pingora::protocols::tls::CaType>>,
+    client: Option<Arc<pingora::utils::tls::CertKey>>,
+}
+
+impl UpstreamTls {
+    /// Reads `ca_file`, `client_cert` and `client_key` (checked again: a reload may race an
+    /// edit of the files).
+    fn load(config: &UpstreamConfig) -> Result<UpstreamTls, String> {
+        use pingora::utils::tls::{parse_x509, CertKey, WrappedX509};
+        let ca = match &config.ca_file {
+            Some(f) => {
+                let certs = crate::config::read_certs(f).map_err(|e| format!("ca_file: {e}"))?;
+                let list: Vec<WrappedX509> = certs
+                    .into_iter()
+                    .map(|der| WrappedX509::new(der, parse_x509))
+                    .collect();
+                Some(Arc::from(list))
+            }
+            None => None,
+        };
+        let client = match (&config.client_cert, &config.client_key) {
+            (Some(c), Some(k)) => {
+                let certs =
+                    crate::config::read_certs(c).map_err(|e| format!("client_cert: {e}"))?;
+                let key = crate::config::read_key(k).map_err(|e| format!("client_key: {e}"))?;
+                Some(Arc::new(CertKey::new(certs, key)))
+            }
+            _ => None,
+        };
+        Ok(UpstreamTls {
+            verify: config.verify.unwrap_or(true),
+            ca,
+            client,
+        })
+    }
+
+    /// Applies the pool's TLS settings to a peer (proxied requests and health checks).
+    fn apply(&self, options: &mut pingora::upstreams::peer::PeerOptions) {
+        options.verify_cert = self.verify;
+        options.verify_hostname = self.verify;
+        options.ca = self.ca.clone();
+    }
 }
 
 impl Pool {
@@ -230,6 +280,7 @@ impl Pool {
     ) -> Result<Pool, String> {
         let checked = config.health.is_some();
         let epoch = Instant::now();
+        let tls = UpstreamTls::load(config)?;
         let mut endpoints = Vec::with_capacity(config.endpoints.len());
         for e in &config.endpoints {
             let spec = e.value()?;
@@ -290,7 +341,9 @@ impl Pool {
                 config: h.clone(),
                 checks: endpoints
                     .iter()
-                    .map(|(_, e)| health_check(h, config, config.sni.as_deref().unwrap_or(&e.host)))
+                    .map(|(_, e)| {
+                        health_check(h, config, config.sni.as_deref().unwrap_or(&e.host), &tls)
+                    })
                     .collect::<Result<_, _>>()?,
                 next_due: Mutex::new(Instant::now()),
                 running: AtomicBool::new(false),
@@ -316,6 +369,7 @@ impl Pool {
             ejecting: Mutex::new(()),
             in_flight: AtomicUsize::new(0),
             metrics: metrics.clone(),
+            tls,
         })
     }
 
@@ -624,6 +678,10 @@ impl Pool {
         peer.options.read_timeout = Some(c.read_timeout.get());
         peer.options.write_timeout = Some(c.write_timeout.get());
         peer.options.idle_timeout = Some(c.idle_timeout.get());
+        if c.tls {
+            self.tls.apply(&mut peer.options);
+            peer.client_cert_key = self.tls.client.clone();
+        }
         peer
     }
 
@@ -746,6 +804,7 @@ fn health_check(
     h: &HealthConfig,
     up: &UpstreamConfig,
     sni: &str,
+    tls: &UpstreamTls,
 ) -> Result<Box<dyn HealthCheck + Send + Sync>, String> {
     Ok(match h.kind {
         HealthKind::Tcp => {
@@ -758,6 +817,9 @@ fn health_check(
             check.consecutive_failure = h.unhealthy_after;
             check.peer_template.options.connection_timeout = Some(h.timeout.get());
             check.peer_template.options.total_connection_timeout = Some(h.timeout.get());
+            if up.tls {
+                tls.apply(&mut check.peer_template.options);
+            }
             check
         }
         HealthKind::Http => {
@@ -769,6 +831,8 @@ fn health_check(
             check.peer_template.options.read_timeout = Some(h.timeout.get());
             if up.tls {
                 check.peer_template.sni = sni.to_string();
+                tls.apply(&mut check.peer_template.options);
+                check.peer_template.client_cert_key = tls.client.clone();
             }
             check.req.set_uri(h.path.value()?.0.clone());
             let expected = h.expected_status.clone();

@@ -186,7 +186,10 @@ mod tests {
     #[test]
     fn ring_accepts_real_signatures_and_refuses_tampered_ones() {
         let conf = concat!(env!("CARGO_MANIFEST_DIR"), "/../conf");
-        let read = |f: &str| std::fs::read(format!("{conf}/{f}")).unwrap_or_default();
+        let read = |f: &str| {
+            std::fs::read(format!("{conf}/{f}"))
+                .unwrap_or_else(|e| panic!("reading {conf}/{f}: {e}"))
+        };
         let jwks = String::from_utf8(read("demo-jwks.json")).unwrap_or_default();
         let Ok(set) = crate::jwt::keys::KeySet::from_jwks(&jwks) else {
             panic!("demo JWKS parses");
