@@ -199,3 +199,218 @@ async fn the_gateway_presents_its_client_certificate_to_an_mtls_upstream() {
     assert!(err.contains("upstreams.secure.ca_file"), "{err}");
     assert!(err.contains("upstreams.secure.client_key"), "{err}");
 }
+
+/// A self-signed certificate for `names`, written to `dir` as `<file>.pem` / `<file>.key`;
+/// returns the certificate PEM and the two paths.
+fn cert_files(dir: &std::path::Path, file: &str, names: &[&str]) -> (String, String, String) {
+    let generated =
+        rcgen::generate_simple_self_signed(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+            .unwrap();
+    let (crt, key) = (
+        dir.join(format!("{file}.pem")),
+        dir.join(format!("{file}.key")),
+    );
+    std::fs::write(&crt, generated.cert.pem()).unwrap();
+    std::fs::write(&key, generated.signing_key.serialize_pem()).unwrap();
+    (
+        generated.cert.pem(),
+        crt.display().to_string(),
+        key.display().to_string(),
+    )
+}
+
+/// A client that trusts `roots` and sends `name` (resolved to the listener) as SNI.
+fn sni_client(roots: &[&str], names: &[&str], port: u16) -> reqwest::Client {
+    let mut b = reqwest::Client::builder();
+    for r in roots {
+        b = b.add_root_certificate(reqwest::Certificate::from_pem(r.as_bytes()).unwrap());
+    }
+    for n in names {
+        b = b.resolve(n, std::net::SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    b.build().unwrap()
+}
+
+/// SNI picks the certificate: an exact name, a one-label wildcard, else the default; a reload
+/// puts new certificate files in place for new connections, without a restart, while a
+/// request already under way finishes.
+#[tokio::test]
+async fn sni_selects_certificates_and_a_reload_rotates_them() {
+    let up = Origin::start(|r| {
+        let delay = if r.uri.starts_with("/slow") { 800 } else { 0 };
+        OriginResponse::new(200, "ok").delay(std::time::Duration::from_millis(delay))
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let (default_pem, dc, dk) = cert_files(dir.path(), "default", &["default.test"]);
+    let (api_pem, ac, ak) = cert_files(dir.path(), "api", &["api.example.com"]);
+    let (org_pem, oc, ok) = cert_files(dir.path(), "org", &["*.example.org"]);
+    let config = |api_cert: &str, api_key: &str| {
+        format!(
+            "{}\n[[server.tls]]\nlisten = \"127.0.0.1:0\"\ncert = \"{dc}\"\nkey = \"{dk}\"\n\
+             certs = [ {{ names = [\"api.example.com\"], cert = \"{api_cert}\", key = \"{api_key}\" }},\n\
+                       {{ names = [\"*.example.org\"], cert = \"{oc}\", key = \"{ok}\" }} ]\n\
+             [upstreams.app]\nendpoints = [\"{}\"]\n[[routes]]\nname = \"app\"\nupstream = \"app\"\n",
+            server(""),
+            up.addr
+        )
+    };
+    let gw = Gateway::start(&config(&ac, &ak)).await;
+    let port = logged_listener(&gw.stderr(), "server.tls[0].listen")
+        .unwrap()
+        .port();
+    let names = [
+        "api.example.com",
+        "a.example.org",
+        "a.b.example.org",
+        "default.test",
+    ];
+    let all = sni_client(&[&default_pem, &api_pem, &org_pem], &names, port);
+    let get = |c: &reqwest::Client, host: &str| {
+        let req = c.get(format!("https://{host}:{port}/x")).send();
+        async move { req.await.map(|r| r.status().as_u16()) }
+    };
+    // Each name verifies only if the gateway presented the certificate made for it.
+    assert_eq!(get(&all, "api.example.com").await.unwrap(), 200);
+    assert_eq!(get(&all, "a.example.org").await.unwrap(), 200);
+    assert_eq!(get(&all, "default.test").await.unwrap(), 200);
+    assert!(
+        get(&all, "a.b.example.org").await.is_err(),
+        "a wildcard covers one label: the default certificate is not for that name"
+    );
+
+    // Rotate api.example.com to a new key and certificate; a slow request is under way.
+    let slow = {
+        let c = all.clone();
+        tokio::spawn(async move {
+            c.get(format!("https://api.example.com:{port}/slow"))
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+        })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let (new_pem, nc, nk) = cert_files(dir.path(), "api2", &["api.example.com"]);
+    gw.write_config(&config(&nc, &nk));
+    assert_eq!(gw.reload().await, "ok");
+    assert_eq!(
+        slow.await.unwrap().unwrap(),
+        200,
+        "the request in flight finished"
+    );
+    let only_new = sni_client(&[&new_pem], &["api.example.com"], port);
+    assert_eq!(get(&only_new, "api.example.com").await.unwrap(), 200);
+    let only_old = sni_client(&[&api_pem], &["api.example.com"], port);
+    assert!(
+        get(&only_old, "api.example.com").await.is_err(),
+        "the old one is gone"
+    );
+
+    // A bad file on reload: the reload fails and the certificates stay.
+    gw.write_config(&config(&nk, &nc));
+    assert_eq!(gw.reload().await, "error");
+    assert_eq!(get(&only_new, "api.example.com").await.unwrap(), 200);
+}
+
+/// mTLS from clients: `require` refuses a client without a certificate or with one from
+/// another CA; `optional` lets one without through.
+#[tokio::test]
+async fn client_certificates_are_required_or_optional() {
+    let up = mock("app").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (server_pem, sc, sk) = cert_files(dir.path(), "server", &["app.test"]);
+    let client_id = rcgen::generate_simple_self_signed(vec!["alice".to_string()]).unwrap();
+    let client_pem = client_id.cert.pem();
+    let ca = dir.path().join("clients-ca.pem");
+    std::fs::write(&ca, &client_pem).unwrap();
+    let identity = reqwest::Identity::from_pem(
+        format!("{}{}", client_pem, client_id.signing_key.serialize_pem()).as_bytes(),
+    )
+    .unwrap();
+    let stranger = rcgen::generate_simple_self_signed(vec!["mallory".to_string()]).unwrap();
+    let stranger_identity = reqwest::Identity::from_pem(
+        format!(
+            "{}{}",
+            stranger.cert.pem(),
+            stranger.signing_key.serialize_pem()
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    for mode in ["require", "optional"] {
+        let gw = Gateway::start(&format!(
+            "{}\n[[server.tls]]\nlisten = \"127.0.0.1:0\"\ncert = \"{sc}\"\nkey = \"{sk}\"\n\
+             client_auth = \"{mode}\"\nclient_ca = \"{}\"\n\
+             [upstreams.app]\nendpoints = [\"{}\"]\n[[routes]]\nname = \"app\"\nupstream = \"app\"\n",
+            server(""),
+            ca.display(),
+            up.addr()
+        ))
+        .await;
+        let port = logged_listener(&gw.stderr(), "server.tls[0].listen")
+            .unwrap()
+            .port();
+        let with = |id: Option<reqwest::Identity>| {
+            let mut b = reqwest::Client::builder()
+                .add_root_certificate(
+                    reqwest::Certificate::from_pem(server_pem.as_bytes()).unwrap(),
+                )
+                .resolve(
+                    "app.test",
+                    std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+                );
+            if let Some(id) = id {
+                b = b.identity(id);
+            }
+            b.build().unwrap()
+        };
+        let url = format!("https://app.test:{port}/x");
+        let ok = with(Some(identity.clone())).get(&url).send().await.unwrap();
+        assert_eq!(
+            ok.status(),
+            200,
+            "{mode}: a client with a certificate of the CA"
+        );
+        let wrong = with(Some(stranger_identity.clone())).get(&url).send().await;
+        assert!(
+            wrong.is_err(),
+            "{mode}: a certificate of another CA is refused"
+        );
+        let none = with(None).get(&url).send().await;
+        match mode {
+            "require" => assert!(none.is_err(), "require: no certificate, no connection"),
+            _ => assert_eq!(
+                none.unwrap().status(),
+                200,
+                "optional: no certificate is fine"
+            ),
+        }
+    }
+}
+
+/// Certificate mistakes are `--check` errors with their paths.
+#[test]
+fn certificate_mistakes_are_config_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, ac, ak) = cert_files(dir.path(), "a", &["a.test"]);
+    let (_, bc, bk) = cert_files(dir.path(), "b", &["b.test"]);
+    let (code, _, err) = check(&format!(
+        "[server]\nlisten = [\"127.0.0.1:8080\"]\n[[server.tls]]\nlisten = \"127.0.0.1:8443\"\n\
+         cert = \"{ac}\"\nkey = \"{bk}\"\n\
+         certs = [ {{ names = [\"x.test\", \"*.test\"], cert = \"{bc}\", key = \"{bk}\" }},\n\
+                   {{ names = [\"x.test\"], cert = \"{ac}\", key = \"{ak}\" }},\n\
+                   {{ names = [\"y.test\"], cert = \"/nonexistent.pem\", key = \"{ak}\" }} ]\n\
+         client_auth = \"require\"\n\
+         [upstreams.a]\nendpoints = [\"127.0.0.1:1\"]\n[[routes]]\nname = \"a\"\nupstream = \"a\"\n"
+    ));
+    assert_eq!(code, 1);
+    for expected in [
+        "server.tls[0].cert",
+        "server.tls[0].certs[1].names[0]",
+        "server.tls[0].certs[2].cert",
+        "server.tls[0].client_ca",
+    ] {
+        assert!(err.contains(expected), "missing {expected}: {err}");
+    }
+    assert!(err.contains("is not the key of"), "{err}");
+}

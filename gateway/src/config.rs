@@ -311,6 +311,36 @@ pub struct TlsListener {
     /// Offer HTTP/2 by ALPN (`h2`, then `http/1.1`).
     #[serde(default = "default_true")]
     pub http2: bool,
+    /// More certificates, chosen by the client's SNI: exact names beat `*.suffix` wildcards;
+    /// `cert`/`key` above is the default (no SNI, or no match). Re-read on reload.
+    #[serde(default)]
+    pub certs: Vec<SniCert>,
+    /// Client certificates (mTLS): `none`, `optional` (verified when sent) or `require`.
+    #[serde(default)]
+    pub client_auth: ClientAuthMode,
+    /// PEM file of the CAs that sign client certificates (with `client_auth`).
+    #[serde(default)]
+    pub client_ca: Option<String>,
+}
+
+/// One SNI certificate of a TLS listener.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SniCert {
+    /// Exact host names (`api.example.com`) or one-label wildcards (`*.example.org`).
+    pub names: Vec<String>,
+    pub cert: String,
+    pub key: String,
+}
+
+/// `client_auth` of a TLS listener.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientAuthMode {
+    #[default]
+    None,
+    Optional,
+    Require,
 }
 
 /// `server.client_ip_header`.

@@ -9,6 +9,7 @@
 pub mod access_log;
 pub mod admin;
 pub mod calls;
+pub mod certs;
 pub mod client_ip;
 pub mod config;
 pub mod conn;
@@ -49,6 +50,9 @@ pub struct Shared {
     pub snapshot: ArcSwap<Snapshot>,
     /// The files, hash and effective form of the running config (`GET /config`).
     pub source: ArcSwap<source::ConfigSource>,
+    /// The certificate resolver of each TLS listener (`server.tls[i]`): a reload swaps its
+    /// certificates.
+    pub sni: Vec<Arc<certs::SniResolver>>,
     pub metrics: Metrics,
     pub access_log: AccessLog,
     pub services: Services,
@@ -79,12 +83,19 @@ impl Shared {
             telemetry_spans: metrics.telemetry_spans.clone(),
             resilience: metrics.resilience.clone(),
         };
+        let mut sni = Vec::new();
+        for (i, tls) in config.server.tls.iter().enumerate() {
+            let table = certs::CertTable::load(&format!("server.tls[{i}]"), tls)
+                .map_err(config::ConfigErrors)?;
+            sni.push(certs::SniResolver::new(table));
+        }
         let snapshot = Snapshot::compile(config, None, &services)?;
         metrics.config_loaded(&source.hash);
         Ok(Arc::new(Shared {
             config_path: config_path.to_path_buf(),
             snapshot: ArcSwap::from_pointee(snapshot),
             source: ArcSwap::from_pointee(source),
+            sni,
             metrics,
             access_log,
             services,
@@ -115,6 +126,18 @@ impl Shared {
         });
         match result {
             Ok((snapshot, source)) => {
+                // New certificates for new connections (same listener index, same address).
+                for (i, (resolver, tls)) in
+                    self.sni.iter().zip(&snapshot.config.server.tls).enumerate()
+                {
+                    match certs::CertTable::load(&format!("server.tls[{i}]"), tls) {
+                        Ok(table) => resolver.replace(table),
+                        Err(e) => log::error!(
+                            "server.tls[{i}]: keeping the old certificates: {}",
+                            config::ConfigErrors(e)
+                        ),
+                    }
+                }
                 snapshot.start_plugins().await;
                 let next = Arc::new(snapshot);
                 let replaced = self.snapshot.swap(Arc::clone(&next));
@@ -145,7 +168,14 @@ fn warn_static_changes(old: &Config, new: &Config) {
     let (o, n) = (&old.server, &new.server);
     let changed: Vec<&str> = [
         ("listen", o.listen != n.listen),
-        ("tls", o.tls != n.tls),
+        (
+            "tls (listeners, http2, client_auth, client_ca)",
+            o.tls.len() != n.tls.len()
+                || o.tls.iter().zip(&n.tls).any(|(a, b)| {
+                    (&a.listen, a.http2, a.client_auth, &a.client_ca)
+                        != (&b.listen, b.http2, b.client_auth, &b.client_ca)
+                }),
+        ),
         ("admin_listen", o.admin_listen != n.admin_listen),
         ("threads", o.threads != n.threads),
         ("max_connections", o.max_connections != n.max_connections),
@@ -418,6 +448,14 @@ pub fn run(shared: Arc<Shared>, options: RunOptions) -> anyhow::Result<()> {
         let key = format!("server.tls[{i}].listen");
         let mut settings = TlsSettings::intermediate(&tls.cert, &tls.key)
             .map_err(|e| anyhow::anyhow!("{key}: {e}"))?;
+        if let Some(resolver) = shared.sni.get(i) {
+            settings.set_cert_resolver(Arc::clone(resolver) as _);
+        }
+        if let Some(verifier) = certs::client_verifier(&format!("server.tls[{i}]"), tls)
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+        {
+            settings.set_client_cert_verifier(verifier);
+        }
         if tls.http2 {
             settings.enable_h2();
         }

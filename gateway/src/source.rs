@@ -201,7 +201,8 @@ pub fn load(path: &Path) -> Result<(Config, ConfigSource), ConfigErrors> {
             ))
         })?
     };
-    let errors = config::validate(&config);
+    let mut errors = config::validate(&config);
+    errors.extend(crate::certs::check(&config));
     if !errors.is_empty() {
         return Err(ConfigErrors(
             errors
