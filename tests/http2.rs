@@ -138,9 +138,7 @@ async fn tls_offers_h2_by_alpn_unless_turned_off() {
             routes(up.addr())
         ))
         .await;
-        let port = logged_listener(&gw.stderr(), "server.tls[0].listen")
-            .unwrap()
-            .port();
+        let port = crate::tls::tls_port(&gw).await;
         let c = reqwest::Client::builder()
             .add_root_certificate(reqwest::Certificate::from_pem(cert_pem.as_bytes()).unwrap())
             .resolve(

@@ -198,6 +198,43 @@ async fn the_gateway_presents_its_client_certificate_to_an_mtls_upstream() {
     assert_eq!(code, 1);
     assert!(err.contains("upstreams.secure.ca_file"), "{err}");
     assert!(err.contains("upstreams.secure.client_key"), "{err}");
+    // A key that is not the certificate's (Pingora would fail or panic at connect time).
+    let other = rcgen::generate_simple_self_signed(vec!["other".to_string()]).unwrap();
+    let other_key = dir.path().join("other.key");
+    std::fs::write(&other_key, other.signing_key.serialize_pem()).unwrap();
+    let (code, _, err) = check(&tls_pool(
+        addr.port(),
+        &format!(
+            "client_cert = \"{}\"\nclient_key = \"{}\"",
+            crt.display(),
+            other_key.display()
+        ),
+    ));
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("upstreams.secure.client_key") && err.contains("is not the key of"),
+        "{err}"
+    );
+}
+
+/// The TLS listener's port, once it accepts connections (the admin listener that `start`
+/// waits for may come up a moment before the proxy's).
+pub async fn tls_port(gw: &Gateway) -> u16 {
+    let port = logged_listener(&gw.stderr(), "server.tls[0].listen")
+        .unwrap()
+        .port();
+    eventually(
+        std::time::Duration::from_secs(10),
+        "the TLS listener accepts",
+        || async {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .ok()
+                .map(|_| ())
+        },
+    )
+    .await;
+    port
 }
 
 /// A self-signed certificate for `names`, written to `dir` as `<file>.pem` / `<file>.key`;
@@ -256,9 +293,7 @@ async fn sni_selects_certificates_and_a_reload_rotates_them() {
         )
     };
     let gw = Gateway::start(&config(&ac, &ak)).await;
-    let port = logged_listener(&gw.stderr(), "server.tls[0].listen")
-        .unwrap()
-        .port();
+    let port = tls_port(&gw).await;
     let names = [
         "api.example.com",
         "a.example.org",
@@ -347,9 +382,7 @@ async fn client_certificates_are_required_or_optional() {
             up.addr()
         ))
         .await;
-        let port = logged_listener(&gw.stderr(), "server.tls[0].listen")
-            .unwrap()
-            .port();
+        let port = tls_port(&gw).await;
         let with = |id: Option<reqwest::Identity>| {
             let mut b = reqwest::Client::builder()
                 .add_root_certificate(

@@ -224,6 +224,13 @@ pub fn client_verifier(
 /// Every certificate problem of a config (for `--check` and reloads).
 pub fn check(config: &Config) -> Vec<ConfigError> {
     let mut errors = Vec::new();
+    for (name, up) in &config.upstreams {
+        if let (Some(cert), Some(key)) = (&up.client_cert, &up.client_key) {
+            if let Err(m) = load_pair(cert, key) {
+                errors.push(ConfigError::new(format!("upstreams.{name}.client_key"), m));
+            }
+        }
+    }
     for (i, tls) in config.server.tls.iter().enumerate() {
         let path = format!("server.tls[{i}]");
         if let Err(e) = CertTable::load(&path, tls) {

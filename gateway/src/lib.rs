@@ -52,7 +52,8 @@ pub struct Shared {
     pub source: ArcSwap<source::ConfigSource>,
     /// The certificate resolver of each TLS listener (`server.tls[i]`): a reload swaps its
     /// certificates.
-    pub sni: Vec<Arc<certs::SniResolver>>,
+    /// Each resolver with the `listen` it serves: a reload matches by address, not position.
+    pub sni: Vec<(String, Arc<certs::SniResolver>)>,
     pub metrics: Metrics,
     pub access_log: AccessLog,
     pub services: Services,
@@ -87,7 +88,10 @@ impl Shared {
         for (i, tls) in config.server.tls.iter().enumerate() {
             let table = certs::CertTable::load(&format!("server.tls[{i}]"), tls)
                 .map_err(config::ConfigErrors)?;
-            sni.push(certs::SniResolver::new(table));
+            sni.push((
+                tls.listen.text().to_string(),
+                certs::SniResolver::new(table),
+            ));
         }
         let snapshot = Snapshot::compile(config, None, &services)?;
         metrics.config_loaded(&source.hash);
@@ -126,10 +130,21 @@ impl Shared {
         });
         match result {
             Ok((snapshot, source)) => {
-                // New certificates for new connections (same listener index, same address).
-                for (i, (resolver, tls)) in
-                    self.sni.iter().zip(&snapshot.config.server.tls).enumerate()
-                {
+                // New certificates for new connections, by listener address.
+                for (listen, resolver) in &self.sni {
+                    let found = snapshot
+                        .config
+                        .server
+                        .tls
+                        .iter()
+                        .enumerate()
+                        .find(|(_, t)| t.listen.text() == listen.as_str());
+                    let Some((i, tls)) = found else {
+                        log::warn!(
+                            "the TLS listener {listen} is gone from the config: it keeps its certificates until a restart"
+                        );
+                        continue;
+                    };
                     match certs::CertTable::load(&format!("server.tls[{i}]"), tls) {
                         Ok(table) => resolver.replace(table),
                         Err(e) => log::error!(
@@ -261,6 +276,8 @@ struct WatchConfig {
 
 /// Quiet time after the last file event before the files are read.
 const WATCH_DEBOUNCE: Duration = Duration::from_millis(300);
+/// The longest a change waits for its folder to go quiet.
+const WATCH_MAX_WAIT: Duration = Duration::from_secs(2);
 
 #[async_trait]
 impl BackgroundService for WatchConfig {
@@ -293,8 +310,13 @@ impl BackgroundService for WatchConfig {
                 got = rx.recv() => if got.is_none() { return },
                 _ = shutdown.changed() => return,
             }
-            // Debounce: wait until the events stop.
+            // Debounce: wait until the events stop, at most WATCH_MAX_WAIT (a folder written
+            // to all the time must not hold a change back for ever).
+            let waited_until = tokio::time::Instant::now() + WATCH_MAX_WAIT;
             loop {
+                if tokio::time::Instant::now() >= waited_until {
+                    break;
+                }
                 tokio::select! {
                     got = tokio::time::timeout(WATCH_DEBOUNCE, rx.recv()) => match got {
                         Ok(Some(_)) => continue,
@@ -448,7 +470,7 @@ pub fn run(shared: Arc<Shared>, options: RunOptions) -> anyhow::Result<()> {
         let key = format!("server.tls[{i}].listen");
         let mut settings = TlsSettings::intermediate(&tls.cert, &tls.key)
             .map_err(|e| anyhow::anyhow!("{key}: {e}"))?;
-        if let Some(resolver) = shared.sni.get(i) {
+        if let Some((_, resolver)) = shared.sni.get(i) {
             settings.set_cert_resolver(Arc::clone(resolver) as _);
         }
         if let Some(verifier) = certs::client_verifier(&format!("server.tls[{i}]"), tls)

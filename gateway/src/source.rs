@@ -298,7 +298,7 @@ pub fn redact_config(value: Value) -> Value {
 
 /// Whether a key names a secret (its value is never shown).
 fn secret_key(key: &str) -> bool {
-    let k = key.to_ascii_lowercase();
+    let k = key.to_ascii_lowercase().replace('-', "_");
     [
         "secret",
         "password",
@@ -306,10 +306,13 @@ fn secret_key(key: &str) -> bool {
         "token",
         "api_key",
         "private_key",
+        "authorization",
+        "cookie",
+        "auth",
     ]
     .iter()
     .any(|s| k == *s || k.ends_with(&format!("_{s}")))
-        || k == "keys"
+        || ["keys", "equals", "value"].contains(&k.as_str())
 }
 
 /// The config with secrets replaced: values of secret-named keys, header values (they may
@@ -322,7 +325,7 @@ pub fn redact(value: Value) -> Value {
                 .map(|(k, v)| {
                     let v = if secret_key(&k) {
                         Value::String(HIDDEN.into())
-                    } else if k == "headers" {
+                    } else if k == "headers" || k == "set" {
                         match v {
                             Value::Object(h) => Value::Object(
                                 h.into_iter()
@@ -416,6 +419,8 @@ mod tests {
                 "q": {"type": "quota", "redis_url": "redis://user:pw@10.0.0.5:6379/0"},
                 "apikeys": {"type": "key_auth", "keys": {"alice": "x"}},
                 "token": {"type": "trace"},
+                "inject": {"type": "headers", "request": {"set": {"x-api-key": "k-123", "x-env": "prod"}}},
+                "canary": {"type": "traffic_split", "when": {"header": "x-beta", "equals": "s3cr3t"}},
             },
             "telemetry": {"headers": {"authorization": "Bearer abc"}},
             "upstreams": {"a": {"endpoints": ["127.0.0.1:1"]}},
@@ -435,6 +440,16 @@ mod tests {
             r["plugins"]["token"]["type"], "trace",
             "names are not secrets"
         );
+        assert_eq!(
+            r["plugins"]["inject"]["request"]["set"]["x-api-key"],
+            "[redacted]"
+        );
+        assert_eq!(
+            r["plugins"]["inject"]["request"]["set"]["x-env"],
+            "[redacted]"
+        );
+        assert_eq!(r["plugins"]["canary"]["when"]["equals"], "[redacted]");
+        assert_eq!(r["plugins"]["canary"]["when"]["header"], "x-beta");
         assert_eq!(r["telemetry"]["headers"]["authorization"], "[redacted]");
         assert_eq!(r["upstreams"]["a"]["endpoints"][0], "127.0.0.1:1");
     }

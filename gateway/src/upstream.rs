@@ -218,6 +218,8 @@ pub struct Pool {
     metrics: ResilienceMetrics,
     /// TLS to the endpoints: verification, own CAs, a client certificate.
     tls: UpstreamTls,
+    /// The connection-pool group of this pool's TLS connections (by pool name and CA file).
+    tls_group: u64,
 }
 
 /// How the gateway speaks TLS to a pool's endpoints.
@@ -249,6 +251,11 @@ impl UpstreamTls {
                 let certs =
                     crate::config::read_certs(c).map_err(|e| format!("client_cert: {e}"))?;
                 let key = crate::config::read_key(k).map_err(|e| format!("client_key: {e}"))?;
+                // Pingora unwraps this conversion on every connection: prove it here, and
+                // that the key belongs to the certificate.
+                rustls::pki_types::PrivateKeyDer::try_from(key.as_slice())
+                    .map_err(|e| format!("client_key: {e}"))?;
+                crate::certs::load_pair(c, k).map_err(|e| format!("client_key: {e}"))?;
                 Some(Arc::new(CertKey::new(certs, key)))
             }
             _ => None,
@@ -370,6 +377,13 @@ impl Pool {
             in_flight: AtomicUsize::new(0),
             metrics: metrics.clone(),
             tls,
+            tls_group: {
+                use std::hash::{Hash, Hasher};
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                name.hash(&mut h);
+                config.ca_file.hash(&mut h);
+                h.finish()
+            },
         })
     }
 
@@ -681,6 +695,11 @@ impl Pool {
         if c.tls {
             self.tls.apply(&mut peer.options);
             peer.client_cert_key = self.tls.client.clone();
+            // Pingora's connection pool does not key on the CA: a pool with its own CA
+            // keeps its connections apart from other pools reaching the same address.
+            if self.tls.ca.is_some() {
+                peer.group_key = self.tls_group;
+            }
         }
         peer
     }
