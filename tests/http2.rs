@@ -139,14 +139,7 @@ async fn tls_offers_h2_by_alpn_unless_turned_off() {
         ))
         .await;
         let port = crate::tls::tls_port(&gw).await;
-        let c = reqwest::Client::builder()
-            .add_root_certificate(reqwest::Certificate::from_pem(cert_pem.as_bytes()).unwrap())
-            .resolve(
-                "app.test",
-                std::net::SocketAddr::from(([127, 0, 0, 1], port)),
-            )
-            .build()
-            .unwrap();
+        let c = crate::tls::sni_client(&[&cert_pem], &["app.test"], port);
         let r = c
             .get(format!("https://app.test:{port}/users/1"))
             .send()

@@ -257,7 +257,7 @@ fn cert_files(dir: &std::path::Path, file: &str, names: &[&str]) -> (String, Str
 }
 
 /// A client that trusts `roots` and sends `name` (resolved to the listener) as SNI.
-fn sni_client(roots: &[&str], names: &[&str], port: u16) -> reqwest::Client {
+pub fn sni_client(roots: &[&str], names: &[&str], port: u16) -> reqwest::Client {
     let mut b = reqwest::Client::builder();
     for r in roots {
         b = b.add_root_certificate(reqwest::Certificate::from_pem(r.as_bytes()).unwrap());

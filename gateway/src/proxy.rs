@@ -1010,27 +1010,15 @@ impl ProxyHttp for Gateway {
         for (name, value) in &ctx.req.identity_headers {
             upstream_request.insert_header(name.clone(), value.clone())?;
         }
-        if let Some(snapshot) = &ctx.snapshot {
-            if !snapshot.gateway_cookies.is_empty()
-                && upstream_request.headers.contains_key(http::header::COOKIE)
-            {
-                let names: Vec<&str> = snapshot
-                    .gateway_cookies
-                    .iter()
-                    .map(String::as_str)
-                    .collect();
-                match sallyport_plugins::session::cookies::without_cookies(
-                    &upstream_request.headers,
-                    &names,
-                ) {
-                    Some(rest) => {
-                        upstream_request.insert_header(http::header::COOKIE, rest)?;
-                    }
-                    None => {
-                        upstream_request.remove_header(&http::header::COOKIE);
-                    }
-                }
-            }
+        if let Some(snapshot) = ctx
+            .snapshot
+            .as_ref()
+            .filter(|s| !s.gateway_cookies.is_empty())
+        {
+            sallyport_plugins::session::cookies::strip_cookies(
+                upstream_request,
+                &snapshot.gateway_cookies,
+            )?;
         }
         if ctx.tried.len() > 1 {
             upstream_request.insert_header(X_SALLYPORT_ATTEMPT, ctx.tried.len().to_string())?;

@@ -115,8 +115,28 @@ pub fn unique_request_cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&
     found.next().is_none().then_some(first)
 }
 
+/// Removes the cookies in `names` from a request's `Cookie` header (the header goes when
+/// nothing is left); does nothing to a request without cookies.
+pub fn strip_cookies<S: AsRef<str>>(
+    req: &mut pingora::http::RequestHeader,
+    names: &[S],
+) -> pingora::Result<()> {
+    if !req.headers.contains_key(http::header::COOKIE) {
+        return Ok(());
+    }
+    match without_cookies(&req.headers, names) {
+        Some(rest) => {
+            req.insert_header(http::header::COOKIE, rest)?;
+        }
+        None => {
+            req.remove_header(&http::header::COOKIE);
+        }
+    }
+    Ok(())
+}
+
 /// The `Cookie` header without the cookies in `names`; `None` when nothing is left.
-pub fn without_cookies(headers: &HeaderMap, names: &[&str]) -> Option<String> {
+pub fn without_cookies<S: AsRef<str>>(headers: &HeaderMap, names: &[S]) -> Option<String> {
     let kept: Vec<&str> = headers
         .get_all(http::header::COOKIE)
         .iter()
@@ -125,7 +145,7 @@ pub fn without_cookies(headers: &HeaderMap, names: &[&str]) -> Option<String> {
         .map(str::trim)
         .filter(|pair| {
             let name = pair.split_once('=').map_or(*pair, |(k, _)| k).trim();
-            !pair.is_empty() && !names.contains(&name)
+            !pair.is_empty() && !names.iter().any(|n| n.as_ref() == name)
         })
         .collect();
     (!kept.is_empty()).then(|| kept.join("; "))

@@ -785,17 +785,10 @@ impl Session {
         });
         let _ = state;
         // Later plugins (an aggregate forwarding `cookie`) never see the gateway's cookies.
-        let req = session.req_header_mut();
-        if req.headers.contains_key(http::header::COOKIE) {
-            match cookies::without_cookies(&req.headers, &[&self.cookie, &self.login_cookie]) {
-                Some(rest) => {
-                    req.insert_header(http::header::COOKIE, rest)?;
-                }
-                None => {
-                    req.remove_header(&http::header::COOKIE);
-                }
-            }
-        }
+        cookies::strip_cookies(
+            session.req_header_mut(),
+            &[&self.cookie, &self.login_cookie],
+        )?;
         Ok(Flow::Continue)
     }
 
