@@ -171,7 +171,7 @@ fn redis(c: &mut Criterion) {
         .build()
         .unwrap();
     let store = RedisStore::new(
-        &format!("redis://127.0.0.1:{port}"),
+        &sallyport_plugins::redis_conn::RedisTarget::Node(format!("redis://127.0.0.1:{port}")),
         Duration::from_millis(500),
         "bench",
     )

@@ -32,6 +32,7 @@ mod context;
 pub mod key;
 pub mod keys;
 pub mod metrics;
+pub mod redis_conn;
 mod reply;
 pub mod request_id;
 pub mod template;

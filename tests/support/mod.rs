@@ -538,8 +538,15 @@ impl RedisServer {
     /// Redis cannot bind port 0 and report it: pick a free port, and pick again if another
     /// program took it before redis-server bound it (redis-server then exits).
     pub async fn start() -> RedisServer {
+        RedisServer::start_with(|_| Vec::new()).await
+    }
+
+    /// Starts redis-server with more arguments, made for the port it gets (a cluster node's
+    /// config file, `--replicaof`, a Sentinel's config file).
+    pub async fn start_with(args: impl Fn(u16) -> Vec<String>) -> RedisServer {
         for _ in 0..3 {
-            if let Some(server) = RedisServer::try_start_on(free_port()).await {
+            let port = free_port();
+            if let Some(server) = RedisServer::try_start_on(port, &args(port)).await {
                 return server;
             }
         }
@@ -547,14 +554,20 @@ impl RedisServer {
     }
 
     pub async fn start_on(port: u16) -> RedisServer {
-        RedisServer::try_start_on(port)
+        RedisServer::try_start_on(port, &[])
             .await
             .unwrap_or_else(|| panic!("redis-server exited: port {port} in use?"))
     }
 
-    /// Starts redis-server on `port`; `None` when it exits instead of answering PING.
-    async fn try_start_on(port: u16) -> Option<RedisServer> {
+    /// Starts redis-server on `port`; `None` when it exits instead of answering PING. A
+    /// first argument that is a file is the config file (it must come first).
+    async fn try_start_on(port: u16, extra: &[String]) -> Option<RedisServer> {
+        let (file, rest) = match extra.first() {
+            Some(f) if !f.starts_with("--") => (vec![f.clone()], &extra[1..]),
+            _ => (Vec::new(), extra),
+        };
         let mut child = Command::new("redis-server")
+            .args(file)
             .args([
                 "--port",
                 &port.to_string(),
@@ -565,6 +578,7 @@ impl RedisServer {
                 "--appendonly",
                 "no",
             ])
+            .args(rest)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -601,6 +615,16 @@ impl RedisServer {
 
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// `redis-cli -p PORT ARGS...`: its output, trimmed.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = std::process::Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli must be installed (./dev deps installs it)");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
     /// Kills the server and waits until the port refuses connections.

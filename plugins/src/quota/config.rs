@@ -2,6 +2,7 @@ use serde::Deserialize;
 
 use crate::conf::{HumanDuration, Parsed};
 use crate::key::RequestKey;
+use crate::redis_conn::{RedisTarget, SentinelConfig};
 
 /// `[plugins.NAME]` with `type = "quota"`.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -26,6 +27,13 @@ pub struct QuotaConfig {
     /// (TLS `rediss://` is not built in and is rejected at load).
     #[serde(default)]
     pub redis_url: Option<String>,
+    /// For `store = "redis"` on a Redis Cluster: seed nodes (`redis://host:port`); the rest
+    /// of the cluster is learned from them.
+    #[serde(default)]
+    pub redis_cluster: Option<Vec<String>>,
+    /// For `store = "redis"` behind Sentinels: `{ master = "NAME", nodes = ["redis://..."] }`.
+    #[serde(default)]
+    pub redis_sentinel: Option<SentinelConfig>,
     /// Deadline of one Redis decision; slower answers count as store errors.
     #[serde(default = "default_redis_timeout")]
     pub redis_timeout: HumanDuration,
@@ -46,6 +54,17 @@ pub struct QuotaConfig {
     /// Most keys the local store tracks; beyond it the stalest are forgotten.
     #[serde(default = "default_max_keys")]
     pub max_keys: usize,
+}
+
+impl QuotaConfig {
+    /// The Redis the store uses, from `redis_url`, `redis_cluster` or `redis_sentinel`.
+    pub fn redis_target(&self) -> Result<Option<RedisTarget>, Vec<crate::BuildError>> {
+        RedisTarget::from_keys(
+            self.redis_url.as_deref(),
+            self.redis_cluster.as_deref(),
+            self.redis_sentinel.as_ref(),
+        )
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]

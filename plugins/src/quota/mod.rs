@@ -103,26 +103,17 @@ pub fn validate(c: &QuotaConfig) -> Vec<BuildError> {
     for (path, p) in parts {
         errors.extend(crate::conf::parse_error(path, p));
     }
-    match (c.store, &c.redis_url) {
-        (Store::Redis, None) => errors.push(BuildError::new(
+    match (c.store, c.redis_target()) {
+        (_, Err(e)) => errors.extend(e),
+        (Store::Redis, Ok(None)) => errors.push(BuildError::new(
             "redis_url",
-            "required with store = \"redis\", e.g. \"redis://127.0.0.1:6379\"",
+            "required with store = \"redis\" (or redis_cluster, redis_sentinel), e.g. \"redis://127.0.0.1:6379\"",
         )),
-        (Store::Redis, Some(url)) => {
-            if url.starts_with("rediss://") || url.starts_with("valkeys://") {
-                errors.push(BuildError::new(
-                    "redis_url",
-                    "TLS to Redis is not built in; use redis:// (e.g. through a local TLS tunnel)",
-                ));
-            } else if let Err(e) = redis::Client::open(url.as_str()) {
-                errors.push(BuildError::new("redis_url", format!("invalid: {e}")));
-            }
-        }
-        (Store::Local, Some(_)) => errors.push(BuildError::new(
-            "redis_url",
-            "only used with store = \"redis\"",
+        (Store::Local, Ok(Some(_))) => errors.push(BuildError::new(
+            "store",
+            "redis_url, redis_cluster and redis_sentinel are only used with store = \"redis\"",
         )),
-        (Store::Local, None) => {}
+        _ => {}
     }
     if c.redis_timeout.get().is_zero() {
         errors.push(BuildError::new("redis_timeout", "must be greater than 0"));
@@ -153,11 +144,12 @@ impl Quota {
             .map(|(path, p)| crate::conf::value(&path, p))
             .collect::<std::result::Result<_, _>>()?;
         let window_ms = u64::try_from(c.window.get().as_millis()).unwrap_or(u64::MAX);
-        let backend = match (c.store, &c.redis_url) {
-            (Store::Redis, Some(url)) => Backend::Redis {
+        let target = c.redis_target()?;
+        let backend = match (c.store, target) {
+            (Store::Redis, Some(target)) => Backend::Redis {
                 redis: Box::new(
                     RedisStore::new(
-                        url,
+                        &target,
                         c.redis_timeout.get(),
                         &format!("{}:{}", c.key_prefix, env.name),
                     )

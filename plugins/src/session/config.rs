@@ -3,6 +3,7 @@
 use serde::Deserialize;
 
 use crate::conf::HumanDuration;
+use crate::redis_conn::{RedisTarget, SentinelConfig};
 use crate::BuildError;
 
 /// The browser session (token handler) plugin's config.
@@ -59,6 +60,12 @@ pub struct SessionConfig {
     pub store: StoreKind,
     #[serde(default)]
     pub redis_url: Option<String>,
+    /// A Redis Cluster's seed nodes instead of `redis_url`.
+    #[serde(default)]
+    pub redis_cluster: Option<Vec<String>>,
+    /// The master a set of Sentinels names, instead of `redis_url`.
+    #[serde(default)]
+    pub redis_sentinel: Option<SentinelConfig>,
     #[serde(default = "default_redis_timeout")]
     pub redis_timeout: HumanDuration,
     /// A session unused this long ends.
@@ -210,6 +217,15 @@ fn default_backchannel() -> String {
 }
 
 impl SessionConfig {
+    /// The Redis of `store = "redis"`, from `redis_url`, `redis_cluster` or `redis_sentinel`.
+    pub fn redis_target(&self) -> Result<Option<RedisTarget>, Vec<BuildError>> {
+        RedisTarget::from_keys(
+            self.redis_url.as_deref(),
+            self.redis_cluster.as_deref(),
+            self.redis_sentinel.as_ref(),
+        )
+    }
+
     /// Every problem of the config, without reading the environment or the network.
     pub fn problems(&self) -> Vec<BuildError> {
         let mut errors = Vec::new();
@@ -288,9 +304,20 @@ impl SessionConfig {
         if self.cookie.starts_with("__Host-") && !self.secure {
             err("secure", "a __Host- cookie must be Secure");
         }
-        match (self.store, &self.redis_url) {
-            (StoreKind::Redis, None) => err("redis_url", "required with store = \"redis\""),
-            (StoreKind::Memory, Some(_)) => err("redis_url", "only used with store = \"redis\""),
+        match (self.store, self.redis_target()) {
+            (_, Err(errors)) => {
+                for e in errors {
+                    err(&e.path, &e.message);
+                }
+            }
+            (StoreKind::Redis, Ok(None)) => err(
+                "redis_url",
+                "required with store = \"redis\" (or redis_cluster, redis_sentinel)",
+            ),
+            (StoreKind::Memory, Ok(Some(_))) => err(
+                "store",
+                "redis_url, redis_cluster and redis_sentinel are only used with store = \"redis\"",
+            ),
             _ => {}
         }
         if self.idle_timeout.get().is_zero() {

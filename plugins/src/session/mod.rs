@@ -1056,15 +1056,19 @@ impl crate::PluginType for SessionConfig {
         .ok();
         let store = match self.store {
             StoreKind::Memory => Some(Store::Memory(MemoryStore::new(self.max_sessions))),
-            StoreKind::Redis => RedisSessions::new(
-                self.redis_url.as_deref().unwrap_or_default(),
-                self.redis_timeout.get(),
-                format!("sallyport:session:{}", env.name),
-                self.absolute_timeout.get(),
-            )
-            .map(Store::Redis)
-            .map_err(|e| errors.push(BuildError::new("redis_url", e)))
-            .ok(),
+            StoreKind::Redis => match self.redis_target() {
+                Ok(Some(target)) => RedisSessions::new(
+                    &target,
+                    self.redis_timeout.get(),
+                    format!("sallyport:session:{}", env.name),
+                    self.absolute_timeout.get(),
+                )
+                .map(|r| Store::Redis(Box::new(r)))
+                .map_err(|e| errors.push(BuildError::new("redis_url", e)))
+                .ok(),
+                // validate() reported it.
+                _ => None,
+            },
         };
         let csrf_header = HeaderName::from_bytes(self.csrf_header.as_bytes()).ok();
         let events = env

@@ -11,6 +11,8 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use crate::redis_conn::{RedisConnector, RedisTarget};
+
 /// One signed-in browser.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct SessionRecord {
@@ -38,7 +40,7 @@ pub struct SessionRecord {
 
 pub enum Store {
     Memory(MemoryStore),
-    Redis(RedisSessions),
+    Redis(Box<RedisSessions>),
 }
 
 impl Store {
@@ -219,67 +221,35 @@ end
 return redis.call('DEL', KEYS[1])
 ";
 
-/// Sessions in Redis: `PREFIX:s:KEY` holds the record as JSON with the session's TTL;
-/// `PREFIX:sid:SID` and `PREFIX:sub:SUBJECT` are sets of session keys (for back-channel
-/// logout), kept as long as the longest session in them; `PREFIX:jti:ID` marks a used logout
-/// token; `PREFIX:lock:KEY` is a refresh under way.
+/// Sessions in Redis: `{PREFIX}:s:KEY` holds the record as JSON with the session's TTL;
+/// `{PREFIX}:sid:SID` and `{PREFIX}:sub:SUBJECT` are sets of session keys (for back-channel
+/// logout), kept as long as the longest session in them; `{PREFIX}:jti:ID` marks a used
+/// logout token; `{PREFIX}:lock:KEY` is a refresh under way. The braces are a hash tag: on a
+/// Redis Cluster every key of a plugin lives in one slot, so a session and its index sets
+/// change together (sessions are few next to quota decisions; one slot carries them).
 pub struct RedisSessions {
-    client: redis::Client,
-    timeout: Duration,
+    redis: RedisConnector,
     prefix: String,
     /// Longest a session lives (the index sets' TTL).
     absolute: Duration,
-    conn: tokio::sync::OnceCell<redis::aio::ConnectionManager>,
 }
 
 impl RedisSessions {
     pub fn new(
-        url: &str,
+        target: &RedisTarget,
         timeout: Duration,
         prefix: String,
         absolute: Duration,
     ) -> Result<RedisSessions, String> {
-        let client = redis::Client::open(url).map_err(|e| format!("invalid redis_url: {e}"))?;
         Ok(RedisSessions {
-            client,
-            timeout,
-            prefix,
+            redis: RedisConnector::new(target, timeout, format!("session store {prefix}"))?,
+            prefix: format!("{{{prefix}}}"),
             absolute,
-            conn: tokio::sync::OnceCell::new(),
         })
     }
 
-    async fn conn(&self) -> Result<redis::aio::ConnectionManager, String> {
-        let client = self.client.clone();
-        let timeout = self.timeout;
-        self.conn
-            .get_or_try_init(|| async move {
-                let config = redis::aio::ConnectionManagerConfig::new()
-                    .set_connection_timeout(timeout)
-                    .set_response_timeout(timeout)
-                    .set_number_of_retries(1);
-                match tokio::time::timeout(
-                    timeout,
-                    redis::aio::ConnectionManager::new_with_config(client, config),
-                )
-                .await
-                {
-                    Ok(Ok(c)) => Ok(c),
-                    Ok(Err(e)) => Err(format!("redis: {e}")),
-                    Err(_) => Err("redis: connect timed out".to_string()),
-                }
-            })
-            .await
-            .cloned()
-    }
-
     async fn run<T: redis::FromRedisValue>(&self, cmd: redis::Pipeline) -> Result<T, String> {
-        let mut conn = self.conn().await?;
-        match tokio::time::timeout(self.timeout, cmd.query_async::<T>(&mut conn)).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(format!("redis: {e}")),
-            Err(_) => Err("redis: timed out".into()),
-        }
+        self.redis.query(&cmd).await
     }
 
     fn key(&self, key: &str) -> String {
