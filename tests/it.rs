@@ -9,6 +9,7 @@ mod aggregate;
 mod auth;
 mod cache;
 mod clients;
+mod discovery;
 mod fleet;
 mod headers;
 mod http2;

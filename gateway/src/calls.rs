@@ -177,9 +177,9 @@ impl PoolCalls {
             let cut = |d: Option<std::time::Duration>| d.map(|d| d.min(timeout));
             peer.options.connection_timeout = cut(peer.options.connection_timeout);
             peer.options.total_connection_timeout = cut(peer.options.total_connection_timeout);
-            let host = pool
-                .host_header(&addr)
-                .map_or_else(|| addr.to_string(), str::to_string);
+            let host = current
+                .as_ref()
+                .map_or_else(|| addr.to_string(), |t| t.authority().to_string());
             let outcome = match tokio::time::timeout(
                 timeout,
                 self.attempt(pool, &host, &peer, &req, timeout, tried.len()),

@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
 use std::path::Path;
 
 use http::Method;
@@ -178,6 +178,10 @@ pub struct ServerConfig {
     /// on the same port.
     #[serde(default)]
     pub h2c: bool,
+    /// Name servers (`"ip:port"`) that resolve endpoints written as host names; empty: the
+    /// system's (`/etc/resolv.conf`, and `/etc/hosts`).
+    #[serde(default)]
+    pub dns_resolvers: Vec<Parsed<SocketAddr>>,
     /// TLS listeners: `[[server.tls]] listen = "..", cert = "..", key = ".."`.
     #[serde(default)]
     pub tls: Vec<TlsListener>,
@@ -411,6 +415,17 @@ pub struct UpstreamConfig {
     /// Load limits of the pool (a circuit breaker on concurrency).
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// How often endpoints written as host names are resolved again (every A/AAAA record is
+    /// an endpoint); at least 1s.
+    #[serde(default = "default_resolve_interval")]
+    pub resolve_interval: HumanDuration,
+}
+
+/// The shortest `resolve_interval`: a fleet must not flood its name servers.
+pub const MIN_RESOLVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+fn default_resolve_interval() -> HumanDuration {
+    HumanDuration::from_secs(10)
 }
 
 impl UpstreamConfig {
@@ -742,23 +757,24 @@ impl ConfigStr for AdminListen {
     }
 }
 
-/// An upstream endpoint as written (`"host:port"` or `"host:port@weight"`), resolved to an
-/// address when the file is read.
+/// An upstream endpoint as written: `"ip:port"` or `"host:port"`, optionally weighted
+/// (`"host:port@3"`). A host name is not resolved here: the pool resolves it, again every
+/// `resolve_interval`, and every address it has is an endpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EndpointSpec {
     /// `host:port` as written, without the weight.
     pub hostport: String,
-    pub addr: SocketAddr,
+    /// The address, when written as one.
+    pub addr: Option<SocketAddr>,
+    /// The host as written (no brackets around an IPv6 address), lowercased when a name.
+    pub host: String,
+    pub port: u16,
     pub weight: usize,
 }
 
 impl ConfigStr for EndpointSpec {
     fn parse_config(s: &str) -> Result<Self, String> {
-        parse_endpoint(s).map(|(addr, weight)| EndpointSpec {
-            hostport: s.rsplit_once('@').map_or(s, |(a, _)| a).trim().to_string(),
-            addr,
-            weight,
-        })
+        parse_endpoint(s)
     }
 }
 
@@ -1017,6 +1033,11 @@ fn validate_server(config: &Config, errors: &mut Vec<ConfigError>) {
     for (i, addr) in s.listen.iter().enumerate() {
         check_listen_addr(&format!("server.listen[{i}]"), addr, &mut seen, errors);
     }
+    for (i, r) in s.dns_resolvers.iter().enumerate() {
+        if let Err(m) = r.value() {
+            errors.push(ConfigError::new(format!("server.dns_resolvers[{i}]"), m));
+        }
+    }
     for (i, tls) in s.tls.iter().enumerate() {
         check_listen_addr(
             &format!("server.tls[{i}].listen"),
@@ -1175,9 +1196,9 @@ fn unknown_plugin(path: &str, name: &str, config: &Config) -> ConfigError {
     )
 }
 
-/// An endpoint `"host:port"` or `"host:port@weight"`, resolved to an address.
-fn parse_endpoint(s: &str) -> Result<(SocketAddr, usize), String> {
-    let (addr, weight) = match s.rsplit_once('@') {
+/// An endpoint `"host:port"` or `"host:port@weight"`.
+fn parse_endpoint(s: &str) -> Result<EndpointSpec, String> {
+    let (hostport, weight) = match s.rsplit_once('@') {
         Some((a, w)) => {
             let w: usize = w
                 .parse()
@@ -1185,22 +1206,48 @@ fn parse_endpoint(s: &str) -> Result<(SocketAddr, usize), String> {
             if w == 0 || w > 1000 {
                 return Err(format!("weight in {s:?} must be between 1 and 1000"));
             }
-            (a, w)
+            (a.trim(), w)
         }
-        None => (s, 1),
+        None => (s.trim(), 1),
     };
-    if let Ok(a) = addr.parse::<SocketAddr>() {
-        return Ok((a, weight));
+    if let Ok(a) = hostport.parse::<SocketAddr>() {
+        return Ok(EndpointSpec {
+            hostport: hostport.to_string(),
+            addr: Some(a),
+            host: a.ip().to_string(),
+            port: a.port(),
+            weight,
+        });
     }
-    if !addr.contains(':') {
+    let Some((host, port)) = hostport.rsplit_once(':') else {
         return Err(format!("{s:?} has no port; write \"host:port\""));
+    };
+    let port: u16 = match port.parse() {
+        Ok(p) if p > 0 => p,
+        _ => return Err(format!("port {port:?} in {s:?} is not a port number")),
+    };
+    let labels_ok = !host.is_empty()
+        && host.len() <= 253
+        && host.trim_end_matches('.').split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        });
+    if !labels_ok || host.parse::<std::net::IpAddr>().is_ok() {
+        return Err(format!(
+            "{host:?} in {s:?} is neither an IP address (IPv6 in brackets: \"[::1]:8080\") nor a host name"
+        ));
     }
-    let resolved = addr
-        .to_socket_addrs()
-        .map_err(|e| format!("cannot resolve {addr:?}: {e}"))?
-        .next()
-        .ok_or_else(|| format!("{addr:?} resolves to no address"))?;
-    Ok((resolved, weight))
+    Ok(EndpointSpec {
+        hostport: hostport.to_string(),
+        addr: None,
+        host: host.to_ascii_lowercase(),
+        port,
+        weight,
+    })
 }
 
 fn validate_upstream(path: &str, up: &UpstreamConfig, errors: &mut Vec<ConfigError>) {
@@ -1214,7 +1261,7 @@ fn validate_upstream(path: &str, up: &UpstreamConfig, errors: &mut Vec<ConfigErr
     for (i, e) in up.endpoints.iter().enumerate() {
         match e.value() {
             Ok(spec) => {
-                if !seen.insert(spec.addr) {
+                if !seen.insert((spec.host.clone(), spec.port)) {
                     errors.push(ConfigError::new(
                         format!("{path}.endpoints[{i}]"),
                         format!("{} is listed twice", e.text()),
@@ -1223,6 +1270,12 @@ fn validate_upstream(path: &str, up: &UpstreamConfig, errors: &mut Vec<ConfigErr
             }
             Err(m) => errors.push(ConfigError::new(format!("{path}.endpoints[{i}]"), m)),
         }
+    }
+    if up.resolve_interval.get() < MIN_RESOLVE_INTERVAL {
+        errors.push(ConfigError::new(
+            format!("{path}.resolve_interval"),
+            "must be at least 1s",
+        ));
     }
     match (&up.balance, &up.hash_key) {
         (Balance::ConsistentHash, Some(k)) => match k.value() {

@@ -13,6 +13,7 @@ pub mod certs;
 pub mod client_ip;
 pub mod config;
 pub mod conn;
+pub mod discovery;
 pub mod handover;
 pub mod listeners;
 pub mod log_window;
@@ -83,6 +84,7 @@ impl Shared {
             public_keys: Arc::default(),
             telemetry_spans: metrics.telemetry_spans.clone(),
             resilience: metrics.resilience.clone(),
+            dns: Arc::new(discovery::Dns::new(&dns_resolvers(&config))),
         };
         let mut sni = Vec::new();
         for (i, tls) in config.server.tls.iter().enumerate() {
@@ -153,6 +155,7 @@ impl Shared {
                         ),
                     }
                 }
+                snapshot.resolve_new_names(&self.services.dns).await;
                 snapshot.start_plugins().await;
                 let next = Arc::new(snapshot);
                 let replaced = self.snapshot.swap(Arc::clone(&next));
@@ -176,6 +179,16 @@ impl Shared {
             }
         }
     }
+}
+
+/// `server.dns_resolvers` as addresses (validated already).
+fn dns_resolvers(config: &Config) -> Vec<std::net::SocketAddr> {
+    config
+        .server
+        .dns_resolvers
+        .iter()
+        .filter_map(|r| r.value().ok().copied())
+        .collect()
 }
 
 /// Settings that only take effect on restart or upgrade: say so instead of silently ignoring.
@@ -206,6 +219,7 @@ fn warn_static_changes(old: &Config, new: &Config) {
         ("pid_file", o.pid_file != n.pid_file),
         ("watch", o.watch != n.watch),
         ("h2c", o.h2c != n.h2c),
+        ("dns_resolvers", o.dns_resolvers != n.dns_resolvers),
     ]
     .into_iter()
     .filter_map(|(k, c)| c.then_some(k))
@@ -218,8 +232,9 @@ fn warn_static_changes(old: &Config, new: &Config) {
     }
 }
 
-/// Drives active health checks of the pools in the current snapshot, and returns ejected
-/// endpoints to rotation when their time is up (so the gauge and the log line are timely).
+/// Drives active health checks and name resolutions of the pools in the current snapshot,
+/// and returns ejected endpoints to rotation when their time is up (so the gauge and the log
+/// line are timely).
 struct HealthChecker {
     shared: Arc<Shared>,
 }
@@ -238,6 +253,9 @@ impl BackgroundService for HealthChecker {
             let now = Instant::now();
             for pool in snapshot.pools.values() {
                 if let Some(pass) = pool.due_health_check(now) {
+                    tokio::spawn(pass);
+                }
+                if let Some(pass) = pool.due_resolution(now, &self.shared.services.dns) {
                     tokio::spawn(pass);
                 }
                 pool.return_ejected(now);

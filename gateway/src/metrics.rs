@@ -20,6 +20,9 @@ pub struct Metrics {
     pub endpoint_ejected: GaugeVec,
     /// `sallyport_upstream_in_flight{upstream}`, read from the pools.
     pub upstream_in_flight: GaugeVec,
+    /// `sallyport_upstream_endpoints{upstream}`: the addresses a pool balances over now
+    /// (those written as IPs and those its names resolve to).
+    pub upstream_endpoints: GaugeVec,
     /// Retries, ejections and spent retry budgets, counted by the pools.
     pub resilience: crate::resilience::ResilienceMetrics,
     pub plugin_rejections: IntCounterVec,
@@ -112,6 +115,14 @@ impl Metrics {
             &["upstream"],
         )?;
         registry.register(Box::new(upstream_in_flight.clone()))?;
+        let upstream_endpoints = GaugeVec::new(
+            Opts::new(
+                "sallyport_upstream_endpoints",
+                "Endpoints in the upstream's pool now: its IP addresses and every address its host names resolve to.",
+            ),
+            &["upstream"],
+        )?;
+        registry.register(Box::new(upstream_endpoints.clone()))?;
         let resilience = crate::resilience::ResilienceMetrics {
             ejections: counter(
                 "sallyport_upstream_ejections_total",
@@ -126,6 +137,11 @@ impl Metrics {
             budget_exhausted: counter(
                 "sallyport_upstream_retry_budget_exhausted_total",
                 "Retries not made because the upstream's retry budget was spent.",
+                &["upstream"],
+            )?,
+            resolve_failures: counter(
+                "sallyport_upstream_resolve_failures_total",
+                "Resolutions of an endpoint host name that failed (the last good addresses stay in use).",
                 &["upstream"],
             )?,
         };
@@ -172,6 +188,7 @@ impl Metrics {
             endpoint_healthy,
             endpoint_ejected,
             upstream_in_flight,
+            upstream_endpoints,
             resilience,
             plugin_rejections,
             plugins,
@@ -200,10 +217,11 @@ impl Metrics {
         self.endpoint_healthy.reset();
         self.endpoint_ejected.reset();
         self.upstream_in_flight.reset();
+        self.upstream_endpoints.reset();
         let now = std::time::Instant::now();
         for (name, pool) in &snapshot.pools {
             for e in pool.endpoint_states(now) {
-                let labels = [name.as_str(), e.label];
+                let labels = [name.as_str(), e.label.as_str()];
                 self.endpoint_healthy
                     .with_label_values(&labels)
                     .set(if e.healthy { 1.0 } else { 0.0 });
@@ -214,6 +232,9 @@ impl Metrics {
             self.upstream_in_flight
                 .with_label_values(&[name.as_str()])
                 .set(pool.in_flight() as f64);
+            self.upstream_endpoints
+                .with_label_values(&[name.as_str()])
+                .set(pool.endpoint_count() as f64);
         }
         let mut out = Vec::with_capacity(8192);
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {

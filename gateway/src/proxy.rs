@@ -999,11 +999,9 @@ impl ProxyHttp for Gateway {
         {
             self.forwarding_headers(session, upstream_request, ctx, peer)?;
         }
-        if let (Some(pool), Some(addr)) = (&ctx.pool, ctx.tried.last()) {
+        if let (Some(pool), Some(t)) = (&ctx.pool, &ctx.current_try) {
             if !pool.config.preserve_host {
-                if let Some(host) = pool.host_header(addr) {
-                    upstream_request.insert_header(http::header::HOST, host)?;
-                }
+                upstream_request.insert_header(http::header::HOST, t.authority())?;
             }
         }
 

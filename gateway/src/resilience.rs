@@ -333,6 +333,8 @@ pub struct ResilienceMetrics {
     pub retries: IntCounterVec,
     /// `sallyport_upstream_retry_budget_exhausted_total{upstream}`.
     pub budget_exhausted: IntCounterVec,
+    /// `sallyport_upstream_resolve_failures_total{upstream}`.
+    pub resolve_failures: IntCounterVec,
 }
 
 impl ResilienceMetrics {
@@ -346,6 +348,7 @@ impl ResilienceMetrics {
             ejections: make("ejections", &["upstream", "endpoint", "reason"]),
             retries: make("retries", &["upstream", "reason"]),
             budget_exhausted: make("budget_exhausted", &["upstream"]),
+            resolve_failures: make("resolve_failures", &["upstream"]),
         }
     }
 }

@@ -84,6 +84,8 @@ pub struct Services {
     pub telemetry_spans: prometheus::IntCounterVec,
     /// The retry and ejection counters every pool writes to.
     pub resilience: crate::resilience::ResilienceMetrics,
+    /// Resolves the endpoints written as host names (`server.dns_resolvers`).
+    pub dns: Arc<crate::discovery::Dns>,
 }
 
 /// Everything a request needs, compiled from one config file.
@@ -362,6 +364,12 @@ impl Snapshot {
     }
 
     /// Starts the plugins this compile built (each plugin's `start`, concurrently).
+    /// Resolves the host names of pools this compile built (a reload swaps the snapshot in
+    /// with their addresses known; the background task keeps them fresh afterwards).
+    pub async fn resolve_new_names(&self, dns: &crate::discovery::Dns) {
+        futures_util::future::join_all(self.pools.values().map(|p| p.resolve_new_names(dns))).await;
+    }
+
     pub async fn start_plugins(&self) {
         futures_util::future::join_all(self.fresh.iter().map(|p| p.start())).await;
         self.started
@@ -413,6 +421,7 @@ mod tests {
             plugin_registry: sallyport_plugins::MetricsRegistry::new(registry),
             public_keys: Arc::default(),
             resilience: crate::resilience::ResilienceMetrics::unregistered(),
+            dns: Arc::new(crate::discovery::Dns::System),
             telemetry_spans: prometheus::IntCounterVec::new(
                 prometheus::Opts::new("spans", "spans"),
                 &["result"],

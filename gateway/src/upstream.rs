@@ -14,11 +14,18 @@
 //! the time is up (and, with active checks, only while it passes them too). A pool kept
 //! whole by a reload keeps its ejections. The pool also owns the retry policy and budget,
 //! the in-flight count of `limits.max_in_flight`, and each endpoint's load and latency.
-use std::net::SocketAddr;
+//!
+//! DNS service discovery: an endpoint written as a host name stands for every address the
+//! name resolves to, resolved again every `resolve_interval` by the background task. The
+//! pool's members (its endpoints, balancer and checks) are swapped as one when an answer
+//! changes: a request keeps the endpoint it holds, an address that stays keeps its health,
+//! load, latency and ejection, and a failed resolution keeps the last good addresses.
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use parking_lot::Mutex;
 use pingora::lb::discovery::Static;
 use pingora::lb::health_check::{HealthCheck, HttpHealthCheck, TcpHealthCheck};
@@ -159,6 +166,12 @@ impl Try {
     pub fn addr(&self) -> SocketAddr {
         self.endpoint.addr
     }
+
+    /// The `Host` header for this endpoint when `preserve_host = false`: the endpoint as
+    /// written in the config (`api.internal:8443`), without a default port.
+    pub fn authority(&self) -> &str {
+        &self.endpoint.authority
+    }
 }
 
 impl Drop for Try {
@@ -177,8 +190,8 @@ impl Drop for PoolSlot {
 }
 
 /// An endpoint's state, for metrics and `/readyz`.
-pub struct EndpointState<'a> {
-    pub label: &'a str,
+pub struct EndpointState {
+    pub label: String,
     pub healthy: bool,
     pub ejected: bool,
 }
@@ -186,9 +199,47 @@ pub struct EndpointState<'a> {
 /// Scheduling state of a pool's active health checks.
 struct HealthSchedule {
     config: HealthConfig,
-    /// One check per endpoint, in the pool's endpoint order (each names its endpoint's host
-    /// as SNI when the pool speaks TLS).
+    next_due: Mutex<Instant>,
+    running: AtomicBool,
+}
+
+/// An endpoint the pool should have: an address, and the names it was written with.
+struct Wanted {
+    addr: SocketAddr,
+    /// For SNI: the host name (or IP) as written.
+    host: String,
+    /// For `Host` when `preserve_host = false`.
+    authority: String,
+    weight: usize,
+}
+
+/// What a pool balances over now; replaced as a whole when a name's addresses change.
+struct Members {
+    balancer: Balancer,
+    /// Endpoints in config order (a name's addresses in sorted order), with their backends.
+    endpoints: Vec<(Backend, Arc<Endpoint>)>,
+    /// With active checks: one per endpoint, in the same order (each names its endpoint's
+    /// host as SNI when the pool speaks TLS).
     checks: Vec<Box<dyn HealthCheck + Send + Sync>>,
+}
+
+/// A host name among a pool's endpoints.
+struct Name {
+    host: String,
+    /// `host:port` as written.
+    hostport: String,
+    /// The last good answer, sorted; `None` until the first one.
+    addrs: Mutex<Option<Vec<IpAddr>>>,
+    /// The last resolution failed (failures and recoveries are logged once each).
+    failing: AtomicBool,
+}
+
+/// Scheduling state of a pool's name resolutions.
+struct Discovery {
+    names: Vec<Name>,
+    /// Every name has an answer and the members were built from it (readiness).
+    complete: AtomicBool,
+    interval: Duration,
     next_due: Mutex<Instant>,
     running: AtomicBool,
 }
@@ -197,11 +248,11 @@ struct HealthSchedule {
 pub struct Pool {
     pub name: Arc<str>,
     pub config: UpstreamConfig,
-    balancer: Balancer,
     pub hash_key: RequestKey,
-    /// Endpoints in config order, with their backends.
-    endpoints: Vec<(Backend, Arc<Endpoint>)>,
+    members: ArcSwap<Members>,
     health: Option<HealthSchedule>,
+    /// The host names among the endpoints (`None`: every endpoint is an address).
+    discovery: Option<Discovery>,
     /// Rate limit of this pool's request-failure log lines.
     pub error_log: crate::log_window::LogWindow,
     pub retry: RetryPolicy,
@@ -288,85 +339,60 @@ impl Pool {
         let checked = config.health.is_some();
         let epoch = Instant::now();
         let tls = UpstreamTls::load(config)?;
-        let mut endpoints = Vec::with_capacity(config.endpoints.len());
+        let mut names = Vec::new();
         for e in &config.endpoints {
             let spec = e.value()?;
-            let addr = spec.addr;
-            let mut backend = Backend::new_with_weight(&addr.to_string(), spec.weight)
-                .map_err(|err| format!("endpoint {}: {err}", e.text()))?;
-            let (host, authority) = endpoint_names(&spec.hostport, config.tls);
+            if spec.addr.is_some() {
+                continue;
+            }
+            // A reload starts from the addresses the running pool resolved the name to.
+            let known = previous
+                .and_then(|p| p.discovery.as_ref())
+                .and_then(|d| d.names.iter().find(|n| n.hostport == spec.hostport))
+                .and_then(|n| n.addrs.lock().clone());
+            names.push(Name {
+                host: spec.host.clone(),
+                hostport: spec.hostport.clone(),
+                addrs: Mutex::new(known),
+                failing: AtomicBool::new(false),
+            });
+        }
+        let discovery = (!names.is_empty()).then(|| Discovery {
+            complete: AtomicBool::new(names.iter().all(|n| n.addrs.lock().is_some())),
+            names,
+            interval: config.resolve_interval.get(),
+            next_due: Mutex::new(Instant::now()),
+            running: AtomicBool::new(false),
+        });
+        let wanted = wanted(config, discovery.as_ref())?;
+        let members = Members::build(&wanted, config, &tls, epoch, |w| {
+            // Endpoints that `previous` also has keep their health when both pools check.
             let health = previous
                 .filter(|p| checked && p.health.is_some())
-                .and_then(|p| p.endpoint(&addr))
-                .map(|x| Arc::clone(&x.health))
-                .unwrap_or_else(|| Arc::new(EndpointHealth::new(!checked)));
-            let endpoint = Arc::new(Endpoint {
-                addr,
-                label: addr.to_string(),
-                host,
-                authority,
-                health,
-                weight: spec.weight.max(1) as f64,
-                in_flight: AtomicUsize::new(0),
-                latency: PeakEwma::new(epoch),
-                failures: AtomicU32::new(0),
-                ejected_until: AtomicU64::new(0),
-                ejections: Mutex::new((0, None)),
-            });
-            backend.ext.insert(Arc::clone(&endpoint));
-            endpoints.push((backend, endpoint));
-        }
-        let set: std::collections::BTreeSet<Backend> =
-            endpoints.iter().map(|(b, _)| b.clone()).collect();
-        let make_backends = || Backends::new(Static::new(set.clone()));
-        let balancer = match config.balance {
-            Balance::RoundRobin => {
-                Balancer::RoundRobin(LoadBalancer::from_backends(make_backends()))
-            }
-            Balance::Random => Balancer::Random(LoadBalancer::from_backends(make_backends())),
-            Balance::ConsistentHash => Balancer::Hash(
-                LoadBalancer::from_backends(make_backends()),
-                LoadBalancer::from_backends(make_backends()),
-            ),
-            Balance::LeastRequest => Balancer::TwoChoices { ewma: false },
-            Balance::Ewma => Balancer::TwoChoices { ewma: true },
-        };
-        // A static discovery completes immediately; this publishes the endpoints.
-        let update = match &balancer {
-            Balancer::RoundRobin(lb) => futures_now(lb.update()),
-            Balancer::Random(lb) => futures_now(lb.update()),
-            Balancer::Hash(lb, rr) => futures_now(lb.update()).and(futures_now(rr.update())),
-            Balancer::TwoChoices { .. } => Ok(()),
-        };
-        update.map_err(|e| format!("building pool {name}: {e}"))?;
+                .and_then(|p| p.endpoint(&w.addr))
+                .map(|x| Arc::clone(&x.health));
+            (None, health)
+        })
+        .map_err(|e| format!("building pool {name}: {e}"))?;
         let hash_key = match &config.hash_key {
             Some(k) => k.value()?.clone(),
             None => RequestKey::Ip,
         };
-        let health = match &config.health {
-            Some(h) => Some(HealthSchedule {
-                config: h.clone(),
-                checks: endpoints
-                    .iter()
-                    .map(|(_, e)| {
-                        health_check(h, config, config.sni.as_deref().unwrap_or(&e.host), &tls)
-                    })
-                    .collect::<Result<_, _>>()?,
-                next_due: Mutex::new(Instant::now()),
-                running: AtomicBool::new(false),
-            }),
-            None => None,
-        };
+        let health = config.health.as_ref().map(|h| HealthSchedule {
+            config: h.clone(),
+            next_due: Mutex::new(Instant::now()),
+            running: AtomicBool::new(false),
+        });
         let budget = config.retry.as_ref().map(|r| r.budget).unwrap_or_default();
         // Series a dashboard expects to see at 0 before the first event.
         metrics.budget_exhausted.with_label_values(&[name]);
         Ok(Pool {
             name: Arc::from(name),
             config: config.clone(),
-            balancer,
             hash_key,
-            endpoints,
+            members: ArcSwap::from_pointee(members),
             health,
+            discovery,
             error_log: crate::log_window::LogWindow::default(),
             retry: RetryPolicy::new(config),
             budget: RetryBudget::new(budget.ratio, budget.min_per_second, epoch),
@@ -401,6 +427,7 @@ impl Pool {
     /// key; `None` (the request lacks it) balances round robin instead. `None` when no
     /// endpoint is healthy.
     pub fn select(&self, key: Option<&[u8]>, exclude: &[SocketAddr]) -> Option<Backend> {
+        let members = self.members.load();
         let ejections = self.ejected.load(Ordering::Acquire) > 0;
         let now_ns = if ejections {
             self.since_epoch(Instant::now())
@@ -413,8 +440,8 @@ impl Pool {
                     && !exclude.contains(&e.addr)
                     && !(skip_ejected && e.ejected_at(now_ns))
             };
-            match &self.balancer {
-                Balancer::TwoChoices { ewma } => self.two_choices(*ewma, usable),
+            match &members.balancer {
+                Balancer::TwoChoices { ewma } => two_choices(&members.endpoints, *ewma, usable),
                 b => b.select(key, |b| {
                     b.ext.get::<Arc<Endpoint>>().is_some_and(|e| usable(e))
                 }),
@@ -432,45 +459,6 @@ impl Pool {
                     .then(|| pick(false, &[]))
                     .flatten()
             })
-    }
-
-    /// Power of two choices: two distinct random usable endpoints, the cheaper one wins
-    /// (requests in flight, or peak-EWMA latency x (in flight + 1); divided by the weight).
-    fn two_choices(&self, ewma: bool, usable: impl Fn(&Endpoint) -> bool) -> Option<Backend> {
-        use rand::Rng;
-        // Evaluated once: health may change while we choose.
-        let candidates: Vec<&(Backend, Arc<Endpoint>)> =
-            self.endpoints.iter().filter(|(_, e)| usable(e)).collect();
-        let mut rng = rand::rng();
-        let (first, second) = match candidates.len() {
-            0 => return None,
-            1 => return Some(candidates[0].0.clone()),
-            n => {
-                let a = rng.random_range(0..n);
-                let mut b = rng.random_range(0..n - 1);
-                if b >= a {
-                    b += 1;
-                }
-                (candidates[a], candidates[b])
-            }
-        };
-        let now = Instant::now();
-        let cost = |e: &Endpoint| {
-            let load = e.in_flight.load(Ordering::Acquire) as f64;
-            let c = if ewma {
-                // An endpoint without a sample would cost 0 whatever its load.
-                e.latency.estimate(now).max(MIN_LATENCY_NS) * (load + 1.0)
-            } else {
-                load
-            };
-            c / e.weight
-        };
-        let chosen = if cost(&second.1) < cost(&first.1) {
-            second
-        } else {
-            first
-        };
-        Some(chosen.0.clone())
     }
 
     /// Starts a try on the selected endpoint.
@@ -529,9 +517,14 @@ impl Pool {
         if e.ejected_at(now_ns) || e.failures.load(Ordering::Acquire) < o.consecutive_failures {
             return;
         }
+        let members = self.members.load();
+        // An endpoint a resolution removed meanwhile is not ejected (nor counted).
+        if !members.endpoints.iter().any(|(_, x)| Arc::ptr_eq(x, e)) {
+            return;
+        }
         e.failures.store(0, Ordering::Release);
-        let total = self.endpoints.len();
-        let ejected = self
+        let total = members.endpoints.len();
+        let ejected = members
             .endpoints
             .iter()
             .filter(|(_, x)| x.ejected_at(now_ns))
@@ -578,7 +571,7 @@ impl Pool {
 
     /// Only `ewma` reads the latency estimate.
     fn tracks_latency(&self) -> bool {
-        matches!(self.balancer, Balancer::TwoChoices { ewma: true })
+        self.config.balance == Balance::Ewma
     }
 
     /// Puts endpoints whose ejection time is up back into rotation (the background task calls
@@ -594,7 +587,7 @@ impl Pool {
     /// [`Pool::return_ejected`] under the ejection lock.
     fn return_due(&self, now: Instant) {
         let now_ns = self.since_epoch(now);
-        for (_, e) in &self.endpoints {
+        for (_, e) in &self.members.load().endpoints {
             let until = e.ejected_until.load(Ordering::Acquire);
             if until != 0 && now_ns >= until {
                 // Failures seen since the time ran out (selection no longer skipped it) still
@@ -660,17 +653,18 @@ impl Pool {
         self.in_flight.load(Ordering::Acquire)
     }
 
-    fn endpoint(&self, addr: &SocketAddr) -> Option<&Endpoint> {
-        self.endpoints
+    fn endpoint(&self, addr: &SocketAddr) -> Option<Arc<Endpoint>> {
+        self.members
+            .load()
+            .endpoints
             .iter()
-            .map(|(_, e)| &**e)
-            .find(|e| e.addr == *addr)
+            .find(|(_, e)| e.addr == *addr)
+            .map(|(_, e)| Arc::clone(e))
     }
 
-    /// The `Host` header for requests to this endpoint when `preserve_host = false`: the
-    /// endpoint as written in the config (`api.internal:8443`), without a default port.
-    pub fn host_header(&self, addr: &SocketAddr) -> Option<&str> {
-        self.endpoint(addr).map(|e| e.authority.as_str())
+    /// Endpoints in the pool now.
+    pub fn endpoint_count(&self) -> usize {
+        self.members.load().endpoints.len()
     }
 
     /// The peer to proxy to for a selected endpoint, with the pool's timeouts. TLS names the
@@ -705,25 +699,35 @@ impl Pool {
     }
 
     /// Every endpoint's health, in config order.
-    pub fn endpoint_states(&self, now: Instant) -> Vec<EndpointState<'_>> {
+    pub fn endpoint_states(&self, now: Instant) -> Vec<EndpointState> {
         let now_ns = self.since_epoch(now);
-        self.endpoints
+        self.members
+            .load()
+            .endpoints
             .iter()
             .map(|(_, e)| EndpointState {
-                label: &e.label,
+                label: e.label.clone(),
                 healthy: e.health.is_healthy(),
                 ejected: e.ejected_at(now_ns),
             })
             .collect()
     }
 
-    /// Ready to serve: every endpoint of a pool with active checks was checked at least once.
+    /// Ready to serve: every host name resolved once, and every endpoint of a pool with
+    /// active checks was checked at least once.
     pub fn is_ready(&self) -> bool {
-        self.health.is_none()
-            || self
-                .endpoints
-                .iter()
-                .all(|(_, e)| e.health.checked.load(Ordering::Acquire))
+        let resolved = self
+            .discovery
+            .as_ref()
+            .is_none_or(|d| d.complete.load(Ordering::Acquire));
+        resolved
+            && (self.health.is_none()
+                || self
+                    .members
+                    .load()
+                    .endpoints
+                    .iter()
+                    .all(|(_, e)| e.health.checked.load(Ordering::Acquire)))
     }
 
     /// Starts a health-check pass when one is due and none is running. Returns the pass to
@@ -753,27 +757,29 @@ impl Pool {
     async fn run_checks(&self, s: &HealthSchedule) {
         // The connect and read timeouts bound one check; this bounds a check that trickles.
         let limit = s.config.timeout.get() * 2;
-        let checks = self
-            .endpoints
-            .iter()
-            .zip(&s.checks)
-            .map(|((backend, e), check)| async move {
-                let ok = matches!(
-                    tokio::time::timeout(limit, check.check(backend)).await,
-                    Ok(Ok(()))
-                );
-                if let Some(healthy) = e.health.observe(ok, &s.config) {
-                    if healthy {
-                        log::info!("upstream {}: endpoint {} is healthy", self.name, e.label);
-                    } else {
-                        log::warn!(
-                            "upstream {}: endpoint {} failed its health check",
-                            self.name,
-                            e.label
-                        );
+        let members = self.members.load_full();
+        let checks =
+            members
+                .endpoints
+                .iter()
+                .zip(&members.checks)
+                .map(|((backend, e), check)| async move {
+                    let ok = matches!(
+                        tokio::time::timeout(limit, check.check(backend)).await,
+                        Ok(Ok(()))
+                    );
+                    if let Some(healthy) = e.health.observe(ok, &s.config) {
+                        if healthy {
+                            log::info!("upstream {}: endpoint {} is healthy", self.name, e.label);
+                        } else {
+                            log::warn!(
+                                "upstream {}: endpoint {} failed its health check",
+                                self.name,
+                                e.label
+                            );
+                        }
                     }
-                }
-            });
+                });
         futures_util::future::join_all(checks).await;
     }
 
@@ -781,6 +787,298 @@ impl Pool {
     /// one, with its health state and connections).
     pub fn same_config(&self, other: &UpstreamConfig) -> bool {
         &self.config == other
+    }
+}
+
+/// Power of two choices: two distinct random usable endpoints, the cheaper one wins
+/// (requests in flight, or peak-EWMA latency x (in flight + 1); divided by the weight).
+fn two_choices(
+    endpoints: &[(Backend, Arc<Endpoint>)],
+    ewma: bool,
+    usable: impl Fn(&Endpoint) -> bool,
+) -> Option<Backend> {
+    use rand::Rng;
+    // Evaluated once: health may change while we choose.
+    let candidates: Vec<&(Backend, Arc<Endpoint>)> =
+        endpoints.iter().filter(|(_, e)| usable(e)).collect();
+
+    let mut rng = rand::rng();
+    let (first, second) = match candidates.len() {
+        0 => return None,
+        1 => return Some(candidates[0].0.clone()),
+        n => {
+            let a = rng.random_range(0..n);
+            let mut b = rng.random_range(0..n - 1);
+            if b >= a {
+                b += 1;
+            }
+            (candidates[a], candidates[b])
+        }
+    };
+    let now = Instant::now();
+    let cost = |e: &Endpoint| {
+        let load = e.in_flight.load(Ordering::Acquire) as f64;
+        let c = if ewma {
+            // An endpoint without a sample would cost 0 whatever its load.
+            e.latency.estimate(now).max(MIN_LATENCY_NS) * (load + 1.0)
+        } else {
+            load
+        };
+        c / e.weight
+    };
+    let chosen = if cost(&second.1) < cost(&first.1) {
+        second
+    } else {
+        first
+    };
+    Some(chosen.0.clone())
+}
+
+/// The endpoints a pool should have: the addresses written in the config, and every address
+/// of every name as last resolved, in config order; an address met twice is one endpoint.
+fn wanted(config: &UpstreamConfig, discovery: Option<&Discovery>) -> Result<Vec<Wanted>, String> {
+    let mut out: Vec<Wanted> = Vec::with_capacity(config.endpoints.len());
+    let mut push = |w: Wanted| {
+        if !out.iter().any(|x| x.addr == w.addr) {
+            out.push(w);
+        }
+    };
+    for e in &config.endpoints {
+        let spec = e.value()?;
+        let (host, authority) = endpoint_names(&spec.hostport, config.tls);
+        match spec.addr {
+            Some(addr) => push(Wanted {
+                addr,
+                host,
+                authority,
+                weight: spec.weight,
+            }),
+            None => {
+                let name =
+                    discovery.and_then(|d| d.names.iter().find(|n| n.hostport == spec.hostport));
+                let addrs = name
+                    .and_then(|n| n.addrs.lock().clone())
+                    .unwrap_or_default();
+                for ip in addrs {
+                    push(Wanted {
+                        addr: SocketAddr::new(ip, spec.port),
+                        host: host.clone(),
+                        authority: authority.clone(),
+                        weight: spec.weight,
+                    });
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+impl Members {
+    /// Endpoints, balancer and checks for `wanted`. `known` gives, per endpoint, one to keep
+    /// as it is (the running pool's, after a resolution) or the health to carry over (the
+    /// previous pool's, after a reload).
+    fn build(
+        wanted: &[Wanted],
+        config: &UpstreamConfig,
+        tls: &UpstreamTls,
+        epoch: Instant,
+        known: impl Fn(&Wanted) -> (Option<Arc<Endpoint>>, Option<Arc<EndpointHealth>>),
+    ) -> Result<Members, String> {
+        let checked = config.health.is_some();
+        let mut endpoints = Vec::with_capacity(wanted.len());
+        for w in wanted {
+            let mut backend = Backend::new_with_weight(&w.addr.to_string(), w.weight)
+                .map_err(|err| format!("endpoint {}: {err}", w.addr))?;
+            let (kept, health) = known(w);
+            let endpoint = kept.unwrap_or_else(|| {
+                Arc::new(Endpoint {
+                    addr: w.addr,
+                    label: w.addr.to_string(),
+                    host: w.host.clone(),
+                    authority: w.authority.clone(),
+                    health: health.unwrap_or_else(|| Arc::new(EndpointHealth::new(!checked))),
+                    weight: w.weight.max(1) as f64,
+                    in_flight: AtomicUsize::new(0),
+                    latency: PeakEwma::new(epoch),
+                    failures: AtomicU32::new(0),
+                    ejected_until: AtomicU64::new(0),
+                    ejections: Mutex::new((0, None)),
+                })
+            });
+            backend.ext.insert(Arc::clone(&endpoint));
+            endpoints.push((backend, endpoint));
+        }
+        let set: std::collections::BTreeSet<Backend> =
+            endpoints.iter().map(|(b, _)| b.clone()).collect();
+        let make_backends = || Backends::new(Static::new(set.clone()));
+        let balancer = match config.balance {
+            Balance::RoundRobin => {
+                Balancer::RoundRobin(LoadBalancer::from_backends(make_backends()))
+            }
+            Balance::Random => Balancer::Random(LoadBalancer::from_backends(make_backends())),
+            Balance::ConsistentHash => Balancer::Hash(
+                LoadBalancer::from_backends(make_backends()),
+                LoadBalancer::from_backends(make_backends()),
+            ),
+            Balance::LeastRequest => Balancer::TwoChoices { ewma: false },
+            Balance::Ewma => Balancer::TwoChoices { ewma: true },
+        };
+        // A static discovery completes immediately; this publishes the endpoints.
+        match &balancer {
+            Balancer::RoundRobin(lb) => futures_now(lb.update()),
+            Balancer::Random(lb) => futures_now(lb.update()),
+            Balancer::Hash(lb, rr) => futures_now(lb.update()).and(futures_now(rr.update())),
+            Balancer::TwoChoices { .. } => Ok(()),
+        }?;
+        let checks = match &config.health {
+            Some(h) => endpoints
+                .iter()
+                .map(|(_, e)| {
+                    health_check(h, config, config.sni.as_deref().unwrap_or(&e.host), tls)
+                })
+                .collect::<Result<_, _>>()?,
+            None => Vec::new(),
+        };
+        Ok(Members {
+            balancer,
+            endpoints,
+            checks,
+        })
+    }
+}
+
+impl Pool {
+    /// Starts a resolution of the pool's host names when one is due and none is running.
+    /// Returns the pass to await (the caller spawns it), or `None`.
+    pub fn due_resolution(
+        self: &Arc<Self>,
+        now: Instant,
+        dns: &Arc<crate::discovery::Dns>,
+    ) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
+        let d = self.discovery.as_ref()?;
+        {
+            let mut next = d.next_due.lock();
+            if now < *next || d.running.swap(true, Ordering::AcqRel) {
+                return None;
+            }
+            *next = now + d.interval;
+        }
+        let (pool, dns) = (Arc::clone(self), Arc::clone(dns));
+        Some(async move {
+            pool.resolve(&dns).await;
+            if let Some(d) = &pool.discovery {
+                d.running.store(false, Ordering::Release);
+            }
+        })
+    }
+
+    /// Resolves the host names no answer is known for yet (a pool a reload just built), so
+    /// the snapshot is not swapped in with an empty pool.
+    pub async fn resolve_new_names(&self, dns: &crate::discovery::Dns) {
+        if let Some(d) = &self.discovery {
+            if d.names.iter().any(|n| n.addrs.lock().is_none()) {
+                self.resolve(dns).await;
+            }
+        }
+    }
+
+    /// Resolves every host name once, concurrently; applies the answers that changed.
+    async fn resolve(&self, dns: &crate::discovery::Dns) {
+        let Some(d) = &self.discovery else {
+            return;
+        };
+        let answers =
+            futures_util::future::join_all(d.names.iter().map(|n| dns.lookup(&n.host))).await;
+        let mut changed = false;
+        for (n, answer) in d.names.iter().zip(answers) {
+            match answer {
+                Ok(addrs) => {
+                    if n.failing.swap(false, Ordering::AcqRel) {
+                        log::info!("upstream {}: {} resolves again", self.name, n.host);
+                    }
+                    let mut known = n.addrs.lock();
+                    if known.as_ref() != Some(&addrs) {
+                        *known = Some(addrs);
+                        changed = true;
+                    }
+                }
+                Err(e) => {
+                    self.metrics
+                        .resolve_failures
+                        .with_label_values(&[&*self.name])
+                        .inc();
+                    if !n.failing.swap(true, Ordering::AcqRel) {
+                        let kept = n.addrs.lock().as_ref().map_or(0, Vec::len);
+                        log::warn!(
+                            "upstream {}: resolving {} failed ({e}); keeping its {kept} last known address(es)",
+                            self.name,
+                            n.host
+                        );
+                    }
+                }
+            }
+        }
+        if changed {
+            self.refresh_members();
+        }
+        let complete = d.names.iter().all(|n| n.addrs.lock().is_some());
+        d.complete.store(complete, Ordering::Release);
+    }
+
+    /// Rebuilds the members from the names' current answers. Endpoints that stay are kept
+    /// as they are (health, load, latency, ejection); requests under way on a removed one
+    /// finish on it (their try holds it).
+    fn refresh_members(&self) {
+        let wanted = match wanted(&self.config, self.discovery.as_ref()) {
+            Ok(w) => w,
+            Err(e) => {
+                log::error!("upstream {}: {e}", self.name);
+                return;
+            }
+        };
+        let current = self.members.load_full();
+        let keep = |w: &Wanted| {
+            let same = current.endpoints.iter().find(|(_, e)| {
+                e.addr == w.addr && e.host == w.host && e.weight == w.weight.max(1) as f64
+            });
+            (same.map(|(_, e)| Arc::clone(e)), None)
+        };
+        let members = match Members::build(&wanted, &self.config, &self.tls, self.epoch, keep) {
+            Ok(m) => m,
+            Err(e) => {
+                log::error!("upstream {}: keeping its endpoints: {e}", self.name);
+                return;
+            }
+        };
+        let before: std::collections::BTreeSet<SocketAddr> =
+            current.endpoints.iter().map(|(_, e)| e.addr).collect();
+        let after: std::collections::BTreeSet<SocketAddr> =
+            members.endpoints.iter().map(|(_, e)| e.addr).collect();
+        let added: Vec<String> = after.difference(&before).map(|a| a.to_string()).collect();
+        let removed: Vec<String> = before.difference(&after).map(|a| a.to_string()).collect();
+        {
+            let _one_at_a_time = self.ejecting.lock();
+            let ejected = members
+                .endpoints
+                .iter()
+                .filter(|(_, e)| e.ejected_until.load(Ordering::Acquire) != 0)
+                .count();
+            self.members.store(Arc::new(members));
+            self.ejected.store(ejected, Ordering::Release);
+        }
+        // New endpoints of a checked pool wait for their first check: run it now.
+        if let Some(h) = &self.health {
+            if !added.is_empty() {
+                *h.next_due.lock() = Instant::now();
+            }
+        }
+        log::info!(
+            "upstream {}: {} endpoint(s) after resolving (added [{}], removed [{}])",
+            self.name,
+            after.len(),
+            added.join(", "),
+            removed.join(", ")
+        );
     }
 }
 

@@ -973,3 +973,112 @@ pub fn hs256(secret: &str, mut claims: serde_json::Value) -> String {
     )
     .unwrap()
 }
+
+/// A name server on a UDP loopback port, answering A queries from a table the test changes
+/// (`set`); a name not in it is NXDOMAIN; `fail(true)` answers SERVFAIL to everything.
+/// Answers carry a 1 s TTL.
+pub struct DnsServer {
+    pub addr: SocketAddr,
+    names: Arc<std::sync::Mutex<std::collections::HashMap<String, Vec<std::net::Ipv4Addr>>>>,
+    failing: Arc<std::sync::atomic::AtomicBool>,
+    pub queries: Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl DnsServer {
+    pub async fn start() -> DnsServer {
+        use hickory_proto::op::{Message, MessageType, ResponseCode};
+        use hickory_proto::rr::{rdata::A, RData, Record, RecordType};
+        let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let addr = socket.local_addr().unwrap();
+        let names: Arc<std::sync::Mutex<std::collections::HashMap<String, Vec<_>>>> =
+            Arc::default();
+        let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let queries = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let task = {
+            let (names, failing, queries) = (
+                Arc::clone(&names),
+                Arc::clone(&failing),
+                Arc::clone(&queries),
+            );
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1500];
+                loop {
+                    let Ok((n, from)) = socket.recv_from(&mut buf).await else {
+                        return;
+                    };
+                    let Ok(query) = Message::from_vec(&buf[..n]) else {
+                        continue;
+                    };
+                    queries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let mut answer = Message::new();
+                    answer
+                        .set_id(query.id())
+                        .set_message_type(MessageType::Response)
+                        .set_op_code(query.op_code())
+                        .set_recursion_desired(query.recursion_desired())
+                        .set_recursion_available(true)
+                        .set_authoritative(true);
+                    for q in query.queries() {
+                        answer.add_query(q.clone());
+                        let name = q.name().to_ascii().trim_end_matches('.').to_lowercase();
+                        if failing.load(std::sync::atomic::Ordering::Relaxed) {
+                            answer.set_response_code(ResponseCode::ServFail);
+                            continue;
+                        }
+                        match names.lock().unwrap().get(&name) {
+                            None => {
+                                answer.set_response_code(ResponseCode::NXDomain);
+                            }
+                            Some(ips) if q.query_type() == RecordType::A => {
+                                for ip in ips {
+                                    answer.add_answer(Record::from_rdata(
+                                        q.name().clone(),
+                                        1,
+                                        RData::A(A(*ip)),
+                                    ));
+                                }
+                            }
+                            // Known, but no records of that type (AAAA): NOERROR, empty.
+                            Some(_) => {}
+                        }
+                    }
+                    if let Ok(bytes) = answer.to_vec() {
+                        let _ = socket.send_to(&bytes, from).await;
+                    }
+                }
+            })
+        };
+        DnsServer {
+            addr,
+            names,
+            failing,
+            queries,
+            task,
+        }
+    }
+
+    /// What `name` resolves to from now on (empty: NXDOMAIN).
+    pub fn set(&self, name: &str, ips: &[&str]) {
+        let mut names = self.names.lock().unwrap();
+        if ips.is_empty() {
+            names.remove(name);
+        } else {
+            names.insert(
+                name.to_string(),
+                ips.iter().map(|i| i.parse().unwrap()).collect(),
+            );
+        }
+    }
+
+    pub fn fail(&self, failing: bool) {
+        self.failing
+            .store(failing, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Drop for DnsServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
