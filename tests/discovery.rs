@@ -159,35 +159,28 @@ async fn every_address_of_a_name_is_an_endpoint_and_changes_apply_without_failed
 }
 
 #[tokio::test]
-async fn a_name_not_yet_resolvable_holds_readiness_then_serves() {
+async fn a_name_that_does_not_resolve_leaves_its_pool_empty_until_it_does() {
     let pods = three_pods().await;
     let port = pods[0].addr().port();
     let dns = DnsServer::start().await;
-    let mut gw = Gateway::spawn(&config(&dns, port, "")).await;
-    // Up, but not ready: the pool has no address yet.
-    let c = client();
-    eventually(
-        Duration::from_secs(10),
-        "the admin listener answers",
-        || async {
-            c.get(format!("http://{}/readyz", gw.admin))
-                .send()
-                .await
-                .ok()
-                .map(|r| r.status().as_u16())
-        },
-    )
-    .await;
-    let r = c
-        .get(format!("http://{}/readyz", gw.admin))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 503);
+    // Ready once the name was tried: one missing Service does not hold every route back.
+    let gw = Gateway::start(&config(&dns, port, "")).await;
     assert_eq!(endpoints(&gw).await, 0.0);
+    let c = client();
+    let r = c.get(gw.url("/o")).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(json(r).await["error"]["code"], "unavailable");
+    assert!(
+        gw.metric_value("sallyport_upstream_resolve_failures_total{upstream=\"orders\"}")
+            .await
+            >= 1.0
+    );
 
     dns.set("orders.test", &["127.0.0.2"]);
-    gw.wait_ready().await;
+    eventually(Duration::from_secs(10), "the name resolves", || async {
+        (endpoints(&gw).await == 1.0).then_some(())
+    })
+    .await;
     let r = c.get(gw.url("/o")).send().await.unwrap();
     assert_eq!(r.headers()["x-mock-name"], "pod-2");
 }

@@ -11,6 +11,7 @@ mod cache;
 mod clients;
 mod discovery;
 mod fleet;
+mod grpc;
 mod headers;
 mod http2;
 mod identity;

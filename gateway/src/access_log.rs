@@ -61,6 +61,8 @@ pub struct AccessRecord<'a> {
     pub request_id: &'a str,
     pub client: Option<IpAddr>,
     pub method: &'a str,
+    /// `HTTP/1.1`, `HTTP/2` (or `HTTP/1.0`) as the client spoke it.
+    pub proto: &'static str,
     pub path: &'a str,
     pub route: &'a str,
     pub status: u16,

@@ -383,6 +383,13 @@ pub struct UpstreamConfig {
     /// Speak TLS to the endpoints.
     #[serde(default)]
     pub tls: bool,
+    /// `http1` (default), `h2` (TLS with ALPN h2, or h2c with prior knowledge without TLS),
+    /// or `auto` (TLS ALPN offers h2 and http/1.1; HTTP/1.1 without TLS).
+    #[serde(default)]
+    pub protocol: UpstreamProtocol,
+    /// Concurrent streams the gateway opens on one HTTP/2 connection to an endpoint.
+    #[serde(default = "default_max_h2_streams")]
+    pub max_h2_streams: usize,
     /// SNI (and certificate name) for TLS; defaults to the endpoint's host name as written
     /// in `endpoints` (its IP address when written as one).
     #[serde(default)]
@@ -419,6 +426,20 @@ pub struct UpstreamConfig {
     /// an endpoint); at least 1s.
     #[serde(default = "default_resolve_interval")]
     pub resolve_interval: HumanDuration,
+}
+
+/// `upstreams.NAME.protocol`.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum UpstreamProtocol {
+    #[default]
+    Http1,
+    H2,
+    Auto,
+}
+
+fn default_max_h2_streams() -> usize {
+    100
 }
 
 /// The shortest `resolve_interval`: a fleet must not flood its name servers.
@@ -671,6 +692,10 @@ pub struct RouteConfig {
     /// the gateway closes it; replaces the pool's read and write timeouts after the upgrade.
     #[serde(default = "default_websocket_idle")]
     pub websocket_idle_timeout: HumanDuration,
+    /// A gRPC route: errors the gateway makes are gRPC errors (HTTP 200 with `grpc-status`),
+    /// `grpc-timeout` bounds the call, and gRPC-web requests are bridged to gRPC.
+    #[serde(default)]
+    pub grpc: bool,
 }
 
 fn default_websocket_idle() -> HumanDuration {
@@ -1270,6 +1295,12 @@ fn validate_upstream(path: &str, up: &UpstreamConfig, errors: &mut Vec<ConfigErr
             }
             Err(m) => errors.push(ConfigError::new(format!("{path}.endpoints[{i}]"), m)),
         }
+    }
+    if up.max_h2_streams == 0 {
+        errors.push(ConfigError::new(
+            format!("{path}.max_h2_streams"),
+            "must be at least 1",
+        ));
     }
     if up.resolve_interval.get() < MIN_RESOLVE_INTERVAL {
         errors.push(ConfigError::new(

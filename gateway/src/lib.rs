@@ -14,6 +14,7 @@ pub mod client_ip;
 pub mod config;
 pub mod conn;
 pub mod discovery;
+pub mod grpc;
 pub mod handover;
 pub mod listeners;
 pub mod log_window;

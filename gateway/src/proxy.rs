@@ -128,19 +128,55 @@ pub struct Ctx {
     backoff: Option<std::time::Duration>,
     /// The try's timeouts were cut to the time left before the route's deadline.
     cut_by_deadline: bool,
+    /// Errors the gateway makes are gRPC errors (a `grpc = true` route, or a gRPC request
+    /// that matched no route).
+    grpc: bool,
+    /// `received_at + grpc-timeout` on a gRPC route.
+    grpc_deadline: Option<Instant>,
+}
+
+/// The host a request is routed by: the URI's (HTTP/2 `:authority`, absolute form), else
+/// `Host`.
+fn routing_host(req: &pingora::http::RequestHeader) -> String {
+    req.uri
+        .host()
+        .map(request_host)
+        .or_else(|| {
+            req.headers
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(request_host)
+        })
+        .unwrap_or_default()
 }
 
 impl Gateway {
-    /// Answers an error in the gateway's JSON shape.
+    /// Whether the request would be routed to a `grpc = true` route.
+    fn routes_to_grpc(&self, req: &pingora::http::RequestHeader) -> bool {
+        let snapshot = self.shared.snapshot.load();
+        let Ok(path) = normalize(req.uri.path(), snapshot.escaped_slashes) else {
+            return false;
+        };
+        matches!(
+            snapshot.router.lookup(&routing_host(req), &path, &req.method),
+            Lookup::Found(i, _) if snapshot.routes[i].grpc
+        )
+    }
+
+    /// Answers an error in the gateway's JSON shape (a gRPC error on a gRPC route).
     async fn respond_error(
         &self,
         session: &mut Session,
         ctx: &mut Ctx,
         err: ApiError,
     ) -> Result<()> {
-        let mut header = err.header()?;
+        let (mut header, body) = if ctx.grpc {
+            (crate::grpc::error_header(&err)?, Bytes::new())
+        } else {
+            let body = Bytes::from(err.body(&ctx.req.request_id));
+            (err.header()?, body)
+        };
         header.insert_header(X_REQUEST_ID_NAME, ctx.req.request_id.as_str())?;
-        let body = Bytes::from(err.body(&ctx.req.request_id));
         ctx.error_code = Some(err.code);
         self.respond(session, ctx, header, body).await
     }
@@ -434,10 +470,17 @@ impl Gateway {
         }
     }
 
-    /// When the route's `timeout` runs out.
+    /// When the route's `timeout` (or a gRPC call's `grpc-timeout`) runs out.
     fn deadline(ctx: &Ctx) -> Option<Instant> {
-        let timeout = ctx.route.as_ref()?.timeout?;
-        ctx.req.received_at.checked_add(timeout)
+        let route = ctx
+            .route
+            .as_ref()?
+            .timeout
+            .and_then(|t| ctx.req.received_at.checked_add(t));
+        match (route, ctx.grpc_deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     fn upstream_outcome(&self, ctx: &Ctx, outcome: &str) {
@@ -478,11 +521,34 @@ impl ProxyHttp for Gateway {
             slot: None,
             backoff: None,
             cut_by_deadline: false,
+            grpc: false,
+            grpc_deadline: None,
         }
     }
 
     /// The head is parsed: the client's deadline moves on to the body, if one follows.
+    fn init_downstream_modules(&self, modules: &mut pingora::modules::http::HttpModules) {
+        // Pingora's default (a disabled compression module), and the gRPC-web bridge, which
+        // only acts on requests it is initialised for (`early_request_filter`).
+        modules
+            .add_module(pingora::modules::http::compression::ResponseCompressionBuilder::enable(0));
+        modules.add_module(Box::new(pingora::modules::http::grpc_web::GrpcWeb));
+    }
+
     async fn early_request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<()> {
+        // gRPC-web on a `grpc = true` route becomes gRPC upstream, and its answer gRPC-web
+        // again (trailers in the body). Routed here already: the bridge rewrites the request
+        // head before `request_filter`.
+        if crate::grpc::is_grpc_web(session.req_header().headers.get(http::header::CONTENT_TYPE))
+            && self.routes_to_grpc(session.req_header())
+        {
+            if let Some(bridge) = session
+                .downstream_modules_ctx
+                .get_mut::<pingora::modules::http::grpc_web::GrpcWebBridge>()
+            {
+                bridge.init();
+            }
+        }
         ctx.conn = ConnState::current();
         if let Some(conn) = &ctx.conn {
             let headers = &session.req_header().headers;
@@ -515,6 +581,8 @@ impl ProxyHttp for Gateway {
         ctx.req.background = session.subrequest_ctx.is_some();
 
         let req = session.req_header();
+        // Until a route says otherwise: a gRPC client gets its "no route" as a gRPC error.
+        ctx.grpc = crate::grpc::is_grpc(req.headers.get(http::header::CONTENT_TYPE));
         let path = match normalize(req.uri.path(), snapshot.escaped_slashes) {
             Ok(p) => p.into_owned(),
             Err(e) => {
@@ -523,17 +591,7 @@ impl ProxyHttp for Gateway {
                 return Ok(true);
             }
         };
-        let host = req
-            .uri
-            .host()
-            .map(request_host)
-            .or_else(|| {
-                req.headers
-                    .get(http::header::HOST)
-                    .and_then(|h| h.to_str().ok())
-                    .map(request_host)
-            })
-            .unwrap_or_default();
+        let host = routing_host(req);
         let method = req.method.clone();
         // A CORS preflight is routed by the method it asks about, and answered by a plugin of
         // that route, whatever the route's `methods` say (see `Plugin::preflight`).
@@ -576,6 +634,15 @@ impl ProxyHttp for Gateway {
         ctx.pool = route.upstream.clone();
         ctx.req.path = path;
         ctx.route = Some(Arc::clone(&route));
+        ctx.grpc = route.grpc;
+        if route.grpc {
+            ctx.grpc_deadline = session
+                .req_header()
+                .headers
+                .get("grpc-timeout")
+                .and_then(crate::grpc::parse_timeout)
+                .and_then(|t| ctx.req.received_at.checked_add(t));
+        }
 
         // Every plugin of the chain gets its `logging`, also for a request refused below.
         ctx.states = route.chain.iter().map(|e| e.plugin.new_state()).collect();
@@ -827,6 +894,8 @@ impl ProxyHttp for Gateway {
         // An upgrade (WebSocket) becomes a long-lived stream: quiet periods are bounded by
         // the route's `websocket_idle_timeout`, not by the pool's per-read timeout.
         if session.is_upgrade_req() {
+            // An upgrade is HTTP/1.1 only (RFC 9110 7.8), whatever the pool's protocol.
+            peer.options.set_http_version(1, 1);
             peer.options.read_timeout = Some(route.websocket_idle);
             peer.options.write_timeout = Some(route.websocket_idle);
             // The client's side too: Pingora's per-read timeout would end a quiet socket.
@@ -1376,6 +1445,11 @@ impl ProxyHttp for Gateway {
                 request_id: &ctx.req.request_id,
                 client: ctx.req.client_ip,
                 method: session.req_header().method.as_str(),
+                proto: match session.req_header().version {
+                    http::Version::HTTP_2 => "HTTP/2",
+                    http::Version::HTTP_10 => "HTTP/1.0",
+                    _ => "HTTP/1.1",
+                },
                 path: if ctx.req.path.is_empty() {
                     session.req_header().uri.path()
                 } else {

@@ -42,6 +42,8 @@ pub struct Route {
     pub timeout: Option<std::time::Duration>,
     /// `websocket_idle_timeout`: the read and write timeouts of an upgraded connection.
     pub websocket_idle: std::time::Duration,
+    /// `grpc`: gRPC errors, `grpc-timeout`, the gRPC-web bridge.
+    pub grpc: bool,
 }
 
 impl Route {
@@ -288,6 +290,7 @@ impl Snapshot {
                 hooks,
                 timeout: r.timeout.map(|t| t.get()),
                 websocket_idle: r.websocket_idle_timeout.get(),
+                grpc: r.grpc,
             }));
         }
 

@@ -33,7 +33,9 @@ use pingora::lb::selection::{Consistent, Random, RoundRobin};
 use pingora::lb::{Backend, Backends, LoadBalancer};
 use pingora::upstreams::peer::HttpPeer;
 
-use crate::config::{Balance, HealthConfig, HealthKind, OutlierConfig, UpstreamConfig};
+use crate::config::{
+    Balance, HealthConfig, HealthKind, OutlierConfig, UpstreamConfig, UpstreamProtocol,
+};
 use crate::resilience::{
     ejection_time, Failure, NoRetry, PeakEwma, ResilienceMetrics, RetryBudget, RetryPolicy,
     TryState, FAILURE_PENALTY,
@@ -237,8 +239,11 @@ struct Name {
 /// Scheduling state of a pool's name resolutions.
 struct Discovery {
     names: Vec<Name>,
-    /// Every name has an answer and the members were built from it (readiness).
-    complete: AtomicBool,
+    /// Every name was resolved (or tried) once and the members were built from the answers:
+    /// `/readyz` waits for it at start. A name that does not resolve leaves its addresses out
+    /// (counted and logged) but does not hold readiness: one missing Service must not take
+    /// every route of the fleet out of its load balancer.
+    attempted: AtomicBool,
     interval: Duration,
     next_due: Mutex<Instant>,
     running: AtomicBool,
@@ -358,7 +363,7 @@ impl Pool {
             });
         }
         let discovery = (!names.is_empty()).then(|| Discovery {
-            complete: AtomicBool::new(names.iter().all(|n| n.addrs.lock().is_some())),
+            attempted: AtomicBool::new(names.iter().all(|n| n.addrs.lock().is_some())),
             names,
             interval: config.resolve_interval.get(),
             next_due: Mutex::new(Instant::now()),
@@ -686,6 +691,7 @@ impl Pool {
         peer.options.read_timeout = Some(c.read_timeout.get());
         peer.options.write_timeout = Some(c.write_timeout.get());
         peer.options.idle_timeout = Some(c.idle_timeout.get());
+        apply_protocol(c, &mut peer.options);
         if c.tls {
             self.tls.apply(&mut peer.options);
             peer.client_cert_key = self.tls.client.clone();
@@ -713,13 +719,13 @@ impl Pool {
             .collect()
     }
 
-    /// Ready to serve: every host name resolved once, and every endpoint of a pool with
-    /// active checks was checked at least once.
+    /// Ready to serve: every host name was resolved (or tried) once, and every endpoint of a
+    /// pool with active checks was checked at least once.
     pub fn is_ready(&self) -> bool {
         let resolved = self
             .discovery
             .as_ref()
-            .is_none_or(|d| d.complete.load(Ordering::Acquire));
+            .is_none_or(|d| d.attempted.load(Ordering::Acquire));
         resolved
             && (self.health.is_none()
                 || self
@@ -1021,8 +1027,7 @@ impl Pool {
         if changed {
             self.refresh_members();
         }
-        let complete = d.names.iter().all(|n| n.addrs.lock().is_some());
-        d.complete.store(complete, Ordering::Release);
+        d.attempted.store(true, Ordering::Release);
     }
 
     /// Rebuilds the members from the names' current answers. Endpoints that stay are kept
@@ -1080,6 +1085,18 @@ impl Pool {
             removed.join(", ")
         );
     }
+}
+
+/// The HTTP versions a pool's connections may speak: `h2` only (ALPN h2 with TLS, h2c with
+/// prior knowledge without), `auto` (ALPN h2 or http/1.1 with TLS; HTTP/1.1 without, where
+/// nothing negotiates), or HTTP/1.1.
+fn apply_protocol(c: &UpstreamConfig, options: &mut pingora::upstreams::peer::PeerOptions) {
+    match (c.protocol, c.tls) {
+        (UpstreamProtocol::H2, _) => options.set_http_version(2, 2),
+        (UpstreamProtocol::Auto, true) => options.set_http_version(2, 1),
+        _ => options.set_http_version(1, 1),
+    }
+    options.max_h2_streams = c.max_h2_streams;
 }
 
 /// `(host, authority)` of an endpoint as written: `"api.internal:8443@2"` gives
@@ -1151,6 +1168,7 @@ fn health_check(
                 tls.apply(&mut check.peer_template.options);
                 check.peer_template.client_cert_key = tls.client.clone();
             }
+            apply_protocol(up, &mut check.peer_template.options);
             check.req.set_uri(h.path.value()?.0.clone());
             let expected = h.expected_status.clone();
             check.validator = Some(Box::new(move |resp| {
