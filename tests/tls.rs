@@ -375,7 +375,7 @@ async fn client_certificates_are_required_or_optional() {
     for mode in ["require", "optional"] {
         let gw = Gateway::start(&format!(
             "{}\n[[server.tls]]\nlisten = \"127.0.0.1:0\"\ncert = \"{sc}\"\nkey = \"{sk}\"\n\
-             client_auth = \"{mode}\"\nclient_ca = \"{}\"\n\
+             client_auth = \"{mode}\"\nclient_ca = \"{}\"\nforward_client_cert = \"x-client-cert-subject\"\n\
              [upstreams.app]\nendpoints = [\"{}\"]\n[[routes]]\nname = \"app\"\nupstream = \"app\"\n",
             server(""),
             ca.display(),
@@ -398,12 +398,21 @@ async fn client_certificates_are_required_or_optional() {
             b.build().unwrap()
         };
         let url = format!("https://app.test:{port}/x");
-        let ok = with(Some(identity.clone())).get(&url).send().await.unwrap();
+        let ok = with(Some(identity.clone()))
+            .get(&url)
+            .header("x-client-cert-subject", "CN=forged")
+            .send()
+            .await
+            .unwrap();
         assert_eq!(
             ok.status(),
             200,
             "{mode}: a client with a certificate of the CA"
         );
+        // The verified subject goes upstream, never what the client wrote.
+        let seen = up.requests();
+        let subjects = seen.last().unwrap().header_all("x-client-cert-subject");
+        assert_eq!(subjects, ["CN=rcgen self signed cert"], "{mode}");
         let wrong = with(Some(stranger_identity.clone())).get(&url).send().await;
         assert!(
             wrong.is_err(),
@@ -412,11 +421,28 @@ async fn client_certificates_are_required_or_optional() {
         let none = with(None).get(&url).send().await;
         match mode {
             "require" => assert!(none.is_err(), "require: no certificate, no connection"),
-            _ => assert_eq!(
-                none.unwrap().status(),
-                200,
-                "optional: no certificate is fine"
-            ),
+            _ => {
+                assert_eq!(
+                    none.unwrap().status(),
+                    200,
+                    "optional: no certificate is fine"
+                );
+                let forged = with(None)
+                    .get(&url)
+                    .header("x-client-cert-subject", "CN=forged")
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(forged.status(), 200);
+                let seen = up.requests();
+                assert!(
+                    seen.last()
+                        .unwrap()
+                        .header("x-client-cert-subject")
+                        .is_none(),
+                    "optional without a certificate: no subject, and no forged one"
+                );
+            }
         }
     }
 }
@@ -446,4 +472,15 @@ fn certificate_mistakes_are_config_errors() {
         assert!(err.contains(expected), "missing {expected}: {err}");
     }
     assert!(err.contains("is not the key of"), "{err}");
+
+    // A subject header needs client certificates to come from.
+    let (code, _, err) = check(&format!(
+        "[server]\nlisten = [\"127.0.0.1:8080\"]\n[[server.tls]]\nlisten = \"127.0.0.1:8443\"\n\
+         cert = \"{ac}\"\nkey = \"{ak}\"\nforward_client_cert = \"x-client-cert-subject\"\n"
+    ));
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("server.tls[0].forward_client_cert") && err.contains("needs client_auth"),
+        "{err}"
+    );
 }

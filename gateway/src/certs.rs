@@ -245,6 +245,47 @@ pub fn check(config: &Config) -> Vec<ConfigError> {
                 "only used with client_auth = \"optional\" or \"require\"",
             ));
         }
+        if let Some(h) = &tls.forward_client_cert {
+            if let Err(m) = h.value() {
+                errors.push(ConfigError::new(format!("{path}.forward_client_cert"), m));
+            } else if tls.client_auth == ClientAuthMode::None {
+                errors.push(ConfigError::new(
+                    format!("{path}.forward_client_cert"),
+                    "needs client_auth = \"optional\" or \"require\"",
+                ));
+            }
+        }
     }
     errors
+}
+
+/// The verified client certificate of a TLS connection (`forward_client_cert`), kept in the
+/// connection's TLS digest.
+pub struct ClientCert {
+    /// The header that carries it upstream.
+    pub header: http::HeaderName,
+    /// The certificate's subject, RFC 4514 style (`CN=alice, O=Acme`).
+    pub subject: String,
+}
+
+/// After each handshake of a listener with `forward_client_cert`: the subject of the client's
+/// certificate, which rustls verified against `client_ca` during the handshake (a certificate
+/// that fails verification fails the handshake, so one that is here was verified).
+pub struct ForwardClientCert {
+    pub header: http::HeaderName,
+}
+
+#[async_trait::async_trait]
+impl pingora::listeners::TlsAccept for ForwardClientCert {
+    async fn handshake_complete_callback(
+        &self,
+        tls: &pingora::protocols::tls::TlsRef,
+    ) -> Option<Arc<dyn std::any::Any + Send + Sync>> {
+        let der = tls.peer_certificate_der()?;
+        let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+        Some(Arc::new(ClientCert {
+            header: self.header.clone(),
+            subject: cert.subject().to_string(),
+        }))
+    }
 }

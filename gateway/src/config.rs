@@ -325,6 +325,10 @@ pub struct TlsListener {
     /// PEM file of the CAs that sign client certificates (with `client_auth`).
     #[serde(default)]
     pub client_ca: Option<String>,
+    /// A header sent upstream with the subject of the client's verified certificate
+    /// (`CN=alice, O=Acme`); removed from every client request, so only the gateway sets it.
+    #[serde(default)]
+    pub forward_client_cert: Option<Parsed<http::HeaderName>>,
 }
 
 /// One SNI certificate of a TLS listener.

@@ -198,11 +198,22 @@ fn warn_static_changes(old: &Config, new: &Config) {
     let changed: Vec<&str> = [
         ("listen", o.listen != n.listen),
         (
-            "tls (listeners, http2, client_auth, client_ca)",
+            "tls (listeners, http2, client_auth, client_ca, forward_client_cert)",
             o.tls.len() != n.tls.len()
                 || o.tls.iter().zip(&n.tls).any(|(a, b)| {
-                    (&a.listen, a.http2, a.client_auth, &a.client_ca)
-                        != (&b.listen, b.http2, b.client_auth, &b.client_ca)
+                    (
+                        &a.listen,
+                        a.http2,
+                        a.client_auth,
+                        &a.client_ca,
+                        &a.forward_client_cert,
+                    ) != (
+                        &b.listen,
+                        b.http2,
+                        b.client_auth,
+                        &b.client_ca,
+                        &b.forward_client_cert,
+                    )
                 }),
         ),
         ("admin_listen", o.admin_listen != n.admin_listen),
@@ -487,8 +498,13 @@ pub fn run(shared: Arc<Shared>, options: RunOptions) -> anyhow::Result<()> {
     }
     for (i, tls) in server_conf.tls.iter().enumerate() {
         let key = format!("server.tls[{i}].listen");
-        let mut settings = TlsSettings::intermediate(&tls.cert, &tls.key)
-            .map_err(|e| anyhow::anyhow!("{key}: {e}"))?;
+        let mut settings = match tls.forward_client_cert.as_ref().map(|h| h.value()) {
+            Some(Ok(header)) => TlsSettings::with_callbacks(Box::new(certs::ForwardClientCert {
+                header: header.clone(),
+            })),
+            _ => TlsSettings::intermediate(&tls.cert, &tls.key),
+        }
+        .map_err(|e| anyhow::anyhow!("{key}: {e}"))?;
         if let Some((_, resolver)) = shared.sni.get(i) {
             settings.set_cert_resolver(Arc::clone(resolver) as _);
         }

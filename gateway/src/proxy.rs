@@ -1073,6 +1073,15 @@ impl ProxyHttp for Gateway {
                 upstream_request.insert_header(http::header::HOST, t.authority())?;
             }
         }
+        // `forward_client_cert`: the verified client certificate's subject (the client's own
+        // header of that name was removed with the trusted headers).
+        if let Some(cert) = session
+            .digest()
+            .and_then(|d| d.ssl_digest.as_ref())
+            .and_then(|t| t.extension.get::<crate::certs::ClientCert>())
+        {
+            upstream_request.insert_header(cert.header.clone(), cert.subject.as_str())?;
+        }
 
         for (name, value) in &ctx.req.identity_headers {
             upstream_request.insert_header(name.clone(), value.clone())?;

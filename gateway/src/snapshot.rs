@@ -149,7 +149,13 @@ impl Snapshot {
         ));
         let mut plugins = BTreeMap::new();
         let mut fresh = Vec::new();
-        let mut trusted: Vec<HeaderName> = Vec::new();
+        // `forward_client_cert` headers are the gateway's to set.
+        let mut trusted: Vec<HeaderName> = config
+            .server
+            .tls
+            .iter()
+            .filter_map(|t| t.forward_client_cert.as_ref()?.value().ok().cloned())
+            .collect();
         let mut gateway_cookies: Vec<String> = Vec::new();
         for (name, pc) in &config.plugins {
             let env = BuildEnv {
