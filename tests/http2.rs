@@ -151,3 +151,159 @@ async fn tls_offers_h2_by_alpn_unless_turned_off() {
         assert_eq!(got.header("x-forwarded-proto"), Some("https"));
     }
 }
+
+/// Requests parsed from an HTTP/1.1 byte stream: `(request line, body)` each, and the bytes
+/// that do not form a complete request (a framing error shows up there).
+fn parse_http1(mut buf: &[u8]) -> (Vec<(String, Vec<u8>)>, Vec<u8>) {
+    let mut out = Vec::new();
+    loop {
+        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+            return (out, buf.to_vec());
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).to_string();
+        let mut rest = &buf[end + 4..];
+        let line = head.lines().next().unwrap_or_default().to_string();
+        let header = |name: &str| {
+            head.lines().skip(1).find_map(|l| {
+                let (n, v) = l.split_once(':')?;
+                n.trim()
+                    .eq_ignore_ascii_case(name)
+                    .then(|| v.trim().to_string())
+            })
+        };
+        let mut body = Vec::new();
+        if header("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
+            loop {
+                let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") else {
+                    return (out, buf.to_vec());
+                };
+                let size = usize::from_str_radix(String::from_utf8_lossy(&rest[..eol]).trim(), 16)
+                    .unwrap_or(usize::MAX);
+                if size == usize::MAX || rest.len() < eol + 2 + size + 2 {
+                    return (out, buf.to_vec());
+                }
+                body.extend_from_slice(&rest[eol + 2..eol + 2 + size]);
+                rest = &rest[eol + 2 + size + 2..];
+                if size == 0 {
+                    break;
+                }
+            }
+        } else if let Some(n) = header("content-length").and_then(|v| v.parse::<usize>().ok()) {
+            if rest.len() < n {
+                return (out, buf.to_vec());
+            }
+            body.extend_from_slice(&rest[..n]);
+            rest = &rest[n..];
+        }
+        out.push((line, body));
+        buf = rest;
+    }
+}
+
+/// An HTTP/1.1 upstream that keeps every byte it receives and answers each complete request
+/// with a small 200 on the same (kept-alive) connection.
+async fn recording_http1_upstream() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let streams: std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>> = Default::default();
+    let kept = std::sync::Arc::clone(&streams);
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let kept = std::sync::Arc::clone(&kept);
+            tokio::spawn(async move {
+                let index = {
+                    let mut s = kept.lock().unwrap();
+                    s.push(Vec::new());
+                    s.len() - 1
+                };
+                let mut answered = 0;
+                let mut chunk = [0u8; 8192];
+                loop {
+                    let n = match tcp.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    let complete = {
+                        let mut s = kept.lock().unwrap();
+                        s[index].extend_from_slice(&chunk[..n]);
+                        parse_http1(&s[index]).0.len()
+                    };
+                    while answered < complete {
+                        answered += 1;
+                        let _ = tcp
+                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                            .await;
+                    }
+                }
+            });
+        }
+    });
+    (addr, streams)
+}
+
+/// An h2 request body without a length reaches an HTTP/1.1 upstream chunked, with exactly one
+/// terminating chunk (RFC 9112 7.1): a second `0\r\n\r\n` would be read as the start of the
+/// next request on the pooled connection and corrupt it. Requests after it on the same
+/// connection are framed as sent.
+#[tokio::test]
+async fn h2_bodies_without_length_reach_an_http1_upstream_framed_once() {
+    let (upstream, streams) = recording_http1_upstream().await;
+    let gw = Gateway::start(&format!(
+        "{}\n[upstreams.app]\nendpoints = [\"{upstream}\"]\n[[routes]]\nname = \"app\"\npath_prefix = \"/\"\nupstream = \"app\"\n",
+        server("h2c = true"),
+    ))
+    .await;
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    for i in 0..3 {
+        let parts: Vec<Result<Vec<u8>, std::io::Error>> =
+            vec![Ok(format!("part-{i}-a,").into_bytes()), Ok(b"b".to_vec())];
+        let r = h2
+            .post(gw.url("/upload"))
+            .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+                parts,
+            )))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "upload {i}");
+        assert_eq!(r.text().await.unwrap(), "ok");
+        let r = h2.get(gw.url("/after")).send().await.unwrap();
+        assert_eq!(r.status(), 200, "the request after upload {i}");
+    }
+    let streams = streams.lock().unwrap().clone();
+    let mut requests = Vec::new();
+    for bytes in &streams {
+        let (parsed, leftover) = parse_http1(bytes);
+        assert!(
+            leftover.is_empty(),
+            "bytes after the last request: {:?}",
+            String::from_utf8_lossy(&leftover)
+        );
+        requests.extend(parsed);
+    }
+    assert_eq!(requests.len(), 6, "{requests:?}");
+    let uploads: Vec<&(String, Vec<u8>)> = requests
+        .iter()
+        .filter(|(l, _)| l.starts_with("POST /upload"))
+        .collect();
+    assert_eq!(uploads.len(), 3);
+    for (i, (_, body)) in uploads.iter().enumerate() {
+        assert_eq!(
+            String::from_utf8_lossy(body),
+            format!("part-{i}-a,b"),
+            "uploads arrive in order on one connection"
+        );
+    }
+    assert!(
+        streams.len() <= 2,
+        "connections were reused: {}",
+        streams.len()
+    );
+}

@@ -12,6 +12,7 @@ mod clients;
 mod discovery;
 mod fleet;
 mod grpc;
+mod h2_frames;
 mod headers;
 mod http2;
 mod identity;

@@ -178,6 +178,10 @@ pub struct ServerConfig {
     /// on the same port.
     #[serde(default)]
     pub h2c: bool,
+    /// Streams one HTTP/2 client connection may have open at once (SETTINGS_MAX_CONCURRENT_
+    /// STREAMS, RFC 9113 6.5.2); more are refused with REFUSED_STREAM.
+    #[serde(default = "default_h2_max_concurrent_streams")]
+    pub h2_max_concurrent_streams: u32,
     /// Name servers (`"ip:port"`) that resolve endpoints written as host names; empty: the
     /// system's (`/etc/resolv.conf`, and `/etc/hosts`).
     #[serde(default)]
@@ -430,6 +434,10 @@ pub struct UpstreamConfig {
     /// an endpoint); at least 1s.
     #[serde(default = "default_resolve_interval")]
     pub resolve_interval: HumanDuration,
+}
+
+fn default_h2_max_concurrent_streams() -> u32 {
+    100
 }
 
 /// `upstreams.NAME.protocol`.
@@ -1061,6 +1069,12 @@ fn validate_server(config: &Config, errors: &mut Vec<ConfigError>) {
     let mut seen = HashSet::new();
     for (i, addr) in s.listen.iter().enumerate() {
         check_listen_addr(&format!("server.listen[{i}]"), addr, &mut seen, errors);
+    }
+    if s.h2_max_concurrent_streams == 0 {
+        errors.push(ConfigError::new(
+            "server.h2_max_concurrent_streams",
+            "must be at least 1",
+        ));
     }
     for (i, r) in s.dns_resolvers.iter().enumerate() {
         if let Err(m) = r.value() {

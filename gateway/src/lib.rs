@@ -231,6 +231,10 @@ fn warn_static_changes(old: &Config, new: &Config) {
         ("pid_file", o.pid_file != n.pid_file),
         ("watch", o.watch != n.watch),
         ("h2c", o.h2c != n.h2c),
+        (
+            "h2_max_concurrent_streams",
+            o.h2_max_concurrent_streams != n.h2_max_concurrent_streams,
+        ),
         ("dns_resolvers", o.dns_resolvers != n.dns_resolvers),
     ]
     .into_iter()
@@ -466,6 +470,10 @@ pub fn run(shared: Arc<Shared>, options: RunOptions) -> anyhow::Result<()> {
     server_options.h2c = server_conf.h2c;
     server_options.h2_idle_timeout = Some(server_conf.idle_timeout.get());
     app.server_options = Some(server_options);
+    // Pingora's bounded defaults (a 64 KiB decoded header list), with the stream limit set.
+    let mut h2 = pingora::protocols::http::v2::server::default_h2_options();
+    h2.max_concurrent_streams(server_conf.h2_max_concurrent_streams);
+    app.h2_options = Some(h2);
     let limits = conn::Limits {
         max_connections: server_conf.max_connections,
         header_timeout: server_conf.header_timeout.get(),

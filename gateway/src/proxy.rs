@@ -730,6 +730,13 @@ impl ProxyHttp for Gateway {
             if let Some(conn) = &ctx.conn {
                 conn.body_done();
             }
+            // An HTTP/2 body often ends with an empty DATA frame (END_STREAM). Pingora writes
+            // an empty chunk to an HTTP/1.1 upstream as `0\r\n\r\n`, then the terminating
+            // chunk again, and the extra one would be read as the start of the next request
+            // on the pooled connection. No bytes at the end: nothing to write but the end.
+            if body.as_ref().is_some_and(Bytes::is_empty) && !session.was_upgraded() {
+                *body = None;
+            }
         }
         // After an upgrade (WebSocket) the body is a stream of frames: `max_body` bounds
         // request bodies, not a conversation.

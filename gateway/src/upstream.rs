@@ -258,6 +258,9 @@ pub struct Pool {
     health: Option<HealthSchedule>,
     /// The host names among the endpoints (`None`: every endpoint is an address).
     discovery: Option<Discovery>,
+    /// The pool was ready once: endpoints a later resolution adds wait for their first check
+    /// before they get traffic, but do not make the gateway unready meanwhile.
+    was_ready: AtomicBool,
     /// Rate limit of this pool's request-failure log lines.
     pub error_log: crate::log_window::LogWindow,
     pub retry: RetryPolicy,
@@ -398,6 +401,7 @@ impl Pool {
             members: ArcSwap::from_pointee(members),
             health,
             discovery,
+            was_ready: AtomicBool::new(false),
             error_log: crate::log_window::LogWindow::default(),
             retry: RetryPolicy::new(config),
             budget: RetryBudget::new(budget.ratio, budget.min_per_second, epoch),
@@ -720,20 +724,27 @@ impl Pool {
     }
 
     /// Ready to serve: every host name was resolved (or tried) once, and every endpoint of a
-    /// pool with active checks was checked at least once.
+    /// pool with active checks was checked at least once; once ready, a pool stays ready.
     pub fn is_ready(&self) -> bool {
+        if self.was_ready.load(Ordering::Acquire) {
+            return true;
+        }
         let resolved = self
             .discovery
             .as_ref()
             .is_none_or(|d| d.attempted.load(Ordering::Acquire));
-        resolved
+        let ready = resolved
             && (self.health.is_none()
                 || self
                     .members
                     .load()
                     .endpoints
                     .iter()
-                    .all(|(_, e)| e.health.checked.load(Ordering::Acquire)))
+                    .all(|(_, e)| e.health.checked.load(Ordering::Acquire)));
+        if ready {
+            self.was_ready.store(true, Ordering::Release);
+        }
+        ready
     }
 
     /// Starts a health-check pass when one is due and none is running. Returns the pass to
