@@ -6,171 +6,27 @@
 
 use crate::support;
 
-use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{Stream, StreamExt};
+use sallyport_mock::grpc::{codec, Echo};
 use support::*;
-use tonic::codegen::{http, BoxFuture, Service};
-use tonic::{Code, Request, Response, Status, Streaming};
+use tonic::codegen::http;
+use tonic::{Code, Request, Response, Status};
 
-/// The one message of the test service.
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct Echo {
-    #[prost(string, tag = "1")]
-    pub text: String,
-    #[prost(uint32, tag = "2")]
-    pub count: u32,
-}
-
-fn codec() -> tonic_prost::ProstCodec<Echo, Echo> {
-    tonic_prost::ProstCodec::default()
-}
-
-type EchoStream = Pin<Box<dyn Stream<Item = Result<Echo, Status>> + Send>>;
-
-struct Unary;
-impl tonic::server::UnaryService<Echo> for Unary {
-    type Response = Echo;
-    type Future = BoxFuture<Response<Echo>, Status>;
-    fn call(&mut self, req: Request<Echo>) -> Self::Future {
-        Box::pin(async move {
-            let msg = req.into_inner();
-            if msg.text == "fail" {
-                return Err(Status::not_found("no such order"));
-            }
-            let mut resp = Response::new(Echo {
-                text: msg.text,
-                count: 1,
-            });
-            resp.metadata_mut()
-                .insert("x-served-by", "echo".parse().unwrap());
-            Ok(resp)
-        })
-    }
-}
-
-struct ServerStream;
-impl tonic::server::ServerStreamingService<Echo> for ServerStream {
-    type Response = Echo;
-    type ResponseStream = EchoStream;
-    type Future = BoxFuture<Response<EchoStream>, Status>;
-    fn call(&mut self, req: Request<Echo>) -> Self::Future {
-        Box::pin(async move {
-            let msg = req.into_inner();
-            let items = (0..msg.count).map(move |i| {
-                Ok(Echo {
-                    text: format!("{}-{i}", msg.text),
-                    count: i,
-                })
-            });
-            Ok(Response::new(
-                Box::pin(futures_util::stream::iter(items)) as EchoStream
-            ))
-        })
-    }
-}
-
-struct ClientStream;
-impl tonic::server::ClientStreamingService<Echo> for ClientStream {
-    type Response = Echo;
-    type Future = BoxFuture<Response<Echo>, Status>;
-    fn call(&mut self, req: Request<Streaming<Echo>>) -> Self::Future {
-        Box::pin(async move {
-            let mut stream = req.into_inner();
-            let (mut text, mut count) = (String::new(), 0);
-            while let Some(m) = stream.next().await {
-                text.push_str(&m?.text);
-                count += 1;
-            }
-            Ok(Response::new(Echo { text, count }))
-        })
-    }
-}
-
-struct Bidi;
-impl tonic::server::StreamingService<Echo> for Bidi {
-    type Response = Echo;
-    type ResponseStream = EchoStream;
-    type Future = BoxFuture<Response<EchoStream>, Status>;
-    fn call(&mut self, req: Request<Streaming<Echo>>) -> Self::Future {
-        Box::pin(async move {
-            let out = req.into_inner().map(|m| {
-                m.map(|m| Echo {
-                    text: m.text.to_uppercase(),
-                    count: m.count,
-                })
-            });
-            Ok(Response::new(Box::pin(out) as EchoStream))
-        })
-    }
-}
-
-/// `test.Echo`: Unary, ServerStream, ClientStream, Bidi.
-#[derive(Clone)]
-struct EchoService;
-
-impl<B> Service<http::Request<B>> for EchoService
-where
-    B: tonic::codegen::Body + Send + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
-{
-    type Response = http::Response<tonic::body::Body>;
-    type Error = std::convert::Infallible;
-    type Future = BoxFuture<Self::Response, Self::Error>;
-
-    fn poll_ready(
-        &mut self,
-        _cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Self::Error>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        Box::pin(async move {
-            let mut grpc = tonic::server::Grpc::new(codec());
-            Ok(match req.uri().path() {
-                "/test.Echo/Unary" => grpc.unary(Unary, req).await,
-                "/test.Echo/ServerStream" => grpc.server_streaming(ServerStream, req).await,
-                "/test.Echo/ClientStream" => grpc.client_streaming(ClientStream, req).await,
-                "/test.Echo/Bidi" => grpc.streaming(Bidi, req).await,
-                _ => Status::unimplemented("no such method").into_http(),
-            })
-        })
-    }
-}
-
-impl tonic::server::NamedService for EchoService {
-    const NAME: &'static str = "test.Echo";
-}
-
-/// The tonic server on a loopback port, and the connections it accepted.
+/// The mock's `mock.Echo` on a loopback port, and the connections it accepted.
 async fn echo_server() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let counted = {
-        let accepted = Arc::clone(&accepted);
-        tonic::codegen::tokio_stream::wrappers::TcpListenerStream::new(listener).inspect(move |c| {
-            if c.is_ok() {
-                accepted.fetch_add(1, Ordering::Relaxed);
-            }
-        })
-    };
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(EchoService)
-            .serve_with_incoming(counted),
-    );
-    (addr, accepted)
+    (addr, sallyport_mock::grpc::serve(listener))
 }
 
 fn config(upstream: std::net::SocketAddr, extra: &str) -> String {
     format!(
         "{}\n[upstreams.echo]\nendpoints = [\"{upstream}\"]\nprotocol = \"h2\"\n\
-         [[routes]]\nname = \"echo\"\npath_prefix = \"/test.Echo/\"\nupstream = \"echo\"\ngrpc = true\n{extra}\n",
+         [[routes]]\nname = \"echo\"\npath_prefix = \"/mock.Echo/\"\nupstream = \"echo\"\ngrpc = true\n{extra}\n",
         server("h2c = true"),
     )
 }
@@ -211,14 +67,14 @@ async fn unary_and_streaming_calls_pass_through_with_trailers() {
     let gw = Gateway::start(&config(upstream, "")).await;
     let mut c = grpc_client(&gw).await;
 
-    let r = unary(&mut c, "/test.Echo/Unary", Request::new(echo("hi", 0)))
+    let r = unary(&mut c, "/mock.Echo/Unary", Request::new(echo("hi", 0)))
         .await
         .unwrap();
     assert_eq!(r.metadata().get("x-served-by").unwrap(), "echo");
     assert_eq!(r.into_inner(), echo("hi", 1));
 
     // The service's own error, from its trailers, reaches the client unchanged.
-    let err = unary(&mut c, "/test.Echo/Unary", Request::new(echo("fail", 0)))
+    let err = unary(&mut c, "/mock.Echo/Unary", Request::new(echo("fail", 0)))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
@@ -228,7 +84,7 @@ async fn unary_and_streaming_calls_pass_through_with_trailers() {
     let stream = c
         .server_streaming(
             Request::new(echo("item", 5)),
-            path("/test.Echo/ServerStream"),
+            path("/mock.Echo/ServerStream"),
             codec(),
         )
         .await
@@ -243,7 +99,7 @@ async fn unary_and_streaming_calls_pass_through_with_trailers() {
     let r = c
         .client_streaming(
             Request::new(parts),
-            path("/test.Echo/ClientStream"),
+            path("/mock.Echo/ClientStream"),
             codec(),
         )
         .await
@@ -256,7 +112,7 @@ async fn unary_and_streaming_calls_pass_through_with_trailers() {
     let mut answers = c
         .streaming(
             Request::new(tokio_stream_from(rx)),
-            path("/test.Echo/Bidi"),
+            path("/mock.Echo/Bidi"),
             codec(),
         )
         .await
@@ -294,7 +150,7 @@ async fn many_calls_share_few_upstream_connections() {
     let gw = Gateway::start(&config(upstream, "")).await;
     let mut c = grpc_client(&gw).await;
     // The first call opens the connection; the next ones find it and open streams on it.
-    unary(&mut c, "/test.Echo/Unary", Request::new(echo("first", 0)))
+    unary(&mut c, "/mock.Echo/Unary", Request::new(echo("first", 0)))
         .await
         .unwrap();
     let wave = |c: &tonic::client::Grpc<tonic::transport::Channel>| {
@@ -303,7 +159,7 @@ async fn many_calls_share_few_upstream_connections() {
             async move {
                 let r = unary(
                     &mut c,
-                    "/test.Echo/Unary",
+                    "/mock.Echo/Unary",
                     Request::new(echo(&i.to_string(), 0)),
                 )
                 .await
@@ -359,7 +215,7 @@ async fn errors_the_gateway_makes_are_grpc_errors() {
     let mut c = grpc_client(&gw).await;
 
     // key_auth refuses: 401 becomes UNAUTHENTICATED, with the gateway's code in the message.
-    let err = unary(&mut c, "/test.Echo/Unary", Request::new(echo("hi", 0)))
+    let err = unary(&mut c, "/mock.Echo/Unary", Request::new(echo("hi", 0)))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
@@ -369,7 +225,7 @@ async fn errors_the_gateway_makes_are_grpc_errors() {
         .metadata_mut()
         .insert("x-api-key", key.parse().unwrap());
     assert_eq!(
-        unary(&mut c, "/test.Echo/Unary", authed)
+        unary(&mut c, "/mock.Echo/Unary", authed)
             .await
             .unwrap()
             .into_inner()
@@ -431,7 +287,7 @@ async fn grpc_web_from_a_browser_is_bridged_to_grpc() {
         .http1_only()
         .build()
         .unwrap()
-        .post(gw.url("/test.Echo/Unary"))
+        .post(gw.url("/mock.Echo/Unary"))
         .header("content-type", "application/grpc-web+proto")
         .header("x-grpc-web", "1")
         .body(body)
@@ -458,4 +314,16 @@ async fn grpc_web_from_a_browser_is_bridged_to_grpc() {
     assert_eq!(rest[0], 0x80, "trailers frame");
     let trailers = String::from_utf8_lossy(&rest[5..]).to_lowercase();
     assert!(trailers.contains("grpc-status:0"), "{trailers}");
+
+    // No route: the gateway's own gRPC error, in the gRPC-web client's content type.
+    let r = reqwest::Client::new()
+        .post(gw.url("/mock.Nothing/Call"))
+        .header("content-type", "application/grpc-web+proto")
+        .body(vec![0u8, 0, 0, 0, 0])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "application/grpc-web+proto");
+    assert_eq!(r.headers()["grpc-status"], "12", "UNIMPLEMENTED");
 }

@@ -50,10 +50,16 @@ pub fn is_grpc_web(content_type: Option<&HeaderValue>) -> bool {
 }
 
 /// The Trailers-Only response for an error; the error's own headers (`WWW-Authenticate`,
-/// `Retry-After`) are kept.
-pub fn error_header(err: &ApiError) -> pingora::Result<ResponseHeader> {
+/// `Retry-After`) are kept. `web`: a gRPC-web client the bridge does not serve (no route),
+/// answered in its own content type (its Trailers-Only form is the same header block).
+pub fn error_header(err: &ApiError, web: bool) -> pingora::Result<ResponseHeader> {
     let mut header = ResponseHeader::build(200, Some(4 + err.headers.len()))?;
-    header.insert_header(http::header::CONTENT_TYPE, CONTENT_TYPE_GRPC)?;
+    let content_type = if web {
+        "application/grpc-web+proto"
+    } else {
+        CONTENT_TYPE_GRPC
+    };
+    header.insert_header(http::header::CONTENT_TYPE, content_type)?;
     header.insert_header("grpc-status", status_for(err.status).to_string())?;
     header.insert_header(
         "grpc-message",
@@ -123,7 +129,7 @@ mod tests {
     fn errors_become_trailers_only_responses() {
         let err = ApiError::new(429, "quota_exceeded", "100% used: wait")
             .with_header(http::header::RETRY_AFTER, "3");
-        let h = error_header(&err).unwrap();
+        let h = error_header(&err, false).unwrap();
         assert_eq!(h.status, 200);
         assert_eq!(h.headers["content-type"], "application/grpc");
         assert_eq!(h.headers["grpc-status"], "8");
@@ -136,6 +142,8 @@ mod tests {
         assert_eq!(status_for(502), 14);
         assert_eq!(status_for(504), 4);
         assert_eq!(status_for(418), 2);
+        let web = error_header(&err, true).unwrap();
+        assert_eq!(web.headers["content-type"], "application/grpc-web+proto");
     }
 
     #[test]

@@ -133,6 +133,8 @@ pub struct Ctx {
     grpc: bool,
     /// `received_at + grpc-timeout` on a gRPC route.
     grpc_deadline: Option<Instant>,
+    /// A gRPC-web request the bridge did not turn into gRPC: errors in its content type.
+    grpc_web: bool,
 }
 
 /// The host a request is routed by: the URI's (HTTP/2 `:authority`, absolute form), else
@@ -171,7 +173,7 @@ impl Gateway {
         err: ApiError,
     ) -> Result<()> {
         let (mut header, body) = if ctx.grpc {
-            (crate::grpc::error_header(&err)?, Bytes::new())
+            (crate::grpc::error_header(&err, ctx.grpc_web)?, Bytes::new())
         } else {
             let body = Bytes::from(err.body(&ctx.req.request_id));
             (err.header()?, body)
@@ -523,6 +525,7 @@ impl ProxyHttp for Gateway {
             cut_by_deadline: false,
             grpc: false,
             grpc_deadline: None,
+            grpc_web: false,
         }
     }
 
@@ -582,7 +585,10 @@ impl ProxyHttp for Gateway {
 
         let req = session.req_header();
         // Until a route says otherwise: a gRPC client gets its "no route" as a gRPC error.
-        ctx.grpc = crate::grpc::is_grpc(req.headers.get(http::header::CONTENT_TYPE));
+        let content_type = req.headers.get(http::header::CONTENT_TYPE);
+        ctx.grpc = crate::grpc::is_grpc(content_type);
+        // The bridge has made a bridged gRPC-web request `application/grpc` by now.
+        ctx.grpc_web = crate::grpc::is_grpc_web(content_type);
         let path = match normalize(req.uri.path(), snapshot.escaped_slashes) {
             Ok(p) => p.into_owned(),
             Err(e) => {

@@ -19,6 +19,7 @@
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod grpc;
 pub mod oidc;
 
 use std::convert::Infallible;

@@ -36,6 +36,9 @@ struct Cli {
     /// for the demo's browser login.
     #[arg(long)]
     oidc: Option<SocketAddr>,
+    /// Also serve the gRPC service `mock.Echo` over h2c here (`ip:port`).
+    #[arg(long)]
+    grpc: Option<SocketAddr>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -82,6 +85,13 @@ fn main() -> anyhow::Result<()> {
             }
             None => None,
         };
+        if let Some(addr) = cli.grpc {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("--grpc: cannot listen on {addr}"))?;
+            sallyport_mock::grpc::serve(listener);
+            println!("sallyport-mock gRPC mock.Echo on {addr}");
+        }
         use tokio::signal::unix::{signal, SignalKind};
         let mut term = signal(SignalKind::terminate())?;
         tokio::select! {
