@@ -233,6 +233,15 @@ async fn errors_the_gateway_makes_are_grpc_errors() {
         "hi"
     );
 
+    // A client that is not gRPC (a probe, curl) gets the JSON error on the same route.
+    let r = reqwest::Client::new()
+        .post(gw.url("/mock.Echo/Unary"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(json(r).await["error"]["code"], "missing_credentials");
+
     // No route: UNIMPLEMENTED (a gRPC request gets a gRPC answer even without a route).
     let err = unary(&mut c, "/other.Service/Call", Request::new(echo("hi", 0)))
         .await
@@ -320,6 +329,18 @@ async fn grpc_web_from_a_browser_is_bridged_to_grpc() {
         .post(gw.url("/mock.Nothing/Call"))
         .header("content-type", "application/grpc-web+proto")
         .body(vec![0u8, 0, 0, 0, 0])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "application/grpc-web+proto");
+    assert_eq!(r.headers()["grpc-status"], "12", "UNIMPLEMENTED");
+
+    // gRPC-web's base64 text format is not bridged: said so as a gRPC-web error.
+    let r = reqwest::Client::new()
+        .post(gw.url("/mock.Echo/Unary"))
+        .header("content-type", "application/grpc-web-text")
+        .body("AAAAAAA=")
         .send()
         .await
         .unwrap();

@@ -278,3 +278,35 @@ async fn an_oversized_header_list_is_refused() {
     );
     assert!(up.requests().is_empty(), "nothing reached the upstream");
 }
+
+/// gRPC over HTTP/2, "Responses": a Trailers-Only answer is one HEADERS frame that ends the
+/// stream. The gateway's own gRPC errors are sent so (a client that waits for trailers after
+/// a HEADERS without END_STREAM would report INTERNAL instead of the status).
+#[tokio::test]
+async fn a_gateway_grpc_error_is_one_headers_frame_that_ends_the_stream() {
+    let up = mock("app").await;
+    let gw = Gateway::start(&format!(
+        "{}\n[upstreams.app]\nendpoints = [\"{}\"]\n[[routes]]\nname = \"app\"\npath_prefix = \"/only/\"\nupstream = \"app\"\ngrpc = true\n",
+        server("h2c = true"),
+        up.addr()
+    ))
+    .await;
+    let (mut c, _) = Conn::open(&gw).await;
+    // A gRPC call of `/` (no route): content-type from the static table (index 31), literal.
+    let mut block = get_headers();
+    block.extend_from_slice(&[0x5f, 16]);
+    block.extend_from_slice(b"application/grpc");
+    c.send(&frame(HEADERS, END_HEADERS | END_STREAM, 1, &block))
+        .await;
+    let answer = c
+        .until(&[HEADERS, DATA, RST_STREAM, GOAWAY])
+        .await
+        .expect("an answer");
+    assert_eq!((answer.kind, answer.stream), (HEADERS, 1), "{answer:?}");
+    assert_eq!(
+        answer.flags & END_STREAM,
+        END_STREAM,
+        "the HEADERS frame ends the stream"
+    );
+    assert!(up.requests().is_empty());
+}

@@ -5,6 +5,7 @@
 
 mod support;
 
+mod access_log;
 mod aggregate;
 mod auth;
 mod cache;

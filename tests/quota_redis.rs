@@ -393,6 +393,13 @@ async fn three_gateways_share_one_quota_on_a_redis_cluster() {
         .filter(|n| n.cli(&["dbsize"]).parse::<u64>().unwrap_or(0) > 0)
         .count();
     assert!(masters_used >= 2, "counters on {masters_used} of 3 masters");
+
+    // A key with braces (from a header) cannot end the hash tag early: it is counted like
+    // any other, and the store stays up for everyone.
+    for gw in &gateways {
+        assert_eq!(status(&c, gw, "}x{").await, (200, true));
+    }
+    assert_eq!(status(&c, &gateways[0], "client-0").await, (200, true));
 }
 
 /// A master, its replica and one Sentinel watching them as `sallyport` (quorum 1, down after

@@ -64,33 +64,7 @@ async fn frames_flow_both_ways_after_an_authenticated_handshake() {
         "a-websocket-test-secret-of-32-bytes!",
         serde_json::json!({"sub": "alice"}),
     );
-    // Known issue (docs/protocols.md): rarely, a session ends right after the 101 under
-    // load. A client reconnects; so does this test, once, and says so.
-    let mut ws = None;
-    for attempt in 1..=2 {
-        let mut req =
-            tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
-                url.as_str(),
-            )
-            .unwrap();
-        req.headers_mut()
-            .insert("authorization", format!("Bearer {token}").parse().unwrap());
-        let (mut conn, resp) = tokio_tungstenite::connect_async(req).await.unwrap();
-        assert_eq!(resp.status(), 101);
-        conn.send(Message::text("hello")).await.unwrap();
-        match conn.next().await {
-            Some(Ok(m)) => {
-                assert_eq!(m, Message::text("hello"));
-                ws = Some(conn);
-                break;
-            }
-            other if attempt == 1 => {
-                eprintln!("session ended after the upgrade ({other:?}); reconnecting")
-            }
-            other => panic!("first echo: {other:?}\n{}\n{}", gw.stderr(), gw.stdout()),
-        }
-    }
-    let mut ws = ws.unwrap();
+    let mut ws = connect_echoing(&gw, url.as_str(), &token).await;
 
     ws.send(Message::binary(vec![0u8, 1, 2, 255]))
         .await
@@ -148,13 +122,7 @@ async fn an_idle_websocket_lives_until_the_routes_idle_timeout() {
         "a-websocket-test-secret-of-32-bytes!",
         serde_json::json!({"sub": "alice"}),
     );
-    let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
-        format!("ws://{}/ws/quiet", gw.addr).as_str(),
-    )
-    .unwrap();
-    req.headers_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    let mut ws = connect_echoing(&gw, &format!("ws://{}/ws/quiet", gw.addr), &token).await;
     // Quiet for longer than read_timeout: still open.
     tokio::time::sleep(Duration::from_millis(1000)).await;
     ws.send(Message::text("still there?")).await.unwrap();
@@ -173,4 +141,35 @@ async fn an_idle_websocket_lives_until_the_routes_idle_timeout() {
     })
     .await;
     assert!(ended.is_ok(), "closed after the idle timeout");
+}
+
+/// A WebSocket through the gateway that has echoed a first message. Known issue
+/// (docs/protocols.md): rarely, under load, Pingora ends a session right after the 101. A
+/// client reconnects; so does this, once, and says so.
+async fn connect_echoing(
+    gw: &Gateway,
+    url: &str,
+    token: &str,
+) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>> {
+    for attempt in 1..=2 {
+        let mut req =
+            tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url)
+                .unwrap();
+        req.headers_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        let (mut conn, resp) = tokio_tungstenite::connect_async(req).await.unwrap();
+        assert_eq!(resp.status(), 101);
+        conn.send(Message::text("hello")).await.unwrap();
+        match conn.next().await {
+            Some(Ok(m)) => {
+                assert_eq!(m, Message::text("hello"));
+                return conn;
+            }
+            other if attempt == 1 => {
+                eprintln!("session ended after the upgrade ({other:?}); reconnecting")
+            }
+            other => panic!("first echo: {other:?}\n{}\n{}", gw.stderr(), gw.stdout()),
+        }
+    }
+    unreachable!("the loop returns or panics")
 }

@@ -138,7 +138,9 @@ impl ServeHttp for Admin {
             "/metrics" => reply(
                 StatusCode::OK,
                 "text/plain; version=0.0.4; charset=utf-8",
-                self.shared.metrics.render(&snapshot),
+                self.shared
+                    .metrics
+                    .render(&snapshot, self.shared.access_log.dropped()),
             ),
             "/healthz" => reply(StatusCode::OK, "text/plain", b"ok\n".to_vec()),
             "/readyz" => {

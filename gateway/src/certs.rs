@@ -264,8 +264,8 @@ pub fn check(config: &Config) -> Vec<ConfigError> {
 pub struct ClientCert {
     /// The header that carries it upstream.
     pub header: http::HeaderName,
-    /// The certificate's subject, RFC 4514 style (`CN=alice, O=Acme`).
-    pub subject: String,
+    /// The certificate's subject as an RFC 4514 string (`CN=alice,O=Acme`), ready to send.
+    pub subject: http::HeaderValue,
 }
 
 /// After each handshake of a listener with `forward_client_cert`: the subject of the client's
@@ -283,9 +283,89 @@ impl pingora::listeners::TlsAccept for ForwardClientCert {
     ) -> Option<Arc<dyn std::any::Any + Send + Sync>> {
         let der = tls.peer_certificate_der()?;
         let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+        let subject = rfc4514(cert.subject())?;
+        let Ok(subject) = http::HeaderValue::from_str(&subject) else {
+            return None;
+        };
         Some(Arc::new(ClientCert {
             header: self.header.clone(),
-            subject: cert.subject().to_string(),
+            subject,
         }))
+    }
+}
+
+/// A distinguished name as RFC 4514 writes it: the last RDN first, `TYPE=value` joined by
+/// `,` (`+` within a multi-valued RDN), the special characters escaped with `\`, and every
+/// byte outside printable ASCII as `\XX` (so the string is a valid header value and a `,`
+/// inside a value cannot pass for a separator). `None` when a value is not a string type or a
+/// type has no short name and no OID form.
+fn rfc4514(name: &x509_parser::x509::X509Name<'_>) -> Option<String> {
+    let registry = x509_parser::objects::oid_registry();
+    let mut rdns = Vec::new();
+    for rdn in name.iter_rdn() {
+        let mut parts = Vec::new();
+        for atv in rdn.iter() {
+            let oid = atv.attr_type();
+            let kind = x509_parser::objects::oid2abbrev(oid, registry)
+                .map(str::to_string)
+                .unwrap_or_else(|_| oid.to_id_string());
+            let value = atv.as_str().ok()?;
+            parts.push(format!("{kind}={}", escape_dn_value(value)));
+        }
+        rdns.push(parts.join("+"));
+    }
+    rdns.reverse();
+    Some(rdns.join(","))
+}
+
+/// RFC 4514 2.4 escaping of one attribute value.
+fn escape_dn_value(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    let last = value.len().saturating_sub(1);
+    for (i, b) in value.bytes().enumerate() {
+        match b {
+            b'"' | b'+' | b',' | b';' | b'<' | b'>' | b'\\' => {
+                out.push('\\');
+                out.push(b as char);
+            }
+            b'#' if i == 0 => out.push_str("\\#"),
+            b' ' if i == 0 || i == last => out.push_str("\\ "),
+            0x21..=0x7e | b' ' => out.push(b as char),
+            _ => out.push_str(&format!("\\{b:02X}")),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod rfc4514_tests {
+    #[test]
+    fn values_are_escaped_and_non_ascii_is_hex() {
+        assert_eq!(
+            super::escape_dn_value("alice, O=Admins"),
+            "alice\\, O=Admins"
+        );
+        assert_eq!(super::escape_dn_value("Müller"), "M\\C3\\BCller");
+        assert_eq!(super::escape_dn_value(" #x "), "\\ #x\\ ");
+        assert_eq!(super::escape_dn_value("#x"), "\\#x");
+    }
+
+    #[test]
+    fn the_last_rdn_comes_first() {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::OrganizationName, "Acme, Inc.");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "alice");
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let (_, parsed) = x509_parser::parse_x509_certificate(cert.der()).unwrap();
+        assert_eq!(
+            super::rfc4514(parsed.subject()).as_deref(),
+            Some("CN=alice,O=Acme\\, Inc.")
+        );
     }
 }

@@ -247,6 +247,10 @@ pub struct ServerConfig {
     /// (`"/var/log/sallyport/access.log"`, `"./access.log"`), appended to.
     #[serde(default = "default_access_log")]
     pub access_log: Parsed<AccessLogTarget>,
+    /// Access-log lines that may wait for the writer thread; beyond, lines are dropped (and
+    /// counted in `sallyport_access_log_dropped_total`) rather than slow a request down.
+    #[serde(default = "default_access_log_queue")]
+    pub access_log_queue: usize,
     /// What to do with `%2F` in request paths: `"decode"` (treat as `/`, then normalise),
     /// `"reject"` (400), or `"keep"` (leave encoded, part of the segment).
     #[serde(default)]
@@ -434,6 +438,10 @@ pub struct UpstreamConfig {
     /// an endpoint); at least 1s.
     #[serde(default = "default_resolve_interval")]
     pub resolve_interval: HumanDuration,
+}
+
+fn default_access_log_queue() -> usize {
+    16_384
 }
 
 fn default_h2_max_concurrent_streams() -> u32 {
@@ -1069,6 +1077,12 @@ fn validate_server(config: &Config, errors: &mut Vec<ConfigError>) {
     let mut seen = HashSet::new();
     for (i, addr) in s.listen.iter().enumerate() {
         check_listen_addr(&format!("server.listen[{i}]"), addr, &mut seen, errors);
+    }
+    if s.access_log_queue == 0 {
+        errors.push(ConfigError::new(
+            "server.access_log_queue",
+            "must be at least 1",
+        ));
     }
     if s.h2_max_concurrent_streams == 0 {
         errors.push(ConfigError::new(

@@ -16,19 +16,20 @@ use pingora::http::ResponseHeader;
 use sallyport_plugins::ApiError;
 
 pub const CONTENT_TYPE_GRPC: &str = "application/grpc";
+pub const GRPC_STATUS: &str = "grpc-status";
 
 /// The gRPC status code for an error status the gateway answers with.
 pub fn status_for(http: u16) -> u8 {
     match http {
-        400 => 3,        // INVALID_ARGUMENT
-        401 => 16,       // UNAUTHENTICATED
-        403 => 7,        // PERMISSION_DENIED
-        404 | 405 => 12, // UNIMPLEMENTED
-        408 | 504 => 4,  // DEADLINE_EXCEEDED
-        413 | 429 => 8,  // RESOURCE_EXHAUSTED
-        502 | 503 => 14, // UNAVAILABLE
-        500 => 13,       // INTERNAL
-        _ => 2,          // UNKNOWN
+        400 => 3,              // INVALID_ARGUMENT
+        401 => 16,             // UNAUTHENTICATED
+        403 => 7,              // PERMISSION_DENIED
+        404 | 405 | 415 => 12, // UNIMPLEMENTED
+        408 | 504 => 4,        // DEADLINE_EXCEEDED
+        413 | 429 => 8,        // RESOURCE_EXHAUSTED
+        502 | 503 => 14,       // UNAVAILABLE
+        500 => 13,             // INTERNAL
+        _ => 2,                // UNKNOWN
     }
 }
 
@@ -41,11 +42,20 @@ pub fn is_grpc(content_type: Option<&HeaderValue>) -> bool {
     })
 }
 
-/// Whether it is gRPC-web.
+/// Whether it is gRPC-web (binary or text).
 pub fn is_grpc_web(content_type: Option<&HeaderValue>) -> bool {
-    const WEB: &[u8] = b"application/grpc-web";
+    starts_with(content_type, b"application/grpc-web")
+}
+
+/// Whether it is gRPC-web's base64 text format, which Pingora's bridge does not decode.
+pub fn is_grpc_web_text(content_type: Option<&HeaderValue>) -> bool {
+    starts_with(content_type, b"application/grpc-web-text")
+}
+
+fn starts_with(content_type: Option<&HeaderValue>, prefix: &[u8]) -> bool {
     content_type.is_some_and(|v| {
-        v.as_bytes().len() >= WEB.len() && v.as_bytes()[..WEB.len()].eq_ignore_ascii_case(WEB)
+        v.as_bytes().len() >= prefix.len()
+            && v.as_bytes()[..prefix.len()].eq_ignore_ascii_case(prefix)
     })
 }
 
@@ -60,7 +70,7 @@ pub fn error_header(err: &ApiError, web: bool) -> pingora::Result<ResponseHeader
         CONTENT_TYPE_GRPC
     };
     header.insert_header(http::header::CONTENT_TYPE, content_type)?;
-    header.insert_header("grpc-status", status_for(err.status).to_string())?;
+    header.insert_header(GRPC_STATUS, status_for(err.status).to_string())?;
     header.insert_header(
         "grpc-message",
         percent_encode(&format!("{}: {}", err.code, err.message)),
@@ -153,6 +163,10 @@ mod tests {
         assert!(is_grpc(v("application/GRPC+proto").as_ref()));
         assert!(is_grpc_web(v("application/grpc-web+proto").as_ref()));
         assert!(!is_grpc_web(v("application/grpc").as_ref()));
+        assert!(is_grpc_web_text(
+            v("application/grpc-web-text+proto").as_ref()
+        ));
+        assert!(!is_grpc_web_text(v("application/grpc-web+proto").as_ref()));
         assert!(!is_grpc(v("application/json").as_ref()));
         assert!(!is_grpc(None));
     }

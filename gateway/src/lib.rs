@@ -71,12 +71,19 @@ impl Shared {
             .access_log
             .value()
             .map_err(|m| anyhow::anyhow!("server.access_log: {m}"))?;
-        let access_log = AccessLog::open(target).map_err(|e| {
+        let access_log = AccessLog::open(target, config.server.access_log_queue).map_err(|e| {
             anyhow::anyhow!(
                 "server.access_log: cannot open {}: {e}",
                 config.server.access_log.text()
             )
         })?;
+        // SIGUSR1 (logrotate's `postrotate`) reopens the access-log file; it is caught
+        // whatever the target, as its default action would end the process.
+        let reopen = access_log
+            .reopen_flag()
+            .unwrap_or_else(|| Arc::new(std::sync::atomic::AtomicBool::new(false)));
+        signal_hook::flag::register(signal_hook::consts::SIGUSR1, reopen)
+            .map_err(|e| anyhow::anyhow!("installing the SIGUSR1 handler: {e}"))?;
         let metrics = Metrics::new()?;
         let services = Services {
             connector: Arc::new(pingora::connectors::http::Connector::new(None)),
@@ -86,6 +93,12 @@ impl Shared {
             telemetry_spans: metrics.telemetry_spans.clone(),
             resilience: metrics.resilience.clone(),
             dns: Arc::new(discovery::Dns::new(&dns_resolvers(&config))),
+            client_cert_headers: config
+                .server
+                .tls
+                .iter()
+                .filter_map(|t| t.forward_client_cert.as_ref()?.value().ok().cloned())
+                .collect(),
         };
         let mut sni = Vec::new();
         for (i, tls) in config.server.tls.iter().enumerate() {
@@ -163,6 +176,9 @@ impl Shared {
                 self.metrics.config_loaded(&source.hash);
                 self.source.store(Arc::new(source));
                 self.metrics.config_reloads.with_label_values(&["ok"]).inc();
+                // A reload also reopens the access-log file (logrotate's `postrotate` may
+                // send SIGHUP as well as SIGUSR1).
+                self.access_log.reopen();
                 log::info!("config reloaded from {}", self.config_path.display());
                 replaced.stop_plugins_not_in(Some(&next)).await;
                 Ok(())
@@ -226,6 +242,7 @@ fn warn_static_changes(old: &Config, new: &Config) {
         ("work_stealing", o.work_stealing != n.work_stealing),
         ("grace_period", o.grace_period != n.grace_period),
         ("access_log", o.access_log != n.access_log),
+        ("access_log_queue", o.access_log_queue != n.access_log_queue),
         ("run_dir", o.run_dir != n.run_dir),
         ("upgrade_sock", o.upgrade_sock != n.upgrade_sock),
         ("pid_file", o.pid_file != n.pid_file),

@@ -29,6 +29,8 @@ pub struct Metrics {
     pub plugins: std::sync::Arc<sallyport_plugins::PluginMetrics>,
     pub cache_lookups: IntCounterVec,
     pub config_reloads: IntCounterVec,
+    /// `sallyport_access_log_dropped_total`: lines the access log's queue had no room for.
+    pub access_log_dropped: prometheus::IntCounter,
     /// `sallyport_config_info{hash}` = 1 for the running config.
     pub config_info: GaugeVec,
     /// `sallyport_telemetry_spans_total{result}`: exported, dropped, failed.
@@ -74,6 +76,11 @@ impl Metrics {
             "Config reloads, by result (ok or error).",
             &["result"],
         )?;
+        let access_log_dropped = prometheus::IntCounter::new(
+            "sallyport_access_log_dropped_total",
+            "Access-log lines dropped because the writer could not keep up (server.access_log_queue was full).",
+        )?;
+        registry.register(Box::new(access_log_dropped.clone()))?;
         let config_info = GaugeVec::new(
             Opts::new(
                 "sallyport_config_info",
@@ -194,6 +201,7 @@ impl Metrics {
             plugins,
             cache_lookups,
             config_reloads,
+            access_log_dropped,
             config_info,
             telemetry_spans,
             connections: crate::conn::ConnMetrics {
@@ -213,7 +221,11 @@ impl Metrics {
 
     /// The Prometheus text exposition, with endpoint health read from the current snapshot
     /// (so endpoints removed by a reload disappear).
-    pub fn render(&self, snapshot: &Snapshot) -> Vec<u8> {
+    pub fn render(&self, snapshot: &Snapshot, access_log_dropped: u64) -> Vec<u8> {
+        let counted = self.access_log_dropped.get();
+        if access_log_dropped > counted {
+            self.access_log_dropped.inc_by(access_log_dropped - counted);
+        }
         self.endpoint_healthy.reset();
         self.endpoint_ejected.reset();
         self.upstream_in_flight.reset();

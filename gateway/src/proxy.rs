@@ -192,12 +192,26 @@ impl Gateway {
         mut header: ResponseHeader,
         body: Bytes,
     ) -> Result<()> {
+        let h2 = session.req_header().version == http::Version::HTTP_2;
+        // A gRPC Trailers-Only answer over HTTP/2 ends on its HEADERS frame (END_STREAM on
+        // it, not on an empty DATA frame after it: gRPC over HTTP/2, "Responses"), so no
+        // framing header.
+        let trailers_only = h2 && header.headers.contains_key(crate::grpc::GRPC_STATUS);
         // RFC 9110 8.6: no Content-Length in a 204 or 304 (nor a 1xx).
-        if !matches!(header.status.as_u16(), 100..=199 | 204 | 304) {
+        if !matches!(header.status.as_u16(), 100..=199 | 204 | 304) && !trailers_only {
             header.insert_header(CONTENT_LENGTH, body.len())?;
         }
         self.response_hooks(session, &mut header, ctx).await?;
         ctx.status = header.status.as_u16();
+        if trailers_only {
+            session
+                .write_response_tasks(vec![pingora::protocols::http::HttpTask::Header(
+                    Box::new(header),
+                    true,
+                )])
+                .await?;
+            return Ok(());
+        }
         let head = session.req_header().method == Method::HEAD;
         let end = body.is_empty() || head;
         session.write_response_header(Box::new(header), end).await?;
@@ -542,7 +556,9 @@ impl ProxyHttp for Gateway {
         // gRPC-web on a `grpc = true` route becomes gRPC upstream, and its answer gRPC-web
         // again (trailers in the body). Routed here already: the bridge rewrites the request
         // head before `request_filter`.
-        if crate::grpc::is_grpc_web(session.req_header().headers.get(http::header::CONTENT_TYPE))
+        let content_type = session.req_header().headers.get(http::header::CONTENT_TYPE);
+        if crate::grpc::is_grpc_web(content_type)
+            && !crate::grpc::is_grpc_web_text(content_type)
             && self.routes_to_grpc(session.req_header())
         {
             if let Some(bridge) = session
@@ -640,7 +656,23 @@ impl ProxyHttp for Gateway {
         ctx.pool = route.upstream.clone();
         ctx.req.path = path;
         ctx.route = Some(Arc::clone(&route));
-        ctx.grpc = route.grpc;
+        // gRPC errors for gRPC clients (a bridged gRPC-web request reads `application/grpc` by
+        // now); anyone else on the route (a probe, curl) gets the JSON error.
+        ctx.grpc = route.grpc && ctx.grpc;
+        if ctx.grpc
+            && ctx.grpc_web
+            && crate::grpc::is_grpc_web_text(
+                session.req_header().headers.get(http::header::CONTENT_TYPE),
+            )
+        {
+            let err = ApiError::new(
+                415,
+                "unsupported_media_type",
+                "gRPC-web text (base64) is not bridged; use application/grpc-web+proto",
+            );
+            self.respond_error(session, ctx, err).await?;
+            return Ok(true);
+        }
         if route.grpc {
             ctx.grpc_deadline = session
                 .req_header()
@@ -736,13 +768,6 @@ impl ProxyHttp for Gateway {
             if let Some(conn) = &ctx.conn {
                 conn.body_done();
             }
-            // An HTTP/2 body often ends with an empty DATA frame (END_STREAM). Pingora writes
-            // an empty chunk to an HTTP/1.1 upstream as `0\r\n\r\n`, then the terminating
-            // chunk again, and the extra one would be read as the start of the next request
-            // on the pooled connection. No bytes at the end: nothing to write but the end.
-            if body.as_ref().is_some_and(Bytes::is_empty) && !session.was_upgraded() {
-                *body = None;
-            }
         }
         // After an upgrade (WebSocket) the body is a stream of frames: `max_body` bounds
         // request bodies, not a conversation.
@@ -758,10 +783,7 @@ impl ProxyHttp for Gateway {
                 return Error::e_explain(ErrorType::HTTPStatus(413), "request body too large");
             }
         }
-        let Some(route) = ctx.route.clone() else {
-            return Ok(());
-        };
-        if route.hooks.request_body {
+        if let Some(route) = ctx.route.clone().filter(|r| r.hooks.request_body) {
             for i in route.entries_running(ctx.ran, |h| h.request_body) {
                 let entry = &route.chain[i];
                 entry
@@ -775,6 +797,14 @@ impl ProxyHttp for Gateway {
                     )
                     .await?;
             }
+        }
+        // An HTTP/2 body often ends with an empty DATA frame (END_STREAM). Pingora writes an
+        // empty chunk to an HTTP/1.1 upstream as `0\r\n\r\n`, then the terminating chunk
+        // again, and the extra one would be read as the start of the next request on the
+        // pooled connection. No bytes at the end: nothing to write but the end. (After the
+        // plugins: one that hands back an empty buffer at the end is covered too.)
+        if end_of_stream && body.as_ref().is_some_and(Bytes::is_empty) && !session.was_upgraded() {
+            *body = None;
         }
         Ok(())
     }
@@ -1093,7 +1123,7 @@ impl ProxyHttp for Gateway {
             .and_then(|d| d.ssl_digest.as_ref())
             .and_then(|t| t.extension.get::<crate::certs::ClientCert>())
         {
-            upstream_request.insert_header(cert.header.clone(), cert.subject.as_str())?;
+            upstream_request.insert_header(cert.header.clone(), cert.subject.clone())?;
         }
 
         for (name, value) in &ctx.req.identity_headers {

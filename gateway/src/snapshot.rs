@@ -88,6 +88,8 @@ pub struct Services {
     pub resilience: crate::resilience::ResilienceMetrics,
     /// Resolves the endpoints written as host names (`server.dns_resolvers`).
     pub dns: Arc<crate::discovery::Dns>,
+    /// The `forward_client_cert` headers of the listeners started with the process.
+    pub client_cert_headers: Vec<HeaderName>,
 }
 
 /// Everything a request needs, compiled from one config file.
@@ -149,13 +151,19 @@ impl Snapshot {
         ));
         let mut plugins = BTreeMap::new();
         let mut fresh = Vec::new();
-        // `forward_client_cert` headers are the gateway's to set.
-        let mut trusted: Vec<HeaderName> = config
+        // `forward_client_cert` headers are the gateway's to set: those of the running
+        // listeners (set at start, kept until a restart) and those the config names.
+        let mut trusted: Vec<HeaderName> = services.client_cert_headers.clone();
+        for h in config
             .server
             .tls
             .iter()
-            .filter_map(|t| t.forward_client_cert.as_ref()?.value().ok().cloned())
-            .collect();
+            .filter_map(|t| t.forward_client_cert.as_ref()?.value().ok())
+        {
+            if !trusted.contains(h) {
+                trusted.push(h.clone());
+            }
+        }
         let mut gateway_cookies: Vec<String> = Vec::new();
         for (name, pc) in &config.plugins {
             let env = BuildEnv {
@@ -431,6 +439,7 @@ mod tests {
             public_keys: Arc::default(),
             resilience: crate::resilience::ResilienceMetrics::unregistered(),
             dns: Arc::new(crate::discovery::Dns::System),
+            client_cert_headers: Vec::new(),
             telemetry_spans: prometheus::IntCounterVec::new(
                 prometheus::Opts::new("spans", "spans"),
                 &["result"],

@@ -247,6 +247,9 @@ struct Discovery {
     interval: Duration,
     next_due: Mutex<Instant>,
     running: AtomicBool,
+    /// Serialises member rebuilds (read the answers, build, swap), so an older set can never
+    /// be stored over a newer one.
+    rebuilding: Mutex<()>,
 }
 
 /// A named, health-checked pool of endpoints.
@@ -371,6 +374,7 @@ impl Pool {
             interval: config.resolve_interval.get(),
             next_due: Mutex::new(Instant::now()),
             running: AtomicBool::new(false),
+            rebuilding: Mutex::new(()),
         });
         let wanted = wanted(config, discovery.as_ref())?;
         let members = Members::build(&wanted, config, &tls, epoch, |w| {
@@ -993,8 +997,12 @@ impl Pool {
     /// the snapshot is not swapped in with an empty pool.
     pub async fn resolve_new_names(&self, dns: &crate::discovery::Dns) {
         if let Some(d) = &self.discovery {
-            if d.names.iter().any(|n| n.addrs.lock().is_none()) {
+            // A pass of the background task under way (a pool a reload kept) does the work.
+            if d.names.iter().any(|n| n.addrs.lock().is_none())
+                && !d.running.swap(true, Ordering::AcqRel)
+            {
                 self.resolve(dns).await;
+                d.running.store(false, Ordering::Release);
             }
         }
     }
@@ -1045,7 +1053,11 @@ impl Pool {
     /// as they are (health, load, latency, ejection); requests under way on a removed one
     /// finish on it (their try holds it).
     fn refresh_members(&self) {
-        let wanted = match wanted(&self.config, self.discovery.as_ref()) {
+        let Some(d) = &self.discovery else {
+            return;
+        };
+        let _one_at_a_time = d.rebuilding.lock();
+        let wanted = match wanted(&self.config, Some(d)) {
             Ok(w) => w,
             Err(e) => {
                 log::error!("upstream {}: {e}", self.name);

@@ -9,11 +9,14 @@
 //! # redis_sentinel = { master = "sallyport", nodes = ["redis://10.0.0.7:26379"] }
 //! ```
 //!
-//! Every call has a deadline. After a failure the store is left alone for a short pause
-//! ([`FAILURE_PAUSE`]): calls in it fail at once (the caller applies its `on_store_error`),
-//! so an outage costs one timeout per pause rather than one per request, and the first call
-//! after the pause tries again, so recovery is noticed within it. Failures and recoveries
-//! are logged once each.
+//! Every call has a deadline. After a failure of Redis itself (no connection, a timeout, a
+//! dropped connection, a read-only former master, a cluster that is down) a store can leave
+//! Redis alone for a short pause (the quota store: [`FAILURE_PAUSE`]): calls in it fail at
+//! once (the caller applies its `on_store_error`), so an outage costs one timeout per pause
+//! rather than one per request, and the first call after the pause tries again, so recovery
+//! is noticed within it. An error answer to one command (a script error) fails that call
+//! only: no request can switch the store off for others. Failures and recoveries are logged
+//! once each.
 //!
 //! Failover: a single node's connection reconnects by itself; a cluster connection follows
 //! `MOVED`/`ASK` and refreshes its slot map when a replica is promoted; a Sentinel
@@ -134,6 +137,23 @@ fn check_url(path: &str, url: &str, errors: &mut Vec<BuildError>) {
     }
 }
 
+/// An error that says Redis (or this connection to it) is unavailable, rather than that one
+/// command failed.
+fn redis_is_down(e: &redis::RedisError) -> bool {
+    use redis::ErrorKind;
+    e.is_io_error()
+        || e.is_timeout()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || matches!(
+            e.kind(),
+            ErrorKind::ReadOnly
+                | ErrorKind::ClusterDown
+                | ErrorKind::MasterDown
+                | ErrorKind::TryAgain
+        )
+}
+
 /// How connections are made.
 enum Dialer {
     Node(redis::Client),
@@ -196,13 +216,17 @@ pub struct RedisConnector {
     paused_until: Mutex<Option<Instant>>,
     /// Whether the last call succeeded (failures and recoveries are logged once each).
     healthy: AtomicBool,
+    /// How long calls skip Redis after it failed (zero: never skip).
+    pause: Duration,
 }
 
 impl RedisConnector {
-    /// `timeout` bounds each call (and a connect, at least 100 ms).
+    /// `timeout` bounds each call (and a connect, at least 100 ms); `pause`: how long calls
+    /// skip Redis after it failed.
     pub fn new(
         target: &RedisTarget,
         timeout: Duration,
+        pause: Duration,
         label: String,
     ) -> Result<RedisConnector, String> {
         let connect = timeout.max(Duration::from_millis(100));
@@ -250,6 +274,7 @@ impl RedisConnector {
             conn: tokio::sync::Mutex::new(None),
             paused_until: Mutex::new(None),
             healthy: AtomicBool::new(true),
+            pause,
         })
     }
 
@@ -289,6 +314,10 @@ impl RedisConnector {
                 }
                 return Ok(v);
             }
+            Ok(Err(e)) if !redis_is_down(&e) => {
+                // Redis answered this command with an error: this call fails, Redis is fine.
+                return Err(format!("redis error: {e}"));
+            }
             Ok(Err(e)) => format!("redis error: {e}"),
             Err(_) => "redis did not answer in time".to_string(),
         };
@@ -297,7 +326,9 @@ impl RedisConnector {
     }
 
     fn failed(&self, reason: &str) {
-        *self.paused_until.lock() = Some(Instant::now() + FAILURE_PAUSE);
+        if !self.pause.is_zero() {
+            *self.paused_until.lock() = Some(Instant::now() + self.pause);
+        }
         if matches!(self.dialer, Dialer::Sentinel(_)) {
             // Not awaited: the next call after the pause takes the lock anyway.
             if let Ok(mut slot) = self.conn.try_lock() {

@@ -41,7 +41,12 @@ impl RedisStore {
     /// Checks the target; connects lazily on the first request.
     pub fn new(target: &RedisTarget, timeout: Duration, prefix: &str) -> Result<RedisStore, String> {
         Ok(RedisStore {
-            redis: RedisConnector::new(target, timeout, format!("quota store {prefix}"))?,
+            redis: RedisConnector::new(
+                target,
+                timeout,
+                crate::redis_conn::FAILURE_PAUSE,
+                format!("quota store {prefix}"),
+            )?,
             prefix: prefix.to_string(),
             script: redis::Script::new(SCRIPT),
         })
@@ -49,8 +54,10 @@ impl RedisStore {
 
     /// One decision for `key`; an error means the caller applies `on_store_error`.
     pub async fn hit(&self, policy: &Policy, key: &str) -> Result<Decision, String> {
-        // The key's own hash tag: one decision touches one slot of a cluster.
-        let base = format!("{}:{{{}}}", self.prefix, key);
+        // The key's own hash tag: one decision touches one slot of a cluster. Braces in the
+        // key (from a header or a claim) are escaped, or `}x` would end the tag early and
+        // spread one decision over several slots.
+        let base = format!("{}:{{{}}}", self.prefix, escape_braces(key));
         let mut invocation = self.script.key(base);
         invocation.arg(policy.window_ms.max(1)).arg(policy.ceiling);
         let (allowed, curr, prev, elapsed) = self
@@ -58,5 +65,32 @@ impl RedisStore {
             .script::<(u64, u64, u64, u64)>(&invocation)
             .await?;
         Ok(describe(policy, allowed == 1, prev, curr, elapsed))
+    }
+}
+
+/// `{`, `}` and `%` percent-encoded: the key stays readable and one-to-one.
+fn escape_braces(key: &str) -> std::borrow::Cow<'_, str> {
+    if !key.contains(['{', '}', '%']) {
+        return std::borrow::Cow::Borrowed(key);
+    }
+    let mut out = String::with_capacity(key.len() + 8);
+    for c in key.chars() {
+        match c {
+            '{' => out.push_str("%7B"),
+            '}' => out.push_str("%7D"),
+            '%' => out.push_str("%25"),
+            c => out.push(c),
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn braces_in_keys_cannot_end_the_hash_tag() {
+        assert_eq!(super::escape_braces("alice"), "alice");
+        assert_eq!(super::escape_braces("}x{"), "%7Dx%7B");
+        assert_eq!(super::escape_braces("%7D"), "%257D", "one-to-one");
     }
 }

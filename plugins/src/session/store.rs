@@ -221,12 +221,12 @@ end
 return redis.call('DEL', KEYS[1])
 ";
 
-/// Sessions in Redis: `{PREFIX}:s:KEY` holds the record as JSON with the session's TTL;
-/// `{PREFIX}:sid:SID` and `{PREFIX}:sub:SUBJECT` are sets of session keys (for back-channel
-/// logout), kept as long as the longest session in them; `{PREFIX}:jti:ID` marks a used
-/// logout token; `{PREFIX}:lock:KEY` is a refresh under way. The braces are a hash tag: on a
-/// Redis Cluster every key of a plugin lives in one slot, so a session and its index sets
-/// change together (sessions are few next to quota decisions; one slot carries them).
+/// Sessions in Redis: `PREFIX:s:KEY` holds the record as JSON with the session's TTL;
+/// `PREFIX:sid:SID` and `PREFIX:sub:SUBJECT` are sets of session keys (for back-channel
+/// logout), kept as long as the longest session in them; `PREFIX:jti:ID` marks a used logout
+/// token; `PREFIX:lock:KEY` is a refresh under way. On a Redis Cluster the prefix is written
+/// `{PREFIX}`, a hash tag: every key of a plugin lives in one slot, so a session and its index
+/// sets change together (sessions are few next to quota decisions; one slot carries them).
 pub struct RedisSessions {
     redis: RedisConnector,
     prefix: String,
@@ -241,9 +241,21 @@ impl RedisSessions {
         prefix: String,
         absolute: Duration,
     ) -> Result<RedisSessions, String> {
+        // On a cluster the prefix is a hash tag, so a session and its index sets share a
+        // slot; elsewhere the keys keep their names (sessions survive an upgrade). No pause
+        // after a failure: a session write that follows a token refresh must not be skipped.
+        let prefix = match target {
+            RedisTarget::Cluster(_) => format!("{{{prefix}}}"),
+            _ => prefix,
+        };
         Ok(RedisSessions {
-            redis: RedisConnector::new(target, timeout, format!("session store {prefix}"))?,
-            prefix: format!("{{{prefix}}}"),
+            redis: RedisConnector::new(
+                target,
+                timeout,
+                Duration::ZERO,
+                format!("session store {prefix}"),
+            )?,
+            prefix,
             absolute,
         })
     }
