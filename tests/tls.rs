@@ -484,3 +484,45 @@ fn certificate_mistakes_are_config_errors() {
         "{err}"
     );
 }
+
+/// With `server.watch`, a certificate renewed in place (cert-manager or certbot replacing the
+/// files the config names) is picked up by itself: new connections get the new certificate,
+/// without a SIGHUP or an edit of the config.
+#[tokio::test]
+async fn watch_picks_up_a_renewed_certificate() {
+    let up = mock("app").await;
+    let dir = tempfile::tempdir().unwrap();
+    let (old_pem, cert, key) = cert_files(dir.path(), "site", &["app.test"]);
+    let gw = Gateway::start(&format!(
+        "{}\n[[server.tls]]\nlisten = \"127.0.0.1:0\"\ncert = \"{cert}\"\nkey = \"{key}\"\n\
+         [upstreams.app]\nendpoints = [\"{}\"]\n[[routes]]\nname = \"app\"\nupstream = \"app\"\n",
+        server("watch = true"),
+        up.addr()
+    ))
+    .await;
+    let port = tls_port(&gw).await;
+    let get = |roots: &[&str]| {
+        let c = sni_client(roots, &["app.test"], port);
+        async move {
+            c.get(format!("https://app.test:{port}/x"))
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+        }
+    };
+    assert_eq!(get(&[&old_pem]).await.unwrap(), 200);
+    // Renewed: a new key and certificate written over the same two files.
+    let renewed = tempfile::tempdir().unwrap();
+    let (new_pem, nc, nk) = cert_files(renewed.path(), "site", &["app.test"]);
+    std::fs::copy(&nk, &key).unwrap();
+    std::fs::copy(&nc, &cert).unwrap();
+    let new_pem_ref = new_pem.as_str();
+    eventually(
+        std::time::Duration::from_secs(10),
+        "the renewed certificate is served",
+        || async { get(&[new_pem_ref]).await.ok().filter(|s| *s == 200) },
+    )
+    .await;
+    assert!(get(&[&old_pem]).await.is_err(), "the old one is gone");
+    assert!(gw.stderr().contains("a certificate file changed"));
+}

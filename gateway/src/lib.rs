@@ -346,7 +346,10 @@ impl BackgroundService for WatchConfig {
         };
         let path = self.shared.config_path.clone();
         let mut watched: Vec<PathBuf> = Vec::new();
-        let mut last = source::fingerprint(&path);
+        let mut last = source::fingerprint(
+            &path,
+            &source::tls_files(&self.shared.snapshot.load().config),
+        );
         loop {
             let config = self.shared.snapshot.load_full();
             for dir in source::watched_dirs(&path, &config.config) {
@@ -377,11 +380,11 @@ impl BackgroundService for WatchConfig {
                     _ = shutdown.changed() => return,
                 }
             }
-            let now = source::fingerprint(&path);
+            let now = source::fingerprint(&path, &source::tls_files(&config.config));
             if now != last {
                 last = now;
                 log::info!(
-                    "server.watch: {} or an included file changed",
+                    "server.watch: {}, an included file or a certificate file changed",
                     path.display()
                 );
                 let _ = self.shared.reload().await;

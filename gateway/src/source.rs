@@ -360,10 +360,15 @@ fn without_userinfo(s: &str) -> String {
 
 /// A fingerprint of the bytes of the main file and of every file its include patterns match
 /// now (unparsable files included): the watcher reloads when it changes.
-pub fn fingerprint(path: &Path) -> String {
+pub fn fingerprint(path: &Path, tls: &[PathBuf]) -> String {
     let mut hasher = Sha256::new();
     let main = std::fs::read(path).unwrap_or_default();
     hasher.update(&main);
+    // Certificate and key files: a renewal (cert-manager, certbot) reloads as an edit does.
+    for file in tls {
+        hasher.update(file.to_string_lossy().as_bytes());
+        hasher.update(std::fs::read(file).unwrap_or_default());
+    }
     #[derive(Deserialize)]
     struct Includes {
         #[serde(default)]
@@ -392,12 +397,14 @@ pub fn fingerprint(path: &Path) -> String {
         .collect()
 }
 
-/// The folders to watch for a config: the main file's, and each include pattern's.
+/// The folders to watch for a config: the main file's, each include pattern's, and those of
+/// its certificate and key files.
 pub fn watched_dirs(path: &Path, config: &Config) -> Vec<PathBuf> {
     let base = path.parent().unwrap_or(Path::new(".")).to_path_buf();
     let mut dirs = vec![base.clone()];
-    for pattern in &config.include {
-        if let Some(dir) = base.join(pattern).parent() {
+    let patterns = config.include.iter().map(|p| base.join(p));
+    for file in patterns.chain(tls_files(config)) {
+        if let Some(dir) = file.parent() {
             let dir = dir.to_path_buf();
             if !dirs.contains(&dir) && !dir.to_string_lossy().contains(['*', '?', '[']) {
                 dirs.push(dir);
@@ -405,6 +412,31 @@ pub fn watched_dirs(path: &Path, config: &Config) -> Vec<PathBuf> {
         }
     }
     dirs
+}
+
+/// The certificate, key and CA files a config names: its TLS listeners' and its upstreams'.
+pub fn tls_files(config: &Config) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = Vec::new();
+    for t in &config.server.tls {
+        files.push(PathBuf::from(&t.cert));
+        files.push(PathBuf::from(&t.key));
+        files.extend(t.client_ca.iter().map(PathBuf::from));
+        for c in &t.certs {
+            files.push(PathBuf::from(&c.cert));
+            files.push(PathBuf::from(&c.key));
+        }
+    }
+    for up in config.upstreams.values() {
+        for f in [&up.ca_file, &up.client_cert, &up.client_key]
+            .into_iter()
+            .flatten()
+        {
+            files.push(PathBuf::from(f));
+        }
+    }
+    files.sort();
+    files.dedup();
+    files
 }
 
 #[cfg(test)]

@@ -282,6 +282,9 @@ pub struct Pool {
     tls: UpstreamTls,
     /// The connection-pool group of this pool's TLS connections (by pool name and CA file).
     tls_group: u64,
+    /// What `ca_file`, `client_cert` and `client_key` held at build: a reload after they were
+    /// replaced (a renewed client certificate) builds the pool again.
+    tls_files: u64,
 }
 
 /// How the gateway speaks TLS to a pool's endpoints.
@@ -416,6 +419,7 @@ impl Pool {
             in_flight: AtomicUsize::new(0),
             metrics: metrics.clone(),
             tls,
+            tls_files: tls_files_hash(config),
             tls_group: {
                 use std::hash::{Hash, Hasher};
                 let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -807,7 +811,7 @@ impl Pool {
     /// Whether another pool config would build an identical pool (so a reload can keep this
     /// one, with its health state and connections).
     pub fn same_config(&self, other: &UpstreamConfig) -> bool {
-        &self.config == other
+        &self.config == other && self.tls_files == tls_files_hash(other)
     }
 }
 
@@ -1108,6 +1112,19 @@ impl Pool {
             removed.join(", ")
         );
     }
+}
+
+/// A hash of the pool's TLS files' contents (0 without any).
+fn tls_files_hash(config: &UpstreamConfig) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for f in [&config.ca_file, &config.client_cert, &config.client_key]
+        .into_iter()
+        .flatten()
+    {
+        std::fs::read(f).unwrap_or_default().hash(&mut h);
+    }
+    h.finish()
 }
 
 /// The HTTP versions a pool's connections may speak: `h2` only (ALPN h2 with TLS, h2c with
