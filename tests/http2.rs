@@ -112,19 +112,10 @@ async fn a_silent_client_on_an_h2c_listener_is_closed_at_the_header_timeout() {
 async fn tls_offers_h2_by_alpn_unless_turned_off() {
     let up = mock("app").await;
     let certs = tempfile::tempdir().unwrap();
-    let key = rcgen::generate_simple_self_signed(vec!["app.test".to_string()]).unwrap();
-    let cert_pem = key.cert.pem();
-    std::fs::write(certs.path().join("cert.pem"), &cert_pem).unwrap();
-    std::fs::write(
-        certs.path().join("key.pem"),
-        key.signing_key.serialize_pem(),
-    )
-    .unwrap();
+    let (cert_pem, cert, key) = crate::tls::cert_files(certs.path(), "cert", &["app.test"]);
     let tls = |http2: bool| {
         format!(
-            "[[server.tls]]\nlisten = \"127.0.0.1:0\"\ncert = \"{}\"\nkey = \"{}\"\nhttp2 = {http2}\n",
-            certs.path().join("cert.pem").display(),
-            certs.path().join("key.pem").display(),
+            "[[server.tls]]\nlisten = \"127.0.0.1:0\"\ncert = \"{cert}\"\nkey = \"{key}\"\nhttp2 = {http2}\n"
         )
     };
     for (http2, expected) in [

@@ -10,20 +10,11 @@ use support::*;
 async fn tls_listener_serves_and_forwards_the_scheme() {
     let up = mock("app").await;
     let certs = tempfile::tempdir().unwrap();
-    let key = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
-    let cert_pem = key.cert.pem();
-    std::fs::write(certs.path().join("cert.pem"), &cert_pem).unwrap();
-    std::fs::write(
-        certs.path().join("key.pem"),
-        key.signing_key.serialize_pem(),
-    )
-    .unwrap();
+    let (cert_pem, cert, key) = cert_files(certs.path(), "cert", &["localhost"]);
     let config = format!(
-        "{}\n[[server.tls]]\nlisten = \"127.0.0.1:0\"\ncert = \"{}\"\nkey = \"{}\"\n\
+        "{}\n[[server.tls]]\nlisten = \"127.0.0.1:0\"\ncert = \"{cert}\"\nkey = \"{key}\"\n\
          [upstreams.app]\nendpoints = [\"{}\"]\n[[routes]]\nname = \"app\"\nupstream = \"app\"\n",
         server(""),
-        certs.path().join("cert.pem").display(),
-        certs.path().join("key.pem").display(),
         up.addr()
     );
     let gw = Gateway::start(&config).await;
@@ -239,7 +230,7 @@ pub async fn tls_port(gw: &Gateway) -> u16 {
 
 /// A self-signed certificate for `names`, written to `dir` as `<file>.pem` / `<file>.key`;
 /// returns the certificate PEM and the two paths.
-fn cert_files(dir: &std::path::Path, file: &str, names: &[&str]) -> (String, String, String) {
+pub fn cert_files(dir: &std::path::Path, file: &str, names: &[&str]) -> (String, String, String) {
     let generated =
         rcgen::generate_simple_self_signed(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
             .unwrap();

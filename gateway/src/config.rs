@@ -339,6 +339,13 @@ pub struct TlsListener {
     pub forward_client_cert: Option<Parsed<http::HeaderName>>,
 }
 
+impl TlsListener {
+    /// The `forward_client_cert` header, when set and valid.
+    pub fn client_cert_header(&self) -> Option<&http::HeaderName> {
+        self.forward_client_cert.as_ref()?.value().ok()
+    }
+}
+
 /// One SNI certificate of a TLS listener.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]

@@ -36,10 +36,7 @@ pub fn status_for(http: u16) -> u8 {
 /// Whether a request's `content-type` is gRPC (`application/grpc`, `application/grpc+proto`,
 /// `application/grpc-web...`).
 pub fn is_grpc(content_type: Option<&HeaderValue>) -> bool {
-    content_type.is_some_and(|v| {
-        v.as_bytes().len() >= CONTENT_TYPE_GRPC.len()
-            && v.as_bytes()[..CONTENT_TYPE_GRPC.len()].eq_ignore_ascii_case(b"application/grpc")
-    })
+    starts_with(content_type, CONTENT_TYPE_GRPC.as_bytes())
 }
 
 /// Whether it is gRPC-web (binary or text).

@@ -97,7 +97,7 @@ impl Shared {
                 .server
                 .tls
                 .iter()
-                .filter_map(|t| t.forward_client_cert.as_ref()?.value().ok().cloned())
+                .filter_map(|t| t.client_cert_header().cloned())
                 .collect(),
         };
         let mut sni = Vec::new();
@@ -526,11 +526,11 @@ pub fn run(shared: Arc<Shared>, options: RunOptions) -> anyhow::Result<()> {
     }
     for (i, tls) in server_conf.tls.iter().enumerate() {
         let key = format!("server.tls[{i}].listen");
-        let mut settings = match tls.forward_client_cert.as_ref().map(|h| h.value()) {
-            Some(Ok(header)) => TlsSettings::with_callbacks(Box::new(certs::ForwardClientCert {
+        let mut settings = match tls.client_cert_header() {
+            Some(header) => TlsSettings::with_callbacks(Box::new(certs::ForwardClientCert {
                 header: header.clone(),
             })),
-            _ => TlsSettings::intermediate(&tls.cert, &tls.key),
+            None => TlsSettings::intermediate(&tls.cert, &tls.key),
         }
         .map_err(|e| anyhow::anyhow!("{key}: {e}"))?;
         if let Some((_, resolver)) = shared.sni.get(i) {

@@ -158,7 +158,7 @@ impl Snapshot {
             .server
             .tls
             .iter()
-            .filter_map(|t| t.forward_client_cert.as_ref()?.value().ok())
+            .filter_map(|t| t.client_cert_header())
         {
             if !trusted.contains(h) {
                 trusted.push(h.clone());
