@@ -201,8 +201,48 @@ pub struct EndpointState {
 /// Scheduling state of a pool's active health checks.
 struct HealthSchedule {
     config: HealthConfig,
+    passes: Passes,
+}
+
+/// When a periodic background pass (health checks, name resolution) is due, and whether one
+/// is under way: one pass at a time per pool.
+struct Passes {
     next_due: Mutex<Instant>,
     running: AtomicBool,
+}
+
+impl Passes {
+    /// The first pass is due at once.
+    fn new() -> Passes {
+        Passes {
+            next_due: Mutex::new(Instant::now()),
+            running: AtomicBool::new(false),
+        }
+    }
+
+    /// Starts a pass when one is due and none runs; the next is due `interval` later.
+    fn start_due(&self, now: Instant, interval: Duration) -> bool {
+        let mut next = self.next_due.lock();
+        if now < *next || self.running.swap(true, Ordering::AcqRel) {
+            return false;
+        }
+        *next = now + interval;
+        true
+    }
+
+    /// Starts a pass now unless one runs.
+    fn start_now(&self) -> bool {
+        !self.running.swap(true, Ordering::AcqRel)
+    }
+
+    fn done(&self) {
+        self.running.store(false, Ordering::Release);
+    }
+
+    /// The next pass is due at once.
+    fn due_now(&self) {
+        *self.next_due.lock() = Instant::now();
+    }
 }
 
 /// An endpoint the pool should have: an address, and the names it was written with.
@@ -245,8 +285,7 @@ struct Discovery {
     /// every route of the fleet out of its load balancer.
     attempted: AtomicBool,
     interval: Duration,
-    next_due: Mutex<Instant>,
-    running: AtomicBool,
+    passes: Passes,
     /// Serialises member rebuilds (read the answers, build, swap), so an older set can never
     /// be stored over a newer one.
     rebuilding: Mutex<()>,
@@ -375,8 +414,7 @@ impl Pool {
             attempted: AtomicBool::new(names.iter().all(|n| n.addrs.lock().is_some())),
             names,
             interval: config.resolve_interval.get(),
-            next_due: Mutex::new(Instant::now()),
-            running: AtomicBool::new(false),
+            passes: Passes::new(),
             rebuilding: Mutex::new(()),
         });
         let wanted = wanted(config, discovery.as_ref())?;
@@ -395,8 +433,7 @@ impl Pool {
         };
         let health = config.health.as_ref().map(|h| HealthSchedule {
             config: h.clone(),
-            next_due: Mutex::new(Instant::now()),
-            running: AtomicBool::new(false),
+            passes: Passes::new(),
         });
         let budget = config.retry.as_ref().map(|r| r.budget).unwrap_or_default();
         // Series a dashboard expects to see at 0 before the first event.
@@ -762,18 +799,17 @@ impl Pool {
         now: Instant,
     ) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
         let schedule = self.health.as_ref()?;
+        if !schedule
+            .passes
+            .start_due(now, schedule.config.interval.get())
         {
-            let mut next = schedule.next_due.lock();
-            if now < *next || schedule.running.swap(true, Ordering::AcqRel) {
-                return None;
-            }
-            *next = now + schedule.config.interval.get();
+            return None;
         }
         let pool = Arc::clone(self);
         Some(async move {
             if let Some(s) = &pool.health {
                 pool.run_checks(s).await;
-                s.running.store(false, Ordering::Release);
+                s.passes.done();
             }
         })
     }
@@ -981,18 +1017,14 @@ impl Pool {
         dns: &Arc<crate::discovery::Dns>,
     ) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
         let d = self.discovery.as_ref()?;
-        {
-            let mut next = d.next_due.lock();
-            if now < *next || d.running.swap(true, Ordering::AcqRel) {
-                return None;
-            }
-            *next = now + d.interval;
+        if !d.passes.start_due(now, d.interval) {
+            return None;
         }
         let (pool, dns) = (Arc::clone(self), Arc::clone(dns));
         Some(async move {
             pool.resolve(&dns).await;
             if let Some(d) = &pool.discovery {
-                d.running.store(false, Ordering::Release);
+                d.passes.done();
             }
         })
     }
@@ -1002,11 +1034,9 @@ impl Pool {
     pub async fn resolve_new_names(&self, dns: &crate::discovery::Dns) {
         if let Some(d) = &self.discovery {
             // A pass of the background task under way (a pool a reload kept) does the work.
-            if d.names.iter().any(|n| n.addrs.lock().is_none())
-                && !d.running.swap(true, Ordering::AcqRel)
-            {
+            if d.names.iter().any(|n| n.addrs.lock().is_none()) && d.passes.start_now() {
                 self.resolve(dns).await;
-                d.running.store(false, Ordering::Release);
+                d.passes.done();
             }
         }
     }
@@ -1101,7 +1131,7 @@ impl Pool {
         // New endpoints of a checked pool wait for their first check: run it now.
         if let Some(h) = &self.health {
             if !added.is_empty() {
-                *h.next_due.lock() = Instant::now();
+                h.passes.due_now();
             }
         }
         log::info!(
