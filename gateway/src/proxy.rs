@@ -32,10 +32,9 @@ use crate::path::normalize;
 use crate::resilience::{Failure, TryState, X_SALLYPORT_ATTEMPT};
 use crate::router::{request_host, Lookup};
 use crate::snapshot::{ChainEntry, Route, Snapshot};
-use crate::telemetry::{ServerSpan, SpanRecorder};
+use crate::telemetry::SpanRecorder;
 use crate::upstream::{Pool, PoolSlot, Try};
 use crate::Shared;
-use opentelemetry::KeyValue;
 
 // Each name spelled once: the `&'static str` is what Pingora's `insert_header` takes without
 // copying a `HeaderName` into its case map; the `HeaderName` is for lookups.
@@ -1536,14 +1535,15 @@ impl ProxyHttp for Gateway {
             if !spans.telemetry.sampled(&trace.0, trace.2) {
                 return;
             }
-            let server = server_span(
-                session,
-                ctx,
-                status,
-                cache,
-                spans.telemetry.record_enduser(),
-            );
-            spans.finish(trace, server, &ctx.req.call_spans);
+            let end = std::time::SystemTime::now();
+            let enduser = spans.telemetry.record_enduser();
+            spans
+                .telemetry
+                .write(spans.count(&ctx.req.call_spans), |out| {
+                    write_spans(
+                        out, session, ctx, &spans, trace, end, status, cache, enduser,
+                    )
+                });
         }
     }
 }
@@ -1574,125 +1574,156 @@ fn decide_sampling(ctx: &mut Ctx) {
     }
 }
 
-/// The SERVER span of a finished request, per the HTTP semantic conventions (stable v1.2x):
-/// named `{METHOD} {route}` (the route's name, never the raw path).
-fn server_span(
+/// A sampled request's spans ([`SpanRecorder::finish`]); the SERVER span per the HTTP
+/// semantic conventions (stable v1.2x): named `{METHOD} {route}` (the route's name, never
+/// the raw path).
+#[allow(clippy::too_many_arguments)]
+fn write_spans(
+    out: &mut crate::telemetry::Spans<'_>,
     session: &Session,
     ctx: &Ctx,
+    spans: &SpanRecorder,
+    trace: crate::telemetry::TraceOf,
+    end: std::time::SystemTime,
     status: u16,
     cache: Option<&str>,
     enduser: bool,
-) -> ServerSpan {
+) {
     let req = session.req_header();
     let method = match req.method.as_str() {
         m @ ("GET" | "HEAD" | "POST" | "PUT" | "DELETE" | "CONNECT" | "OPTIONS" | "TRACE"
-        | "PATCH") => m.to_string(),
-        _ => "_OTHER".to_string(),
+        | "PATCH") => m,
+        _ => "_OTHER",
     };
-    let path = if ctx.req.path.is_empty() {
-        req.uri.path().to_string()
+    let path: &str = if ctx.req.path.is_empty() {
+        req.uri.path()
     } else {
-        ctx.req.path.clone()
+        &ctx.req.path
     };
+    let upstream_path = ctx
+        .route
+        .as_ref()
+        .and_then(|r| r.rewrite.as_ref())
+        .map_or(std::borrow::Cow::Borrowed(path), |rw| {
+            std::borrow::Cow::Owned(rw.apply(path))
+        });
+    // Status Error only for 5xx (a 4xx is the client's failure, not the server's).
+    // The gateway's own error code, or the upstream's status code it passed on.
+    let error: Option<std::borrow::Cow<'_, str>> = (status >= 500).then(|| {
+        ctx.error_code.map_or_else(
+            || std::borrow::Cow::Owned(status.to_string()),
+            std::borrow::Cow::Borrowed,
+        )
+    });
+    let route_name = ctx.route.as_ref().map(|r| &*r.name);
+    let name: &[&str] = match route_name {
+        Some(route) => &[method, " ", route],
+        None => &[method],
+    };
+    spans.finish(
+        out,
+        trace,
+        end,
+        name,
+        method,
+        &upstream_path,
+        error.as_deref(),
+        &ctx.req.call_spans,
+        |w| server_attributes(w, session, ctx, method, path, status, cache, enduser),
+    )
+}
+
+/// The SERVER span's attributes (HTTP semantic conventions, plus `sallyport.*`).
+#[allow(clippy::too_many_arguments)]
+fn server_attributes(
+    w: &mut crate::telemetry::SpanWriter<'_>,
+    session: &Session,
+    ctx: &Ctx,
+    method: &str,
+    path: &str,
+    status: u16,
+    cache: Option<&str>,
+    enduser: bool,
+) {
+    let req = session.req_header();
     let tls = session
         .digest()
         .and_then(|d| d.ssl_digest.as_ref())
         .is_some();
-    let mut a = vec![
-        KeyValue::new("http.request.method", method.clone()),
-        KeyValue::new("url.scheme", if tls { "https" } else { "http" }),
-        KeyValue::new("url.path", path.clone()),
-        KeyValue::new("http.response.status_code", i64::from(status)),
-        KeyValue::new(
+    w.str("http.request.method", method)
+        .str("url.scheme", if tls { "https" } else { "http" })
+        .str("url.path", path)
+        .int("http.response.status_code", i64::from(status))
+        .str(
             "network.protocol.version",
             match req.version {
                 http::Version::HTTP_10 => "1.0",
                 http::Version::HTTP_2 => "2",
                 _ => "1.1",
             },
-        ),
-        KeyValue::new("sallyport.route", ctx.req.route.to_string()),
-    ];
+        )
+        .str("sallyport.route", &ctx.req.route);
     if method == "_OTHER" {
-        a.push(KeyValue::new(
-            "http.request.method_original",
-            req.method.to_string(),
-        ));
+        w.str("http.request.method_original", req.method.as_str());
     }
-    let host = req.uri.host().map(str::to_string).or_else(|| {
+    let host = req.uri.host().or_else(|| {
         req.headers
             .get(http::header::HOST)
             .and_then(|h| h.to_str().ok())
             .map(|h| match h.strip_prefix('[') {
                 // An IPv6 literal: the address inside the brackets.
-                Some(rest) => rest.split(']').next().unwrap_or(rest).to_string(),
-                None => h.rsplit_once(':').map_or(h, |(h, _)| h).to_string(),
+                Some(rest) => rest.split(']').next().unwrap_or(rest),
+                None => h.rsplit_once(':').map_or(h, |(h, _)| h),
             })
     });
     if let Some(host) = host {
-        a.push(KeyValue::new("server.address", host));
+        w.str("server.address", host);
     }
     if let Some(port) = session
         .server_addr()
         .and_then(|s| s.as_inet())
         .map(|s| s.port())
     {
-        a.push(KeyValue::new("server.port", i64::from(port)));
+        w.int("server.port", i64::from(port));
     }
     if let Some(ip) = ctx.req.client_ip {
-        a.push(KeyValue::new("client.address", ip.to_string()));
+        let mut text = String::with_capacity(40);
+        crate::telemetry::push_ip(&mut text, ip);
+        w.str("client.address", &text);
     }
     if let Some(ua) = req
         .headers
         .get(http::header::USER_AGENT)
         .and_then(|v| v.to_str().ok())
     {
-        a.push(KeyValue::new("user_agent.original", ua.to_string()));
+        w.str("user_agent.original", ua);
     }
-    let mut name = method.clone();
     if let Some(route) = &ctx.route {
-        a.push(KeyValue::new("http.route", route.http_route.to_string()));
-        name = format!("{method} {}", route.name);
+        w.str("http.route", &route.http_route);
     }
     if let Some(up) = &ctx.req.upstream {
-        a.push(KeyValue::new("sallyport.upstream", up.to_string()));
+        w.str("sallyport.upstream", up);
     }
     if let Some((plugin, _)) = &ctx.rejected_by {
-        a.push(KeyValue::new("sallyport.rejected_by", plugin.to_string()));
+        w.str("sallyport.rejected_by", plugin);
     }
     if let Some(c) = cache {
-        a.push(KeyValue::new("sallyport.cache", c.to_string()));
+        w.str("sallyport.cache", c);
     }
     if let Some((_, decision)) = ctx.req.log_fields.iter().rev().find(|(k, _)| *k == "quota") {
         if let Some(d) = decision.as_str() {
-            a.push(KeyValue::new("sallyport.quota.decision", d.to_string()));
+            w.str("sallyport.quota.decision", d);
         }
     }
     if enduser {
-        if let Some(sub) = ctx.req.principal.as_ref().and_then(|p| p.subject.clone()) {
-            a.push(KeyValue::new("enduser.id", sub));
+        if let Some(sub) = ctx
+            .req
+            .principal
+            .as_ref()
+            .and_then(|p| p.subject.as_deref())
+        {
+            w.str("enduser.id", sub);
         }
-    }
-    // Status Error only for 5xx (a 4xx is the client's failure, not the server's).
-    // The gateway's own error code, or the upstream's status code it passed on.
-    let error = (status >= 500).then(|| {
-        ctx.error_code
-            .map_or_else(|| status.to_string(), str::to_string)
-    });
-    if let Some(e) = &error {
-        a.push(KeyValue::new("error.type", e.clone()));
-    }
-    let upstream_path = ctx
-        .route
-        .as_ref()
-        .and_then(|r| r.rewrite.as_ref())
-        .map_or_else(|| path.clone(), |rw| rw.apply(&path));
-    ServerSpan {
-        name,
-        attributes: a,
-        method,
-        path: upstream_path,
-        error,
     }
 }
 
