@@ -99,6 +99,10 @@ impl Shared {
                 .iter()
                 .filter_map(|t| t.client_cert_header().cloned())
                 .collect(),
+            request_metrics: snapshot::RequestMetrics {
+                requests: metrics.requests.clone(),
+                duration: metrics.request_duration.clone(),
+            },
         };
         let mut sni = Vec::new();
         for (i, tls) in config.server.tls.iter().enumerate() {

@@ -1477,14 +1477,25 @@ impl ProxyHttp for Gateway {
                 .with_label_values(&[route_label, result])
                 .inc();
         }
-        metrics
-            .requests
-            .with_label_values(&[route_label, method, &status_label(status)])
-            .inc();
-        metrics
-            .request_duration
-            .with_label_values(&[route_label])
-            .observe(elapsed.as_secs_f64());
+        match &ctx.route {
+            Some(route) => {
+                route
+                    .metrics
+                    .count(method, status, || status_label(status).into_owned());
+                route.metrics.duration.observe(elapsed.as_secs_f64());
+            }
+            // Not routed (404, 405, a bad path): the `unmatched` series.
+            None => {
+                metrics
+                    .requests
+                    .with_label_values(&[route_label, method, &status_label(status)])
+                    .inc();
+                metrics
+                    .request_duration
+                    .with_label_values(&[route_label])
+                    .observe(elapsed.as_secs_f64());
+            }
+        }
 
         if self.shared.access_log.enabled() {
             let upstream_ms = match (ctx.upstream_started, ctx.upstream_response) {
