@@ -197,7 +197,7 @@ pub struct ServerConfig {
     #[serde(default = "default_threads")]
     pub threads: usize,
     /// Let idle worker threads steal tasks from busy ones. Off by default: a runtime per
-    /// thread served 1.13x the requests at 0.90x the CPU per request with two threads
+    /// thread served 1.15x the requests at 0.89x the CPU per request with two threads
     /// (bench/run, threads-2); turn it on when a few long connections carry most of the work.
     #[serde(default)]
     pub work_stealing: bool,
