@@ -1482,7 +1482,7 @@ impl ProxyHttp for Gateway {
                 route
                     .metrics
                     .count(method, status, || status_label(status).into_owned());
-                route.metrics.duration.observe(elapsed.as_secs_f64());
+                route.metrics.observe(elapsed.as_secs_f64());
             }
             // Not routed (404, 405, a bad path): the `unmatched` series.
             None => {
@@ -1548,11 +1548,13 @@ impl ProxyHttp for Gateway {
             }
             let end = std::time::SystemTime::now();
             let enduser = spans.telemetry.record_enduser();
+            // What allocates is made before the spans are written under the buffer's lock.
+            let facts = SpanFacts::new(session, ctx, status);
             spans
                 .telemetry
                 .write(spans.count(&ctx.req.call_spans), |out| {
                     write_spans(
-                        out, session, ctx, &spans, trace, end, status, cache, enduser,
+                        out, session, ctx, &spans, &facts, trace, end, status, cache, enduser,
                     )
                 });
         }
@@ -1585,6 +1587,66 @@ fn decide_sampling(ctx: &mut Ctx) {
     }
 }
 
+/// A sampled request's values the spans need that take an allocation to make.
+struct SpanFacts<'a> {
+    method: &'static str,
+    path: &'a str,
+    /// The path sent upstream (after `rewrite_prefix`).
+    upstream_path: std::borrow::Cow<'a, str>,
+    /// A 5xx's `error.type`: the gateway's own error code, or the status passed on.
+    error: Option<std::borrow::Cow<'a, str>>,
+    client_address: Option<String>,
+}
+
+impl<'a> SpanFacts<'a> {
+    fn new(session: &'a Session, ctx: &'a Ctx, status: u16) -> SpanFacts<'a> {
+        let req = session.req_header();
+        let method = match req.method.as_str() {
+            "GET" => "GET",
+            "HEAD" => "HEAD",
+            "POST" => "POST",
+            "PUT" => "PUT",
+            "DELETE" => "DELETE",
+            "CONNECT" => "CONNECT",
+            "OPTIONS" => "OPTIONS",
+            "TRACE" => "TRACE",
+            "PATCH" => "PATCH",
+            _ => "_OTHER",
+        };
+        let path: &str = if ctx.req.path.is_empty() {
+            req.uri.path()
+        } else {
+            &ctx.req.path
+        };
+        let upstream_path = ctx
+            .route
+            .as_ref()
+            .and_then(|r| r.rewrite.as_ref())
+            .map_or(std::borrow::Cow::Borrowed(path), |rw| {
+                std::borrow::Cow::Owned(rw.apply(path))
+            });
+        // Status Error only for 5xx (a 4xx is the client's failure, not the server's).
+        let error = (status >= 500).then(|| {
+            ctx.error_code.map_or_else(
+                || std::borrow::Cow::Owned(status.to_string()),
+                std::borrow::Cow::Borrowed,
+            )
+        });
+        let client_address = ctx.req.client_ip.map(|ip| {
+            let mut text = String::with_capacity(40);
+            crate::telemetry::push_ip(&mut text, ip);
+            text
+        });
+        SpanFacts {
+            method,
+            path,
+            upstream_path,
+            error,
+            client_address,
+        }
+    }
+}
+
 /// A sampled request's spans ([`SpanRecorder::finish`]); the SERVER span per the HTTP
 /// semantic conventions (stable v1.2x): named `{METHOD} {route}` (the route's name, never
 /// the raw path).
@@ -1594,38 +1656,14 @@ fn write_spans(
     session: &Session,
     ctx: &Ctx,
     spans: &SpanRecorder,
+    facts: &SpanFacts<'_>,
     trace: crate::telemetry::TraceOf,
     end: std::time::SystemTime,
     status: u16,
     cache: Option<&str>,
     enduser: bool,
 ) {
-    let req = session.req_header();
-    let method = match req.method.as_str() {
-        m @ ("GET" | "HEAD" | "POST" | "PUT" | "DELETE" | "CONNECT" | "OPTIONS" | "TRACE"
-        | "PATCH") => m,
-        _ => "_OTHER",
-    };
-    let path: &str = if ctx.req.path.is_empty() {
-        req.uri.path()
-    } else {
-        &ctx.req.path
-    };
-    let upstream_path = ctx
-        .route
-        .as_ref()
-        .and_then(|r| r.rewrite.as_ref())
-        .map_or(std::borrow::Cow::Borrowed(path), |rw| {
-            std::borrow::Cow::Owned(rw.apply(path))
-        });
-    // Status Error only for 5xx (a 4xx is the client's failure, not the server's).
-    // The gateway's own error code, or the upstream's status code it passed on.
-    let error: Option<std::borrow::Cow<'_, str>> = (status >= 500).then(|| {
-        ctx.error_code.map_or_else(
-            || std::borrow::Cow::Owned(status.to_string()),
-            std::borrow::Cow::Borrowed,
-        )
-    });
+    let method = facts.method;
     let route_name = ctx.route.as_ref().map(|r| &*r.name);
     let name: &[&str] = match route_name {
         Some(route) => &[method, " ", route],
@@ -1637,10 +1675,10 @@ fn write_spans(
         end,
         name,
         method,
-        &upstream_path,
-        error.as_deref(),
+        &facts.upstream_path,
+        facts.error.as_deref(),
         &ctx.req.call_spans,
-        |w| server_attributes(w, session, ctx, method, path, status, cache, enduser),
+        |w| server_attributes(w, session, ctx, facts, status, cache, enduser),
     )
 }
 
@@ -1650,13 +1688,13 @@ fn server_attributes(
     w: &mut crate::telemetry::SpanWriter<'_>,
     session: &Session,
     ctx: &Ctx,
-    method: &str,
-    path: &str,
+    facts: &SpanFacts<'_>,
     status: u16,
     cache: Option<&str>,
     enduser: bool,
 ) {
     let req = session.req_header();
+    let (method, path) = (facts.method, facts.path);
     let tls = session
         .digest()
         .and_then(|d| d.ssl_digest.as_ref())
@@ -1697,10 +1735,8 @@ fn server_attributes(
     {
         w.int("server.port", i64::from(port));
     }
-    if let Some(ip) = ctx.req.client_ip {
-        let mut text = String::with_capacity(40);
-        crate::telemetry::push_ip(&mut text, ip);
-        w.str("client.address", &text);
+    if let Some(address) = &facts.client_address {
+        w.str("client.address", address);
     }
     if let Some(ua) = req
         .headers

@@ -78,8 +78,8 @@ const STATUSES: [(u16, &str); 15] = [
 pub struct RouteMetrics {
     route: Arc<str>,
     requests: prometheus::IntCounterVec,
-    /// `sallyport_request_duration_seconds{route}`.
-    pub duration: prometheus::Histogram,
+    durations: prometheus::HistogramVec,
+    duration: std::sync::OnceLock<prometheus::Histogram>,
     counters: Box<[[std::sync::OnceLock<prometheus::IntCounter>; STATUSES.len()]; METHODS.len()]>,
 }
 
@@ -88,11 +88,19 @@ impl RouteMetrics {
         RouteMetrics {
             route: Arc::clone(route),
             requests: families.requests.clone(),
-            duration: families.duration.with_label_values(&[&**route]),
+            durations: families.duration.clone(),
+            duration: std::sync::OnceLock::new(),
             counters: Box::new(std::array::from_fn(|_| {
                 std::array::from_fn(|_| std::sync::OnceLock::new())
             })),
         }
+    }
+
+    /// Observes a request's duration in `sallyport_request_duration_seconds{route}`.
+    pub fn observe(&self, seconds: f64) {
+        self.duration
+            .get_or_init(|| self.durations.with_label_values(&[&*self.route]))
+            .observe(seconds);
     }
 
     /// Counts a request in `sallyport_requests_total{route, method, status}`; `status_label`
@@ -557,7 +565,14 @@ mod tests {
         let get = |labels: &[&str]| families.requests.with_label_values(labels).get();
         assert_eq!(get(&["orders", "GET", "200"]), 3);
         assert_eq!(get(&["orders", "POST", "418"]), 1);
-        m.duration.observe(0.5);
+        assert_eq!(
+            prometheus::core::Collector::collect(&families.duration)[0]
+                .get_metric()
+                .len(),
+            0,
+            "no series before the first request"
+        );
+        m.observe(0.5);
         assert_eq!(
             families
                 .duration

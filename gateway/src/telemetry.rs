@@ -16,7 +16,8 @@
 //!   completes a batch. (A channel that woke its receiver per span cost a context switch per
 //!   span on the gateway's core: 9 µs per request.)
 //!
-//! The export thread sends up to 512 spans per request with `export_timeout`, through a
+//! The export thread sends about 512 spans per request (a request's spans are never split)
+//! with `export_timeout`, through a
 //! `reqwest` client (keep-alive, `headers`, https). A reload builds a new exporter when
 //! `[telemetry]` changed; the old thread flushes what it holds and ends once the last request
 //! using it finished.
@@ -290,7 +291,7 @@ struct Pending {
 
 /// What the request path and the export thread share.
 struct Queue {
-    pending: std::sync::Mutex<Pending>,
+    pending: parking_lot::Mutex<Pending>,
     /// Spans waiting at most (`max_queue`).
     max: usize,
     /// The export thread was woken for a full batch and has not taken it yet.
@@ -300,10 +301,11 @@ struct Queue {
 }
 
 impl Queue {
-    /// Appends spans unless `max` are waiting (`None`); `Some(true)` when a full batch waits.
-    fn write(&self, write: impl FnOnce(&mut Spans<'_>)) -> Option<bool> {
+    /// Appends a request's `n` spans unless that would make more than `max` wait (`None`);
+    /// `Some(true)` when a full batch waits.
+    fn write(&self, n: usize, write: impl FnOnce(&mut Spans<'_>)) -> Option<bool> {
         let mut p = self.lock();
-        if p.count >= self.max {
+        if p.count + n > self.max {
             return None;
         }
         let p = &mut *p;
@@ -335,13 +337,10 @@ impl Queue {
         cuts
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Pending> {
-        self.pending.lock().unwrap_or_else(|poisoned| {
-            // A writer panicked mid-span: what it left is not valid protobuf.
-            let mut p = poisoned.into_inner();
-            *p = Pending::default();
-            p
-        })
+    /// Not poisoned by a panicking writer: a span it opened is closed by `SpanWriter`'s drop,
+    /// so the buffer stays a valid run of spans (those not counted are exported uncounted).
+    fn lock(&self) -> parking_lot::MutexGuard<'_, Pending> {
+        self.pending.lock()
     }
 }
 
@@ -512,7 +511,7 @@ impl Telemetry {
         let envelope = Envelope::new(config)?;
         let max = config.max_queue.max(1);
         let queue = Arc::new(Queue {
-            pending: std::sync::Mutex::new(Pending::default()),
+            pending: parking_lot::Mutex::new(Pending::default()),
             max,
             woken: AtomicBool::new(false),
             closed: AtomicBool::new(false),
@@ -564,7 +563,7 @@ impl Telemetry {
     /// request handed through a queue cost 1.5 µs a request more, in cache misses and frees
     /// on the other thread.)
     pub fn write(&self, n: usize, write: impl FnOnce(&mut Spans<'_>)) {
-        match self.queue.write(write) {
+        match self.queue.write(n, write) {
             None => self.spans.with_label_values(&["dropped"]).inc_by(n as u64),
             // One wake-up per full batch, not per span.
             Some(true) if !self.queue.woken.swap(true, Ordering::AcqRel) => self.thread.unpark(),
@@ -1063,7 +1062,7 @@ mod tests {
     #[test]
     fn the_queue_is_bounded_and_cut_into_batches() {
         let q = Queue {
-            pending: std::sync::Mutex::new(Pending::default()),
+            pending: parking_lot::Mutex::new(Pending::default()),
             max: BATCH + 10,
             woken: AtomicBool::new(false),
             closed: AtomicBool::new(false),
@@ -1071,7 +1070,7 @@ mod tests {
         let mut full_batch_at = None;
         let mut dropped = 0;
         for i in 0..BATCH + 15 {
-            match q.write(one_span) {
+            match q.write(1, one_span) {
                 None => dropped += 1,
                 Some(true) if full_batch_at.is_none() => full_batch_at = Some(i + 1),
                 Some(_) => {}
@@ -1095,8 +1094,22 @@ mod tests {
             from = to;
         }
         // Emptied: the next write starts a new batch.
-        assert_eq!(q.write(one_span), Some(false));
+        assert_eq!(q.write(1, one_span), Some(false));
         let cuts = q.take(&mut taken);
         assert_eq!(cuts, vec![(taken.len(), 1)]);
+        // A request whose spans would not all fit is dropped whole.
+        let q = Queue {
+            pending: parking_lot::Mutex::new(Pending::default()),
+            max: 2,
+            woken: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+        };
+        assert_eq!(q.write(3, |out| (0..3).for_each(|_| one_span(out))), None);
+        assert_eq!(
+            q.write(2, |out| (0..2).for_each(|_| one_span(out))),
+            Some(false)
+        );
+        let cuts = q.take(&mut taken);
+        assert_eq!(cuts, vec![(taken.len(), 2)]);
     }
 }
