@@ -1589,7 +1589,8 @@ fn decide_sampling(ctx: &mut Ctx) {
 
 /// A sampled request's values the spans need that take an allocation to make.
 struct SpanFacts<'a> {
-    method: &'static str,
+    /// The method as the semantic conventions name it (`_OTHER` for any other).
+    method: &'a str,
     path: &'a str,
     /// The path sent upstream (after `rewrite_prefix`).
     upstream_path: std::borrow::Cow<'a, str>,
@@ -1602,15 +1603,8 @@ impl<'a> SpanFacts<'a> {
     fn new(session: &'a Session, ctx: &'a Ctx, status: u16) -> SpanFacts<'a> {
         let req = session.req_header();
         let method = match req.method.as_str() {
-            "GET" => "GET",
-            "HEAD" => "HEAD",
-            "POST" => "POST",
-            "PUT" => "PUT",
-            "DELETE" => "DELETE",
-            "CONNECT" => "CONNECT",
-            "OPTIONS" => "OPTIONS",
-            "TRACE" => "TRACE",
-            "PATCH" => "PATCH",
+            m @ ("GET" | "HEAD" | "POST" | "PUT" | "DELETE" | "CONNECT" | "OPTIONS" | "TRACE"
+            | "PATCH") => m,
             _ => "_OTHER",
         };
         let path: &str = if ctx.req.path.is_empty() {

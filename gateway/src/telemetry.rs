@@ -221,9 +221,9 @@ pub struct SpanWriter<'a> {
 }
 
 impl SpanWriter<'_> {
-    /// A string attribute (`KeyValue { key, value: AnyValue { string_value } }`).
-    pub fn str(&mut self, key: &str, value: &str) -> &mut Self {
-        let any = wire::field_len(value.len());
+    /// Opens an attribute: `KeyValue { key, value: AnyValue { ... } }` up to the `AnyValue`
+    /// content of `any` bytes, which the caller writes.
+    fn attribute(&mut self, key: &str, any: usize) {
         wire::key(self.buf, field::ATTRIBUTES, wire::LEN);
         wire::varint(
             self.buf,
@@ -232,21 +232,18 @@ impl SpanWriter<'_> {
         wire::bytes(self.buf, 1, key.as_bytes());
         wire::key(self.buf, 2, wire::LEN);
         wire::varint(self.buf, any as u64);
+    }
+
+    /// A string attribute (`AnyValue { string_value }`).
+    pub fn str(&mut self, key: &str, value: &str) -> &mut Self {
+        self.attribute(key, wire::field_len(value.len()));
         wire::bytes(self.buf, 1, value.as_bytes());
         self
     }
 
     /// An integer attribute (`AnyValue { int_value }`).
     pub fn int(&mut self, key: &str, value: i64) -> &mut Self {
-        let any = 1 + wire::varint_len(value as u64);
-        wire::key(self.buf, field::ATTRIBUTES, wire::LEN);
-        wire::varint(
-            self.buf,
-            (wire::field_len(key.len()) + wire::field_len(any)) as u64,
-        );
-        wire::bytes(self.buf, 1, key.as_bytes());
-        wire::key(self.buf, 2, wire::LEN);
-        wire::varint(self.buf, any as u64);
+        self.attribute(key, 1 + wire::varint_len(value as u64));
         wire::key(self.buf, 3, wire::VARINT);
         wire::varint(self.buf, value as u64);
         self
