@@ -324,27 +324,25 @@ async fn grpc_web_from_a_browser_is_bridged_to_grpc() {
     let trailers = String::from_utf8_lossy(&rest[5..]).to_lowercase();
     assert!(trailers.contains("grpc-status:0"), "{trailers}");
 
-    // No route: the gateway's own gRPC error, in the gRPC-web client's content type.
-    let r = reqwest::Client::new()
-        .post(gw.url("/mock.Nothing/Call"))
-        .header("content-type", "application/grpc-web+proto")
-        .body(vec![0u8, 0, 0, 0, 0])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    assert_eq!(r.headers()["content-type"], "application/grpc-web+proto");
-    assert_eq!(r.headers()["grpc-status"], "12", "UNIMPLEMENTED");
-
-    // gRPC-web's base64 text format is not bridged: said so as a gRPC-web error.
-    let r = reqwest::Client::new()
-        .post(gw.url("/mock.Echo/Unary"))
-        .header("content-type", "application/grpc-web-text")
-        .body("AAAAAAA=")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    assert_eq!(r.headers()["content-type"], "application/grpc-web+proto");
-    assert_eq!(r.headers()["grpc-status"], "12", "UNIMPLEMENTED");
+    // Answered as gRPC-web UNIMPLEMENTED errors: no route (the gateway's own gRPC error, in
+    // the gRPC-web client's content type), and gRPC-web's base64 text format, not bridged.
+    for (path, content_type, body) in [
+        (
+            "/mock.Nothing/Call",
+            "application/grpc-web+proto",
+            &[0u8, 0, 0, 0, 0][..],
+        ),
+        ("/mock.Echo/Unary", "application/grpc-web-text", b"AAAAAAA="),
+    ] {
+        let r = reqwest::Client::new()
+            .post(gw.url(path))
+            .header("content-type", content_type)
+            .body(body.to_vec())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{path} {content_type}");
+        assert_eq!(r.headers()["content-type"], "application/grpc-web+proto");
+        assert_eq!(r.headers()["grpc-status"], "12", "UNIMPLEMENTED");
+    }
 }

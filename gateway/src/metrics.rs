@@ -255,39 +255,3 @@ impl Metrics {
         out
     }
 }
-
-/// The method as a bounded label.
-pub fn method_label(m: &http::Method) -> &'static str {
-    match *m {
-        http::Method::GET => "GET",
-        http::Method::POST => "POST",
-        http::Method::PUT => "PUT",
-        http::Method::DELETE => "DELETE",
-        http::Method::PATCH => "PATCH",
-        http::Method::HEAD => "HEAD",
-        http::Method::OPTIONS => "OPTIONS",
-        _ => "OTHER",
-    }
-}
-
-/// The status as a label, without allocating for common codes.
-pub fn status_label(code: u16) -> std::borrow::Cow<'static, str> {
-    match code {
-        200 => "200".into(),
-        201 => "201".into(),
-        204 => "204".into(),
-        304 => "304".into(),
-        400 => "400".into(),
-        401 => "401".into(),
-        403 => "403".into(),
-        404 => "404".into(),
-        405 => "405".into(),
-        413 => "413".into(),
-        429 => "429".into(),
-        500 => "500".into(),
-        502 => "502".into(),
-        503 => "503".into(),
-        504 => "504".into(),
-        other => other.to_string().into(),
-    }
-}

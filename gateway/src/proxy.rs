@@ -27,11 +27,10 @@ use crate::client_ip::{FORWARDED, X_FORWARDED_FOR};
 use crate::config::ClientIpHeader;
 use crate::conn::{ConnState, Overrun};
 use crate::log_window::{LogWindow, Verdict, ERROR_LOG_INTERVAL};
-use crate::metrics::{method_label, status_label};
 use crate::path::normalize;
 use crate::resilience::{Failure, TryState, X_SALLYPORT_ATTEMPT};
 use crate::router::{request_host, Lookup};
-use crate::snapshot::{ChainEntry, Route, Snapshot};
+use crate::snapshot::{method_label, status_label, ChainEntry, Route, Snapshot};
 use crate::telemetry::SpanRecorder;
 use crate::upstream::{Pool, PoolSlot, Try};
 use crate::Shared;
@@ -1479,9 +1478,7 @@ impl ProxyHttp for Gateway {
         }
         match &ctx.route {
             Some(route) => {
-                route
-                    .metrics
-                    .count(method, status, || status_label(status).into_owned());
+                route.metrics.count(method, status);
                 route.metrics.observe(elapsed.as_secs_f64());
             }
             // Not routed (404, 405, a bad path): the `unmatched` series.
