@@ -159,11 +159,7 @@ impl PoolCalls {
             let Some(backend) = pool.select(key, &tried) else {
                 return Err(CallError::Unavailable(pool.name.to_string()));
             };
-            let Some(addr) = backend.as_inet().copied() else {
-                return Err(CallError::Upstream(
-                    "endpoint is not an inet address".into(),
-                ));
-            };
+            let addr = backend.addr();
             tried.push(addr);
             let current = pool.begin_try(&backend);
             let left = deadline.saturating_duration_since(Instant::now());
@@ -177,9 +173,7 @@ impl PoolCalls {
             let cut = |d: Option<std::time::Duration>| d.map(|d| d.min(timeout));
             peer.options.connection_timeout = cut(peer.options.connection_timeout);
             peer.options.total_connection_timeout = cut(peer.options.total_connection_timeout);
-            let host = current
-                .as_ref()
-                .map_or_else(|| addr.to_string(), |t| t.authority().to_string());
+            let host = current.authority().to_string();
             let outcome = match tokio::time::timeout(
                 timeout,
                 self.attempt(pool, &host, &peer, &req, timeout, tried.len()),
@@ -196,9 +190,7 @@ impl PoolCalls {
             let now = Instant::now();
             let (failure, stale) = match &outcome {
                 Ok(resp) => {
-                    if let Some(t) = &current {
-                        pool.answered(t, resp.status, now);
-                    }
+                    pool.answered(&current, resp.status, now);
                     if !pool.retry.retries_status(resp.status) {
                         return outcome.map_err(|e| e.error);
                     }
@@ -210,8 +202,8 @@ impl PoolCalls {
                 Err(e) => {
                     let blameless =
                         e.stale || (matches!(e.error, CallError::Timeout) && cut_by_deadline);
-                    if let (Some(t), false) = (&current, blameless) {
-                        pool.failed(t, now);
+                    if !blameless {
+                        pool.failed(&current, now);
                     }
                     let kind = match (&e.error, e.connected) {
                         (_, false) => Failure::ConnectFailure,

@@ -15,9 +15,9 @@
 //! | waiting for or sending the response | none (the upstream's timeouts apply) | — |
 //!
 //! The gateway's request hooks move a connection between phases through [`ConnState`], which
-//! [`Guard`] makes reachable from them with a task-local: Pingora runs a connection's HTTP/1
-//! requests in the task that accepted it. (HTTP/2 streams run in tasks of their own and see
-//! no state: the head and body phases are then HTTP/2's concern.)
+//! they reach through the session's stream ([`ConnState::of`]): Pingora hands the HTTP/1
+//! session the very stream [`Guard`] wrapped. (HTTP/2 streams have no stream of their own and
+//! see no state: the head and body phases are then HTTP/2's concern.)
 
 use std::future::Future;
 use std::pin::Pin;
@@ -109,9 +109,14 @@ impl ConnState {
         }
     }
 
-    /// The state of the connection the current task serves, if it is guarded.
-    pub fn current() -> Option<Arc<ConnState>> {
-        CURRENT.try_with(Arc::clone).ok()
+    /// The state of the HTTP/1 connection whose stream this is, if it is guarded. (Found
+    /// through the stream rather than a task-local: a task-local scope costs a thread-local
+    /// swap on every poll of the connection's task.)
+    pub fn of(stream: Option<&Stream>) -> Option<Arc<ConnState>> {
+        stream?
+            .as_any()
+            .downcast_ref::<Guarded>()
+            .map(|g| Arc::clone(&g.state))
     }
 
     /// The head was parsed: a body follows (`has_body`) or the request is complete.
@@ -146,10 +151,6 @@ impl ConnState {
     pub fn overrun(&self) -> Option<Overrun> {
         *self.overrun.lock()
     }
-}
-
-tokio::task_local! {
-    static CURRENT: Arc<ConnState>;
 }
 
 /// Connection metrics.
@@ -190,11 +191,8 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Guard<A> {
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
         // A stream Pingora hands back for reuse is already guarded.
-        if let Some(guarded) = stream.as_any().downcast_ref::<Guarded>() {
-            let state = Arc::clone(&guarded.state);
-            return CURRENT
-                .scope(state, self.inner.process_new(stream, shutdown))
-                .await;
+        if stream.as_any().is::<Guarded>() {
+            return self.inner.process_new(stream, shutdown).await;
         }
         let admitted = self
             .open
@@ -209,10 +207,9 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Guard<A> {
             return None;
         }
         self.metrics.open.inc();
-        let state = Arc::new(ConnState::new(Instant::now()));
         let guarded = Guarded {
             inner: stream,
-            state: Arc::clone(&state),
+            state: Arc::new(ConnState::new(Instant::now())),
             limits: self.limits,
             timer: None,
             _slot: Slot {
@@ -222,9 +219,7 @@ impl<A: ServerApp + Send + Sync + 'static> ServerApp for Guard<A> {
             timeouts: self.metrics.timeouts.clone(),
             wrote_408: false,
         };
-        CURRENT
-            .scope(state, self.inner.process_new(Box::new(guarded), shutdown))
-            .await
+        self.inner.process_new(Box::new(guarded), shutdown).await
     }
 
     async fn cleanup(&self) {
@@ -346,14 +341,9 @@ impl AsyncRead for Guarded {
     ) -> Poll<std::io::Result<()>> {
         let this = &mut *self;
         let before = buf.filled().len();
-        // Read once per poll: the phase moves only when bytes arrive, and then this poll
-        // returns before the deadline is needed again.
-        let limit = this.deadline();
-        if let Some((deadline, what)) = limit {
-            if Instant::now() >= deadline {
-                return this.overran(cx, what);
-            }
-        }
+        // Bytes that are there are taken whatever the clock says; the deadline is looked at
+        // (and the timer armed) only when the read would wait. A client that trickles bytes
+        // still meets it: every drained socket is a read that would wait.
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
                 let n = buf.filled().len() - before;
@@ -364,9 +354,12 @@ impl AsyncRead for Guarded {
             }
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
             Poll::Pending => {
-                let Some((deadline, what)) = limit else {
+                let Some((deadline, what)) = this.deadline() else {
                     return Poll::Pending;
                 };
+                if Instant::now() >= deadline {
+                    return this.overran(cx, what);
+                }
                 let timer = match &mut this.timer {
                     Some((at, sleep)) => {
                         if *at != deadline {

@@ -377,9 +377,18 @@ impl Gateway {
                 .flatten()
         };
         // Static names (see the constants) and static values where possible.
+        // The address is written without `fmt` (`push_ip`): this runs for every request.
         let xff = match chain(&X_FORWARDED_FOR) {
-            Some(prev) => format!("{prev}, {peer}"),
-            None => peer.to_string(),
+            Some(mut prev) => {
+                prev.push_str(", ");
+                crate::telemetry::push_ip(&mut prev, peer);
+                prev
+            }
+            None => {
+                let mut out = String::with_capacity(15);
+                crate::telemetry::push_ip(&mut out, peer);
+                out
+            }
         };
         // `Host`, or an HTTP/2 client's `:authority`.
         let req = session.req_header();
@@ -411,7 +420,12 @@ impl Gateway {
             upstream_request.insert_header(X_FORWARDED_PROTO_NAME, proto)?;
         }
         if !trusted || !upstream_request.headers.contains_key(&X_FORWARDED_HOST) {
-            match client_host.map(str::to_string) {
+            // The `Host` value itself (shared bytes, no copy) when there is one.
+            let host = match req.headers.get(http::header::HOST) {
+                Some(h) if h.to_str().is_ok() => Some(h.clone()),
+                _ => client_host.and_then(|h| HeaderValue::from_str(h).ok()),
+            };
+            match host {
                 Some(host) => upstream_request.insert_header(X_FORWARDED_HOST_NAME, host)?,
                 None => {
                     upstream_request.remove_header(&X_FORWARDED_HOST);
@@ -566,7 +580,7 @@ impl ProxyHttp for Gateway {
                 bridge.init();
             }
         }
-        ctx.conn = ConnState::current();
+        ctx.conn = ConnState::of(session.stream());
         if let Some(conn) = &ctx.conn {
             let headers = &session.req_header().headers;
             let has_body = headers.contains_key(http::header::TRANSFER_ENCODING)
@@ -907,13 +921,12 @@ impl ProxyHttp for Gateway {
             ctx.pending_error = Some(err);
             return Error::e_explain(ErrorType::HTTPStatus(status), "no endpoint to try");
         };
-        if let Some(addr) = backend.as_inet() {
-            ctx.tried.push(*addr);
-            if let Some(spans) = &mut ctx.spans {
-                spans.attempt(*addr, ctx.req.trace.as_ref().map(|t| t.span_id));
-            }
+        let addr = backend.addr();
+        ctx.tried.push(addr);
+        if let Some(spans) = &mut ctx.spans {
+            spans.attempt(addr, ctx.req.trace.as_ref().map(|t| t.span_id));
         }
-        ctx.current_try = pool.begin_try(&backend);
+        ctx.current_try = Some(pool.begin_try(&backend));
         let mut peer = pool.peer(&backend);
         ctx.cut_by_deadline = false;
         if deadline.is_some() || pool.retry.per_try_timeout.is_some() {
