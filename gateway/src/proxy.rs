@@ -513,11 +513,7 @@ impl Gateway {
 
     fn upstream_outcome(&self, ctx: &Ctx, outcome: &str) {
         if let Some(pool) = &ctx.pool {
-            self.shared
-                .metrics
-                .upstream_requests
-                .with_label_values(&[&*pool.name, outcome])
-                .inc();
+            pool.count_outcome(&self.shared.metrics.upstream_requests, outcome);
         }
     }
 }
@@ -1124,7 +1120,10 @@ impl ProxyHttp for Gateway {
         }
         if let (Some(pool), Some(t)) = (&ctx.pool, &ctx.current_try) {
             if !pool.config.preserve_host {
-                upstream_request.insert_header(http::header::HOST, t.authority())?;
+                match t.authority_value() {
+                    Some(v) => upstream_request.insert_header(http::header::HOST, v)?,
+                    None => upstream_request.insert_header(http::header::HOST, t.authority())?,
+                }
             }
         }
         // `forward_client_cert`: the verified client certificate's subject (the client's own

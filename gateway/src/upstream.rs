@@ -134,6 +134,8 @@ struct Endpoint {
     host: String,
     /// `host[:port]` as written, for the `Host` header when `preserve_host = false`.
     authority: String,
+    /// `authority` as a header value (shared, not copied, per request).
+    authority_value: Option<http::HeaderValue>,
     health: Arc<EndpointHealth>,
     /// Selection weight (least_request and ewma divide the cost by it).
     weight: f64,
@@ -172,6 +174,11 @@ impl Try {
     /// written in the config (`api.internal:8443`), without a default port.
     pub fn authority(&self) -> &str {
         &self.endpoint.authority
+    }
+
+    /// [`Self::authority`] as a header value.
+    pub fn authority_value(&self) -> Option<http::HeaderValue> {
+        self.endpoint.authority_value.clone()
     }
 }
 
@@ -321,6 +328,9 @@ pub struct Pool {
     /// Requests being proxied to the pool.
     in_flight: AtomicUsize,
     metrics: ResilienceMetrics,
+    /// This pool's `sallyport_upstream_requests_total` series of the response classes
+    /// (`CLASSES`), resolved on first use: every proxied request counts into one.
+    class_counters: std::sync::OnceLock<Vec<prometheus::IntCounter>>,
     /// TLS to the endpoints: verification, own CAs, a client certificate.
     tls: UpstreamTls,
     /// The connection-pool group of this pool's TLS connections (by pool name and CA file).
@@ -459,6 +469,7 @@ impl Pool {
             ejecting: Mutex::new(()),
             in_flight: AtomicUsize::new(0),
             metrics: metrics.clone(),
+            class_counters: std::sync::OnceLock::new(),
             tls,
             tls_files: tls_files_hash(config),
             tls_group: {
@@ -469,6 +480,26 @@ impl Pool {
                 h.finish()
             },
         })
+    }
+
+    /// Counts a request to this pool into `sallyport_upstream_requests_total{upstream,
+    /// outcome}` (`family`); a response class goes through the pool's own handle.
+    pub fn count_outcome(&self, family: &prometheus::IntCounterVec, outcome: &str) {
+        const CLASSES: [&str; 4] = ["2xx", "3xx", "4xx", "5xx"];
+        match CLASSES.iter().position(|c| *c == outcome) {
+            Some(i) => {
+                let handles = self.class_counters.get_or_init(|| {
+                    CLASSES
+                        .iter()
+                        .map(|c| family.with_label_values(&[&*self.name, c]))
+                        .collect()
+                });
+                if let Some(h) = handles.get(i) {
+                    h.inc();
+                }
+            }
+            None => family.with_label_values(&[&*self.name, outcome]).inc(),
+        }
     }
 
     /// Nanoseconds since the pool's epoch, never 0 (0 marks "not ejected").
@@ -952,6 +983,7 @@ impl Members {
                     label: w.addr.to_string(),
                     host: w.host.clone(),
                     authority: w.authority.clone(),
+                    authority_value: http::HeaderValue::from_str(&w.authority).ok(),
                     health: health.unwrap_or_else(|| Arc::new(EndpointHealth::new(!checked))),
                     weight: w.weight.max(1) as f64,
                     in_flight: AtomicUsize::new(0),

@@ -39,33 +39,19 @@ impl LocalStore {
         let elapsed = now_ms % window;
         let shard = &self.shards[(self.hasher.hash_one(key) as usize) % SHARDS];
         let mut map = shard.lock();
-        if !map.contains_key(key) {
-            if map.len() >= self.per_shard {
-                evict(&mut map, id, self.per_shard);
-            }
-            map.insert(
-                key.to_string(),
-                Counters {
-                    window_id: id,
-                    prev: 0,
-                    curr: 0,
-                },
-            );
+        // A known key (the usual case) costs one lookup; a new one a second to insert it.
+        if let Some(c) = map.get_mut(key) {
+            return count(policy, c, id, elapsed);
         }
-        let Some(c) = map.get_mut(key) else {
-            // Inserted just above under the same lock; never panic on a request regardless.
-            return describe(policy, true, 0, 0, elapsed);
-        };
-        if c.window_id != id {
-            c.prev = if c.window_id + 1 == id { c.curr } else { 0 };
-            c.curr = 0;
-            c.window_id = id;
+        if map.len() >= self.per_shard {
+            evict(&mut map, id, self.per_shard);
         }
-        let allowed = admits(policy, c.prev, c.curr, elapsed);
-        if allowed {
-            c.curr += 1;
-        }
-        describe(policy, allowed, c.prev, c.curr, elapsed)
+        let c = map.entry(key.to_string()).or_insert(Counters {
+            window_id: id,
+            prev: 0,
+            curr: 0,
+        });
+        count(policy, c, id, elapsed)
     }
 
     /// Number of tracked keys.
@@ -76,6 +62,20 @@ impl LocalStore {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+/// Moves `c` into window `id` and counts one request if the policy admits it.
+fn count(policy: &Policy, c: &mut Counters, id: u64, elapsed: u64) -> Decision {
+    if c.window_id != id {
+        c.prev = if c.window_id + 1 == id { c.curr } else { 0 };
+        c.curr = 0;
+        c.window_id = id;
+    }
+    let allowed = admits(policy, c.prev, c.curr, elapsed);
+    if allowed {
+        c.curr += 1;
+    }
+    describe(policy, allowed, c.prev, c.curr, elapsed)
 }
 
 /// Makes room: first forget keys idle for two windows (they count nothing any more), then,
