@@ -14,6 +14,11 @@
 //! | idle between keep-alive requests | last response + `idle_timeout` | close silently |
 //! | waiting for or sending the response | none (the upstream's timeouts apply) | — |
 //!
+//! A deadline bounds the time the gateway *waits* for the client: it is looked at when a
+//! read would wait (and a timer is armed for it then). Bytes already received are taken, so
+//! a client is not blamed for time the gateway itself spent elsewhere (an upstream slow to
+//! take a body); a trickling client still meets it at every drained socket.
+//!
 //! The gateway's request hooks move a connection between phases through [`ConnState`], which
 //! they reach through the session's stream ([`ConnState::of`]): Pingora hands the HTTP/1
 //! session the very stream [`Guard`] wrapped. (HTTP/2 streams have no stream of their own and

@@ -271,6 +271,8 @@ struct Members {
     weighted: Vec<u32>,
     /// Round robin's position in `weighted`.
     next: AtomicUsize,
+    /// Round robin's position among the usable endpoints when its pick is not usable.
+    spill: AtomicUsize,
     /// With active checks: one per endpoint, in the same order (each names its endpoint's
     /// host as SNI when the pool speaks TLS).
     checks: Vec<Box<dyn HealthCheck + Send + Sync>>,
@@ -329,8 +331,8 @@ pub struct Pool {
     in_flight: AtomicUsize,
     metrics: ResilienceMetrics,
     /// This pool's `sallyport_upstream_requests_total` series of the response classes
-    /// (`CLASSES`), resolved on first use: every proxied request counts into one.
-    class_counters: std::sync::OnceLock<Vec<prometheus::IntCounter>>,
+    /// (`CLASSES`), each resolved on its first use: every proxied request counts into one.
+    class_counters: [std::sync::OnceLock<prometheus::IntCounter>; 4],
     /// TLS to the endpoints: verification, own CAs, a client certificate.
     tls: UpstreamTls,
     /// The connection-pool group of this pool's TLS connections (by pool name and CA file).
@@ -469,7 +471,7 @@ impl Pool {
             ejecting: Mutex::new(()),
             in_flight: AtomicUsize::new(0),
             metrics: metrics.clone(),
-            class_counters: std::sync::OnceLock::new(),
+            class_counters: Default::default(),
             tls,
             tls_files: tls_files_hash(config),
             tls_group: {
@@ -486,18 +488,14 @@ impl Pool {
     /// outcome}` (`family`); a response class goes through the pool's own handle.
     pub fn count_outcome(&self, family: &prometheus::IntCounterVec, outcome: &str) {
         const CLASSES: [&str; 4] = ["2xx", "3xx", "4xx", "5xx"];
-        match CLASSES.iter().position(|c| *c == outcome) {
-            Some(i) => {
-                let handles = self.class_counters.get_or_init(|| {
-                    CLASSES
-                        .iter()
-                        .map(|c| family.with_label_values(&[&*self.name, c]))
-                        .collect()
-                });
-                if let Some(h) = handles.get(i) {
-                    h.inc();
-                }
-            }
+        match CLASSES
+            .iter()
+            .position(|c| *c == outcome)
+            .and_then(|i| self.class_counters.get(i))
+        {
+            Some(handle) => handle
+                .get_or_init(|| family.with_label_values(&[&*self.name, outcome]))
+                .inc(),
             None => family.with_label_values(&[&*self.name, outcome]).inc(),
         }
     }
@@ -1029,13 +1027,13 @@ impl Members {
             endpoints,
             weighted,
             next: AtomicUsize::new(0),
+            spill: AtomicUsize::new(0),
             checks,
         })
     }
 
-    /// One endpoint `usable` accepts, by the pool's balance. The weighted pick comes first;
-    /// when it is not usable, the walk goes on over the distinct endpoints from there, so a
-    /// heavy endpoint that is down does not use up the walk.
+    /// One endpoint `usable` accepts, by the pool's balance: the weighted pick, or when that
+    /// is not usable a weighted choice among the usable ones.
     fn pick(&self, key: Option<&[u8]>, usable: impl Fn(&Endpoint) -> bool) -> Option<Pick> {
         let start = match (&self.balancer, key) {
             (Balancer::TwoChoices { ewma }, _) => {
@@ -1057,12 +1055,44 @@ impl Members {
                 self.next.fetch_add(1, Ordering::Relaxed)
             }
         };
-        let first = *self.weighted.get(start % self.weighted.len().max(1))? as usize;
-        let n = self.endpoints.len();
-        (0..n)
-            .map(|i| &self.endpoints[(first + i) % n].1)
-            .find(|e| usable(e))
-            .map(|e| Pick(Arc::clone(e)))
+        let index = *self.weighted.get(start % self.weighted.len().max(1))? as usize;
+        let (_, first) = self.endpoints.get(index)?;
+        if usable(first) {
+            return Some(Pick(Arc::clone(first)));
+        }
+        // The pick is out (unhealthy, ejected, tried): its share goes to the usable endpoints
+        // by weight, in turn (round robin, a counter of its own) or at random, so an outage
+        // does not land on one neighbour alone.
+        let weight = |e: &Endpoint| e.weight as u64;
+        let total: u64 = self
+            .endpoints
+            .iter()
+            .filter(|(_, e)| usable(e))
+            .map(|(_, e)| weight(e))
+            .sum();
+        if total == 0 {
+            return None;
+        }
+        let mut r = match self.balancer {
+            Balancer::Random => {
+                use rand::Rng;
+                rand::rng().random_range(0..total)
+            }
+            _ => self.spill.fetch_add(1, Ordering::Relaxed) as u64 % total,
+        };
+        let mut last = None;
+        for (_, e) in &self.endpoints {
+            if !usable(e) {
+                continue;
+            }
+            if r < weight(e) {
+                return Some(Pick(Arc::clone(e)));
+            }
+            r -= weight(e);
+            last = Some(e);
+        }
+        // Health changed between the two walks.
+        last.map(|e| Pick(Arc::clone(e)))
     }
 }
 
@@ -1424,6 +1454,38 @@ mod tests {
         for _ in 0..4 {
             assert_eq!(p.select(None, &[two]).unwrap().addr().port(), 3);
         }
+    }
+
+    #[test]
+    fn an_unusable_pick_is_shared_among_the_others_by_weight() {
+        // A heavy endpoint that is out: its share must not all land on its neighbour.
+        let p = pool(
+            "round_robin",
+            "\"127.0.0.1:2@10\", \"127.0.0.1:3\", \"127.0.0.1:4\", \"127.0.0.1:5@2\"",
+        );
+        let out: SocketAddr = "127.0.0.1:2".parse().unwrap();
+        let mut counts = std::collections::BTreeMap::new();
+        for _ in 0..1600 {
+            *counts
+                .entry(p.select(None, &[out]).unwrap().addr().port())
+                .or_insert(0) += 1;
+        }
+        // The usable ones get 1, 1, 2 parts, also of the heavy one's share: in turn, so
+        // 400, 400, 800 of 1,600 (give or take the cycle the counters start in).
+        for (port, expected) in [(3u16, 400u32), (4, 400), (5, 800)] {
+            let got: u32 = counts.get(&port).copied().unwrap_or(0);
+            assert!(got.abs_diff(expected) <= 2, "{port}: {got} of {counts:?}");
+        }
+        assert!(p.select(None, &["127.0.0.1:3".parse().unwrap()]).is_some());
+
+        let r = pool(
+            "random",
+            "\"127.0.0.1:2@10\", \"127.0.0.1:3\", \"127.0.0.1:4\"",
+        );
+        let three = (0..2000)
+            .filter(|_| r.select(None, &[out]).unwrap().addr().port() == 3)
+            .count();
+        assert!((850..1150).contains(&three), "{three}");
     }
 
     #[test]
