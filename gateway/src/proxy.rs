@@ -392,10 +392,13 @@ impl Gateway {
         };
         // `Host`, or an HTTP/2 client's `:authority`.
         let req = session.req_header();
-        let client_host = req
+        // The `Host` header with its text, when it is text.
+        let host_header = req
             .headers
             .get(http::header::HOST)
-            .and_then(|h| h.to_str().ok())
+            .and_then(|h| Some((h, h.to_str().ok()?)));
+        let client_host = host_header
+            .map(|(_, text)| text)
             .or_else(|| req.uri.authority().map(|a| a.as_str()));
         if snapshot.client_ip_header == ClientIpHeader::Forwarded {
             let host = client_host;
@@ -421,10 +424,9 @@ impl Gateway {
         }
         if !trusted || !upstream_request.headers.contains_key(&X_FORWARDED_HOST) {
             // The `Host` value itself (shared bytes, no copy) when there is one.
-            let host = match req.headers.get(http::header::HOST) {
-                Some(h) if h.to_str().is_ok() => Some(h.clone()),
-                _ => client_host.and_then(|h| HeaderValue::from_str(h).ok()),
-            };
+            let host = host_header
+                .map(|(value, _)| value.clone())
+                .or_else(|| client_host.and_then(|h| HeaderValue::from_str(h).ok()));
             match host {
                 Some(host) => upstream_request.insert_header(X_FORWARDED_HOST_NAME, host)?,
                 None => {
