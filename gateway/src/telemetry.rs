@@ -55,12 +55,22 @@ mod wire {
     pub const LEN: u8 = 2;
     pub const FIXED32: u8 = 5;
 
-    pub fn varint(buf: &mut Vec<u8>, mut v: u64) {
+    /// `v` as a varint: the bytes, and how many of them are used.
+    fn encode_varint(mut v: u64) -> ([u8; 10], usize) {
+        let mut out = [0u8; 10];
+        let mut n = 0;
         while v >= 0x80 {
-            buf.push((v as u8) | 0x80);
+            out[n] = (v as u8) | 0x80;
             v >>= 7;
+            n += 1;
         }
-        buf.push(v as u8);
+        out[n] = v as u8;
+        (out, n + 1)
+    }
+
+    pub fn varint(buf: &mut Vec<u8>, v: u64) {
+        let (bytes, n) = encode_varint(v);
+        buf.extend_from_slice(&bytes[..n]);
     }
 
     pub fn varint_len(v: u64) -> usize {
@@ -102,16 +112,8 @@ mod wire {
 
     /// Puts the content's length in front of it.
     pub fn close(buf: &mut Vec<u8>, start: usize) {
-        let mut len = (buf.len() - start) as u64;
-        let mut prefix = [0u8; 10];
-        let mut n = 0;
-        while len >= 0x80 {
-            prefix[n] = (len as u8) | 0x80;
-            len >>= 7;
-            n += 1;
-        }
-        prefix[n] = len as u8;
-        buf.splice(start..start, prefix[..=n].iter().copied());
+        let (prefix, n) = encode_varint((buf.len() - start) as u64);
+        buf.splice(start..start, prefix[..n].iter().copied());
     }
 }
 
