@@ -1,6 +1,7 @@
 //! The `ProxyHttp` implementation: normalise, route, run the plugin chain, pick an endpoint,
 //! proxy, and always log. Every phase documents what it adds to Pingora's defaults.
 
+use std::borrow::Cow;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
@@ -137,7 +138,7 @@ pub struct Ctx {
 
 /// The host a request is routed by: the URI's (HTTP/2 `:authority`, absolute form), else
 /// `Host`.
-fn routing_host(req: &pingora::http::RequestHeader) -> String {
+fn routing_host(req: &pingora::http::RequestHeader) -> Cow<'_, str> {
     req.uri
         .host()
         .map(request_host)

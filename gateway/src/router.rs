@@ -4,6 +4,7 @@
 //! Each host group keeps two hash maps (exact paths, prefixes), so a lookup costs one hash
 //! probe per path segment, whatever the number of routes.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -339,7 +340,7 @@ fn insert(table: &mut PathTable, exact: bool, path: &str, route: usize) {
 }
 
 /// The lowercased host of a request, without port or trailing dot.
-pub fn request_host(raw: &str) -> String {
+pub fn request_host(raw: &str) -> Cow<'_, str> {
     let raw = raw.trim();
     let host = if raw.starts_with('[') {
         // IPv6 literal: keep the brackets, drop the port.
@@ -350,7 +351,13 @@ pub fn request_host(raw: &str) -> String {
     } else {
         raw.rsplit_once(':').map_or(raw, |(h, _)| h)
     };
-    host.trim_end_matches('.').to_ascii_lowercase()
+    let host = host.trim_end_matches('.');
+    // Clients send lowercase names: those are routed without a copy.
+    if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(host.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(host)
+    }
 }
 
 /// Replaces the matched `prefix` of `path` with `to`: with prefix `/api/orders` and

@@ -60,10 +60,14 @@ pub fn validate(c: &AuthorizeConfig) -> Vec<BuildError> {
     errors
 }
 
+/// The claims a scope may be granted in: `scope` (RFC 8693 4.2, space-separated), `scp` and
+/// `scopes` (either form).
+const SCOPE_CLAIMS: [&str; 3] = ["scope", "scp", "scopes"];
+
 /// The scopes a principal holds.
 pub fn scopes_of(p: &Principal) -> Vec<&str> {
     let mut out = Vec::new();
-    for name in ["scope", "scp", "scopes"] {
+    for name in SCOPE_CLAIMS {
         match p.claims.get(name) {
             Some(Value::String(s)) => out.extend(s.split_whitespace()),
             Some(Value::Array(items)) => out.extend(items.iter().filter_map(Value::as_str)),
@@ -71,6 +75,16 @@ pub fn scopes_of(p: &Principal) -> Vec<&str> {
         }
     }
     out
+}
+
+/// Whether a principal holds `scope`; the check every request makes, without collecting the
+/// scopes first.
+pub fn holds_scope(p: &Principal, scope: &str) -> bool {
+    SCOPE_CLAIMS.iter().any(|name| match p.claims.get(*name) {
+        Some(Value::String(s)) => s.split_whitespace().any(|held| held == scope),
+        Some(Value::Array(items)) => items.iter().any(|i| i.as_str() == Some(scope)),
+        _ => false,
+    })
 }
 
 fn claim_matches(v: Option<&Value>, want: &str) -> bool {
@@ -126,14 +140,13 @@ impl Plugin for Authorize {
                     .with_header(WWW_AUTHENTICATE, "Bearer"),
             )));
         };
-        let held = scopes_of(p);
-        let missing: Vec<&str> = self
-            .scopes
-            .iter()
-            .map(String::as_str)
-            .filter(|s| !held.contains(s))
-            .collect();
-        if !missing.is_empty() {
+        if !self.scopes.iter().all(|s| holds_scope(p, s)) {
+            let missing: Vec<&str> = self
+                .scopes
+                .iter()
+                .map(String::as_str)
+                .filter(|s| !holds_scope(p, s))
+                .collect();
             return Ok(Flow::Respond(Reply::Error(
                 ApiError::new(
                     403,
@@ -202,6 +215,12 @@ mod tests {
             verified_by: "jwt",
         };
         assert_eq!(scopes_of(&p), ["a", "b", "c", "d"]);
+        for held in ["a", "b", "c", "d"] {
+            assert!(holds_scope(&p, held), "{held}");
+        }
+        for not_held in ["e", "a b", "", "ab"] {
+            assert!(!holds_scope(&p, not_held), "{not_held:?}");
+        }
         assert!(claim_matches(
             Some(&serde_json::json!(["x", "acme"])),
             "acme"

@@ -192,7 +192,10 @@ impl Quota {
         for part in &self.keys {
             let value = part.value(req, ctx)?;
             // Length-prefixed, so no value can imitate a combination of others.
-            key.push_str(&value.len().to_string());
+            let mut digits = itoa::Buffer::new();
+            let len = digits.format(value.len());
+            key.reserve(len.len() + 1 + value.len());
+            key.push_str(len);
             key.push(':');
             key.push_str(&value);
         }
@@ -407,10 +410,15 @@ impl Plugin for Quota {
         // Appended, not replaced: both fields are lists with one item per policy, so every
         // quota of the route (and any the upstream reports) stays visible.
         response.append_header(RATELIMIT_POLICY, self.policy_header.clone())?;
-        response.append_header(
-            RATELIMIT,
-            format!("{};r={};t={reset}", self.policy_name, d.remaining),
-        )?;
+        // `"name";r=REMAINING;t=RESET`, written without `fmt` (this runs for every answer).
+        let mut numbers = itoa::Buffer::new();
+        let mut value = String::with_capacity(self.policy_name.len() + 46);
+        value.push_str(&self.policy_name);
+        value.push_str(";r=");
+        value.push_str(numbers.format(d.remaining));
+        value.push_str(";t=");
+        value.push_str(numbers.format(reset));
+        response.append_header(RATELIMIT, value)?;
         if self.legacy_headers && !tighter_legacy_present(response, d.remaining) {
             response.insert_header(X_LIMIT, self.policy.quota.to_string())?;
             response.insert_header(X_REMAINING_NAME, d.remaining.to_string())?;
