@@ -56,8 +56,9 @@ mod wire {
     pub const FIXED32: u8 = 5;
 
     /// Appends `v` as a varint. Byte by byte: a span writes a few hundred of these, nearly
-    /// all one byte long, and a push into the reserved buffer is the cheapest way to write
-    /// one (going through a stack array and `extend_from_slice` cost ten times as much).
+    /// all one byte long, and a push into the queue's buffer (kept between batches, so it
+    /// rarely grows) is the cheapest way to write one (going through a stack array and
+    /// `extend_from_slice` cost ten times as much).
     #[inline]
     pub fn varint(buf: &mut Vec<u8>, mut v: u64) {
         while v >= 0x80 {
