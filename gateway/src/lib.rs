@@ -471,7 +471,7 @@ pub fn run(shared: Arc<Shared>, options: RunOptions) -> anyhow::Result<()> {
         daemon: options.daemon,
         // Pingora's I/O timeouts of a second or more (an upstream's read and write timeouts,
         // armed whenever a read waits) through the runtime's timer wheel instead of Pingora's
-        // shared timer tree (default: above 15 minutes only); see bench/README, fourth run.
+        // shared timer tree (default: above 15 minutes only); see bench/README, fifth run.
         fast_timeout_to_tokio_threshold_seconds: Some(0),
         ..ServerConf::default()
     };
