@@ -68,6 +68,7 @@ mod wire {
         buf.push(v as u8);
     }
 
+    #[inline]
     pub fn varint_len(v: u64) -> usize {
         // 7 bits a byte, and 1 for zero.
         (64 - (v | 1).leading_zeros() as usize).div_ceil(7)
@@ -79,21 +80,25 @@ mod wire {
     }
 
     /// The length of a length-delimited field of `len` bytes, key included (fields < 16).
+    #[inline]
     pub fn field_len(len: usize) -> usize {
         1 + varint_len(len as u64) + len
     }
 
+    #[inline]
     pub fn bytes(buf: &mut Vec<u8>, field: u32, value: &[u8]) {
         key(buf, field, LEN);
         varint(buf, value.len() as u64);
         buf.extend_from_slice(value);
     }
 
+    #[inline]
     pub fn fixed64(buf: &mut Vec<u8>, field: u32, value: u64) {
         key(buf, field, FIXED64);
         buf.extend_from_slice(&value.to_le_bytes());
     }
 
+    #[inline]
     pub fn fixed32(buf: &mut Vec<u8>, field: u32, value: u32) {
         key(buf, field, FIXED32);
         buf.extend_from_slice(&value.to_le_bytes());
@@ -101,6 +106,7 @@ mod wire {
 
     /// Opens a length-delimited field whose length is known once its content is written:
     /// returns where the content starts, for [`close`].
+    #[inline]
     pub fn open(buf: &mut Vec<u8>, field: u32) -> usize {
         key(buf, field, LEN);
         buf.len()
@@ -108,6 +114,7 @@ mod wire {
 
     /// Puts the content's length in front of it: written after the content, then rotated
     /// into place.
+    #[inline]
     pub fn close(buf: &mut Vec<u8>, start: usize) {
         let len = (buf.len() - start) as u64;
         varint(buf, len);
@@ -223,6 +230,7 @@ pub struct SpanWriter<'a> {
 impl SpanWriter<'_> {
     /// Opens an attribute: `KeyValue { key, value: AnyValue { ... } }` up to the `AnyValue`
     /// content of `any` bytes, which the caller writes.
+    #[inline]
     fn attribute(&mut self, key: &str, any: usize) {
         wire::key(self.buf, field::ATTRIBUTES, wire::LEN);
         wire::varint(
@@ -235,6 +243,7 @@ impl SpanWriter<'_> {
     }
 
     /// A string attribute (`AnyValue { string_value }`).
+    #[inline]
     pub fn str(&mut self, key: &str, value: &str) -> &mut Self {
         self.attribute(key, wire::field_len(value.len()));
         wire::bytes(self.buf, 1, value.as_bytes());
@@ -242,6 +251,7 @@ impl SpanWriter<'_> {
     }
 
     /// An integer attribute (`AnyValue { int_value }`).
+    #[inline]
     pub fn int(&mut self, key: &str, value: i64) -> &mut Self {
         self.attribute(key, 1 + wire::varint_len(value as u64));
         wire::key(self.buf, 3, wire::VARINT);
@@ -250,6 +260,7 @@ impl SpanWriter<'_> {
     }
 
     /// An event without attributes (`Event { time_unix_nano, name }`).
+    #[inline]
     pub fn event(&mut self, name: &str, at: SystemTime) -> &mut Self {
         wire::key(self.buf, field::EVENTS, wire::LEN);
         wire::varint(self.buf, (9 + wire::field_len(name.len())) as u64);
