@@ -152,6 +152,11 @@ async fn a_proxied_request_is_one_server_span_and_one_client_span_in_the_clients
         attr(client_span, "server.address"),
         Some("127.0.0.1".into())
     );
+    // The URL the gateway called, without the client's query (semconv `url.full`).
+    assert_eq!(
+        attr(client_span, "url.full"),
+        Some(format!("http://127.0.0.1:{}/app/items", up.addr.port()))
+    );
     assert_eq!(
         attr(client_span, "http.response.status_code"),
         Some("200".into())

@@ -1608,7 +1608,6 @@ struct SpanFacts<'a> {
     upstream_path: std::borrow::Cow<'a, str>,
     /// A 5xx's `error.type`: the gateway's own error code, or the status passed on.
     error: Option<std::borrow::Cow<'a, str>>,
-    client_address: Option<String>,
 }
 
 impl<'a> SpanFacts<'a> {
@@ -1638,17 +1637,11 @@ impl<'a> SpanFacts<'a> {
                 std::borrow::Cow::Borrowed,
             )
         });
-        let client_address = ctx.req.client_ip.map(|ip| {
-            let mut text = String::with_capacity(40);
-            crate::telemetry::push_ip(&mut text, ip);
-            text
-        });
         SpanFacts {
             method,
             path,
             upstream_path,
             error,
-            client_address,
         }
     }
 }
@@ -1684,7 +1677,7 @@ fn write_spans(
         &facts.upstream_path,
         facts.error.as_deref(),
         &ctx.req.call_spans,
-        |w| server_attributes(w, session, ctx, facts, status, cache, enduser),
+        |w, text| server_attributes(w, text, session, ctx, facts, status, cache, enduser),
     )
 }
 
@@ -1692,6 +1685,7 @@ fn write_spans(
 #[allow(clippy::too_many_arguments)]
 fn server_attributes(
     w: &mut crate::telemetry::SpanWriter<'_>,
+    text: &mut String,
     session: &Session,
     ctx: &Ctx,
     facts: &SpanFacts<'_>,
@@ -1741,8 +1735,10 @@ fn server_attributes(
     {
         w.int("server.port", i64::from(port));
     }
-    if let Some(address) = &facts.client_address {
-        w.str("client.address", address);
+    if let Some(ip) = ctx.req.client_ip {
+        text.clear();
+        crate::telemetry::push_ip(text, ip);
+        w.str("client.address", text);
     }
     if let Some(ua) = req
         .headers

@@ -157,6 +157,9 @@ fn unix_nanos(t: SystemTime) -> u64 {
 pub struct Spans<'a> {
     buf: &'a mut Vec<u8>,
     count: usize,
+    /// Room to render a value (an address, a URL) before it is written: the queue keeps it
+    /// between requests, so rendering allocates nothing.
+    pub text: String,
 }
 
 /// What starts a span.
@@ -175,7 +178,16 @@ pub struct SpanStart<'a> {
 impl<'a> Spans<'a> {
     /// Spans appended to `buf`.
     pub fn new(buf: &'a mut Vec<u8>) -> Spans<'a> {
-        Spans { buf, count: 0 }
+        Spans::with_text(buf, String::new())
+    }
+
+    /// Spans appended to `buf`, rendering values in `text`.
+    fn with_text(buf: &'a mut Vec<u8>, text: String) -> Spans<'a> {
+        Spans {
+            buf,
+            count: 0,
+            text,
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -290,6 +302,8 @@ impl Drop for SpanWriter<'_> {
 #[derive(Default)]
 struct Pending {
     buf: Vec<u8>,
+    /// [`Spans::text`] between requests.
+    text: String,
     count: usize,
     /// `(end offset, spans)` of each full batch in `buf`.
     cuts: Vec<(usize, usize)>,
@@ -317,9 +331,10 @@ impl Queue {
             return None;
         }
         let p = &mut *p;
-        let mut spans = Spans::new(&mut p.buf);
+        let mut spans = Spans::with_text(&mut p.buf, std::mem::take(&mut p.text));
         write(&mut spans);
         let written = spans.count;
+        p.text = spans.text;
         p.count += written;
         p.since_cut += written;
         if p.since_cut >= BATCH {
@@ -750,11 +765,10 @@ impl SpanRecorder {
         path: &str,
         error: Option<&str>,
         calls: &[sallyport_plugins::CallSpan],
-        server: impl FnOnce(&mut SpanWriter<'_>),
+        server: impl FnOnce(&mut SpanWriter<'_>, &mut String),
     ) {
         let (trace_id, parent, _) = trace;
-        let mut ip = String::with_capacity(40);
-        let mut url = String::with_capacity(64);
+        let mut url = std::mem::take(&mut out.text);
         for (i, a) in self.attempts.iter().enumerate() {
             let span_end = self.attempts.get(i + 1).map_or(end, |next| next.start);
             let mut w = out.span(SpanStart {
@@ -767,23 +781,27 @@ impl SpanRecorder {
                 start: a.start,
                 end: span_end,
             });
-            ip.clear();
-            push_ip(&mut ip, a.endpoint.ip());
+            // `http://{ip}:{port}{path}` (`[{ip}]` for IPv6); `server.address` is the ip in it.
             url.clear();
             url.push_str("http://");
-            match a.endpoint {
-                std::net::SocketAddr::V4(_) => url.push_str(&ip),
-                std::net::SocketAddr::V6(_) => {
-                    url.push('[');
-                    url.push_str(&ip);
-                    url.push(']');
-                }
+            let bracket = a.endpoint.is_ipv6();
+            if bracket {
+                url.push('[');
+            }
+            let ip_start = url.len();
+            push_ip(&mut url, a.endpoint.ip());
+            let ip_end = url.len();
+            if bracket {
+                url.push(']');
             }
             url.push(':');
             push_u16(&mut url, a.endpoint.port());
             url.push_str(path);
             w.str("http.request.method", method)
-                .str("server.address", &ip)
+                .str(
+                    "server.address",
+                    url.get(ip_start..ip_end).unwrap_or_default(),
+                )
                 .int("server.port", i64::from(a.endpoint.port()))
                 .str("url.full", &url);
             if i > 0 {
@@ -846,11 +864,12 @@ impl SpanRecorder {
                 start: self.start,
                 end,
             });
-            server(&mut w);
+            server(&mut w, &mut url);
             if let Some(e) = error {
                 w.str("error.type", e).error(e);
             }
         }
+        out.text = url;
     }
 
     /// How many spans [`SpanRecorder::finish`] writes with these calls.
