@@ -152,7 +152,8 @@ async fn a_proxied_request_is_one_server_span_and_one_client_span_in_the_clients
         attr(client_span, "server.address"),
         Some("127.0.0.1".into())
     );
-    // The URL the gateway called, without the client's query (semconv `url.full`).
+    // `url.full`: the URL the gateway called. The gateway leaves the query out (the semantic
+    // conventions keep it, redacted): a query may carry secrets.
     assert_eq!(
         attr(client_span, "url.full"),
         Some(format!("http://127.0.0.1:{}/app/items", up.addr.port()))

@@ -1560,7 +1560,8 @@ impl ProxyHttp for Gateway {
             }
             let end = std::time::SystemTime::now();
             let enduser = spans.telemetry.record_enduser();
-            // What allocates is made before the spans are written under the buffer's lock.
+            // What allocates is made before the spans are written under the buffer's lock
+            // (addresses are rendered there, into the buffer's own scratch text).
             let facts = SpanFacts::new(session, ctx, status);
             spans
                 .telemetry
