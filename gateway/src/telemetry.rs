@@ -159,7 +159,7 @@ pub struct Spans<'a> {
     count: usize,
     /// Room to render a value (an address, a URL) before it is written: the queue keeps it
     /// between requests, so rendering allocates nothing.
-    pub text: String,
+    text: String,
 }
 
 /// What starts a span.
