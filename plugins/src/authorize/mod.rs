@@ -64,27 +64,29 @@ pub fn validate(c: &AuthorizeConfig) -> Vec<BuildError> {
 /// `scopes` (either form).
 const SCOPE_CLAIMS: [&str; 3] = ["scope", "scp", "scopes"];
 
-/// The scopes a principal holds.
-pub fn scopes_of(p: &Principal) -> Vec<&str> {
-    let mut out = Vec::new();
-    for name in SCOPE_CLAIMS {
-        match p.claims.get(name) {
-            Some(Value::String(s)) => out.extend(s.split_whitespace()),
-            Some(Value::Array(items)) => out.extend(items.iter().filter_map(Value::as_str)),
-            _ => {}
-        }
-    }
-    out
+/// The scopes a principal holds, claim by claim, without collecting them.
+pub fn held_scopes(p: &Principal) -> impl Iterator<Item = &str> {
+    SCOPE_CLAIMS
+        .iter()
+        .filter_map(|name| p.claims.get(*name))
+        .flat_map(|v| {
+            let (words, items) = match v {
+                Value::String(s) => (Some(s.split_whitespace()), None),
+                Value::Array(items) => (None, Some(items.iter().filter_map(Value::as_str))),
+                _ => (None, None),
+            };
+            words.into_iter().flatten().chain(items.into_iter().flatten())
+        })
 }
 
-/// Whether a principal holds `scope`; the check every request makes, without collecting the
-/// scopes first.
+/// The scopes a principal holds.
+pub fn scopes_of(p: &Principal) -> Vec<&str> {
+    held_scopes(p).collect()
+}
+
+/// Whether a principal holds `scope`: the check every request makes.
 pub fn holds_scope(p: &Principal, scope: &str) -> bool {
-    SCOPE_CLAIMS.iter().any(|name| match p.claims.get(*name) {
-        Some(Value::String(s)) => s.split_whitespace().any(|held| held == scope),
-        Some(Value::Array(items)) => items.iter().any(|i| i.as_str() == Some(scope)),
-        _ => false,
-    })
+    held_scopes(p).any(|held| held == scope)
 }
 
 fn claim_matches(v: Option<&Value>, want: &str) -> bool {
